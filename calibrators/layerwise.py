@@ -1,0 +1,166 @@
+"""The layer-wise calibrator: streams calibration activations one decoder block at a time.
+
+1. :func:`capture_block_inputs` runs the model up to the first block and stops there, keeping
+   the block's hidden states and ALL its keyword arguments (rotary ``position_embeddings``,
+   masks, positions) through ``register_forward_pre_hook(with_kwargs=True)``.
+2. Per block, :func:`collect_input_stats` runs the calibration batches through it with hooks
+   on the target Linears, accumulating only the requested statistics, once per shared input
+   (q/k/v read the same tensor, so do gate/up).
+3. After pruning, :func:`propagate` runs the batches through the pruned block; its outputs
+   become the next block's inputs.
+
+Peak memory is the model plus one block's activations for the calibration windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prune_cli.calibrators.stats import InputStats, Stat
+
+
+class _StopAtFirstBlock(Exception):
+    """Private: raised by the capture hook to stop the model's forward at block 0."""
+
+
+@dataclass
+class BlockBatch:
+    """One batch of block inputs: ``hidden`` is ``(batch, seqlen, hidden_size)``."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside ``blocks`` to ``device`` (in place,
+    keeping Parameter identity so tied weights stay tied)."""
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.device != device:
+                param.data = param.data.to(device)
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device
+) -> list[BlockBatch]:
+    """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches."""
+    _move_outside_blocks(model, blocks, device)
+    captured: list[BlockBatch] = []
+
+    def hook(module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append(BlockBatch(hidden.detach(), rest, kwargs))
+        raise _StopAtFirstBlock
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopAtFirstBlock:
+                pass
+            else:
+                raise RuntimeError("the first decoder block was never called")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, batches: list[BlockBatch]) -> None:
+    """Run every batch through ``block`` and replace its hidden states by the outputs."""
+    for batch in batches:
+        batch.hidden = _block_output(block(batch.hidden, *batch.args, **batch.kwargs))
+
+
+@torch.no_grad()
+def collect_input_stats(
+    block: nn.Module,
+    batches: list[BlockBatch],
+    linears: dict[str, nn.Linear],
+    wanted: dict[str, frozenset[Stat]],
+) -> dict[str, InputStats]:
+    """Statistics of the inputs of ``linears`` (names relative to ``block``) over all batches.
+
+    Linears that read the very same input tensor share one :class:`InputStats` (computed
+    once); the wanted statistics of a shared input are the union of its readers' wants.
+    Returns a mapping from Linear name to its (possibly shared) statistics.
+    """
+    wanted = {name: w for name, w in wanted.items() if w}
+    if not wanted:
+        return {}
+    # Per batch: id(input tensor) -> (tensor, names). Holding the tensor keeps its id unique.
+    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    readers: dict[str, tuple[str, ...]] = {}  # leader name -> names sharing its input (first batch)
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            entry = seen.get(id(x))
+            if entry is not None and entry[0] is x:
+                entry[1].append(name)
+            else:
+                seen[id(x)] = (x, [name])
+                pending.append((name, x))
+
+        return hook
+
+    handles = [linears[name].register_forward_pre_hook(make_hook(name)) for name in wanted]
+    groups: dict[str, InputStats] = {}
+    by_name: dict[str, InputStats] = {}
+    try:
+        for batch in batches:
+            block(batch.hidden, *batch.args, **batch.kwargs)
+            for leader, x in pending:
+                names = seen[id(x)][1]
+                if leader not in groups:
+                    union = frozenset().union(*(wanted[n] for n in names))
+                    groups[leader] = InputStats(x.shape[-1], union, consumers=list(names))
+                    readers[leader] = tuple(names)
+                    for n in names:
+                        by_name[n] = groups[leader]
+                elif tuple(names) != readers[leader]:
+                    raise RuntimeError(f"input sharing of {leader} changed between batches")
+                groups[leader].update(x)
+            pending.clear()
+            seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return by_name

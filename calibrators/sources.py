@@ -1,0 +1,133 @@
+"""Where calibration and evaluation text comes from.
+
+* local ``.txt`` files, ``.jsonl`` files (one JSON object a line, ``column`` names the field),
+* a ``datasets`` dataset (a hub name when online; a local file or folder always),
+* the bundled default: the Python documentation topics that ship with CPython
+  (``pydoc_data.topics``), split by topic into disjoint calibration and evaluation parts,
+  so it is available offline right after install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prune_cli.errors import BadInputError, NotEnoughTextError
+
+DOC_SEPARATOR = "\n\n"
+# Every EVAL_EVERY-th topic (in sorted key order) is held out for evaluation.
+EVAL_EVERY = 4
+
+
+@dataclass(frozen=True)
+class Text:
+    """A body of text and where it came from (for the report's fingerprint)."""
+
+    text: str
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:16]
+
+
+def bundled_text(part: str) -> Text:
+    """The CPython pydoc topics, ``part`` = "calibration" or "evaluation" (disjoint by topic)."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if part == "evaluation":
+        chosen = [k for i, k in enumerate(keys) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    elif part == "calibration":
+        chosen = [k for i, k in enumerate(keys) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    else:
+        raise ValueError(part)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return Text(
+        DOC_SEPARATOR.join(topics[k] for k in chosen),
+        f"bundled:pydoc-topics-py{version}:{part}",
+    )
+
+
+def _read_jsonl(path: Path, column: str) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(
+                    f"{path}:{line_no}: not valid JSON ({exc.msg})",
+                    hint="a .jsonl file holds one JSON object per line",
+                ) from None
+            if not isinstance(record, dict) or column not in record:
+                raise BadInputError(
+                    f"{path}:{line_no}: no field {column!r}",
+                    hint="name the text field with --calib-column",
+                )
+            docs.append(str(record[column]))
+    return docs
+
+
+def text_from_files(paths: list[Path], column: str = "text") -> Text:
+    """Concatenate local ``.txt`` / ``.jsonl`` files (documents separated by a blank line)."""
+    docs: list[str] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInputError(f"text file not found: {path}", hint="check the path")
+        if path.suffix == ".jsonl":
+            docs.extend(_read_jsonl(path, column))
+        else:
+            docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    text = DOC_SEPARATOR.join(d for d in docs if d)
+    if not text.strip():
+        raise NotEnoughTextError(f"no text in {', '.join(map(str, paths))}", hint="give non-empty files")
+    return Text(text, "files:" + ",".join(str(p) for p in paths))
+
+
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def text_from_dataset(name: str, split: str = "train", column: str = "text", offline: bool = False) -> Text:
+    """Load ``NAME[:CONFIG]`` through ``datasets``; a local file/folder path always works offline."""
+    try:
+        import datasets
+    except ImportError:
+        raise BadInputError(
+            "--calib-dataset needs the 'datasets' package",
+            hint="pip install 'prune-cli[data]', or pass --calib-text FILE",
+        ) from None
+    local = Path(name)
+    try:
+        if local.is_file():
+            builder = _LOCAL_BUILDERS.get(local.suffix)
+            if builder is None:
+                raise BadInputError(f"cannot read a dataset from {local}", hint="use .json/.jsonl/.csv/.parquet/.txt")
+            ds = datasets.load_dataset(builder, data_files=str(local), split=split)
+        elif local.is_dir():
+            ds = datasets.load_dataset(str(local), split=split)
+        else:
+            if offline:
+                raise BadInputError(
+                    f"dataset {name!r} is not a local path and the network is off (--offline / HF_HUB_OFFLINE)",
+                    hint="pass a local file or folder, or --calib-text FILE",
+                )
+            dataset_name, _, config = name.partition(":")
+            ds = datasets.load_dataset(dataset_name, config or None, split=split)
+    except BadInputError:
+        raise
+    except Exception as exc:  # datasets raises many types: report one line
+        raise BadInputError(f"cannot load dataset {name!r}: {exc}".splitlines()[0], hint="check name, config and split") from None
+    if column not in ds.column_names:
+        raise BadInputError(
+            f"dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)})",
+            hint="pick one with --calib-column",
+        )
+    text = DOC_SEPARATOR.join(str(t) for t in ds[column] if t)
+    return Text(text, f"dataset:{name}:{split}:{column}")

@@ -1,0 +1,100 @@
+"""Mergeable per-input statistics of the activations that feed a Linear.
+
+Statistics are kept as float32 sums plus a token count, so partial results from batches,
+ranks or resumed runs merge exactly by addition. Only what a method declares is collected.
+
+For activations ``X`` of shape ``(n_tokens, in_features)``:
+
+* ``Stat.SQ_NORM``: ``sum_sq[j] = sum_t X[t, j]^2``  -> ``||X_j||_2 = sqrt(sum_sq[j])`` (Wanda)
+* ``Stat.MEAN_VAR``: ``sum[j] = sum_t X[t, j]`` plus ``sum_sq`` -> mean and variance (DSnoT)
+* ``Stat.GRAM``: ``xtx = X^T X`` (in_features x in_features) -> SparseGPT Hessian ``2/n X^T X``
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Stat(enum.Enum):
+    SQ_NORM = "sq_norm"
+    MEAN_VAR = "mean_var"
+    GRAM = "gram"
+
+
+@dataclass
+class InputStats:
+    """Running sums over the tokens that entered one (possibly shared) Linear input."""
+
+    in_features: int
+    wanted: frozenset[Stat]
+    count: int = 0
+    sum: torch.Tensor | None = None
+    sum_sq: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None
+    # Names of the Linears that read this very input (q/k/v share one, gate/up another).
+    consumers: list[str] = field(default_factory=list)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add activations ``x`` of shape ``(..., in_features)`` (any float dtype)."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected {self.in_features} features, got {x.shape[-1]}")
+        xf = x if x.dtype == torch.float32 else x.float()
+        self.count += xf.shape[0]
+        if Stat.SQ_NORM in self.wanted or Stat.MEAN_VAR in self.wanted:
+            sq = torch.linalg.vector_norm(xf, dim=0).pow_(2)
+            self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
+        if Stat.MEAN_VAR in self.wanted:
+            s = xf.sum(dim=0)
+            self.sum = s if self.sum is None else self.sum.add_(s)
+        if Stat.GRAM in self.wanted:
+            g = xf.T @ xf
+            self.xtx = g if self.xtx is None else self.xtx.add_(g)
+
+    def merge(self, other: "InputStats") -> "InputStats":
+        """Sum of two partial statistics over disjoint token sets (a new object)."""
+        if other.in_features != self.in_features or other.wanted != self.wanted:
+            raise ValueError("cannot merge statistics of different shape or kind")
+
+        def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None:
+                return None if b is None else b.clone()
+            return a.clone() if b is None else a + b
+
+        return InputStats(
+            self.in_features,
+            self.wanted,
+            self.count + other.count,
+            add(self.sum, other.sum),
+            add(self.sum_sq, other.sum_sq),
+            add(self.xtx, other.xtx),
+            list(self.consumers),
+        )
+
+    def _need(self, tensor: torch.Tensor | None, what: str) -> torch.Tensor:
+        if tensor is None or self.count == 0:
+            raise RuntimeError(f"statistic {what} was not collected")
+        return tensor
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """``||X_j||_2`` per input channel, shape ``(in_features,)``."""
+        return self._need(self.sum_sq, "sq_norm").sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._need(self.sum, "mean") / self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance ``E[x^2] - E[x]^2`` per channel, clamped at 0."""
+        mean = self.mean
+        return (self._need(self.sum_sq, "sq_norm") / self.count - mean * mean).clamp_min(0)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's ``H = 2/n X^T X``, shape ``(in_features, in_features)``."""
+        return self._need(self.xtx, "gram") * (2.0 / self.count)

@@ -1,0 +1,299 @@
+"""The command line (the only module that imports typer and rich).
+
+Results go to stdout (a table, or one JSON object with ``--json``); logs and progress go to
+stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="prune-cli",
+    help="Training-free compression of causal language models: prune, evaluate, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_time=False, show_path=False)],
+        force=True,
+    )
+    logging.getLogger("prune_cli").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own bars
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _fail(exc: Exception, debug: bool) -> None:
+    from prune_cli.errors import PruneCliError
+
+    if debug:
+        raise exc
+    if isinstance(exc, PruneCliError):
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        if exc.hint:
+            stderr.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first}", highlight=False, soft_wrap=True)
+    stderr.print("[dim]hint: rerun with --debug for the traceback, and please report it[/]", highlight=False)
+    raise typer.Exit(1)
+
+
+class RichEvents:
+    """Progress display on stderr (rich), driven by the pipeline's Events callbacks."""
+
+    LABELS = {
+        "load": "loading model and text",
+        "eval dense": "perplexity (dense)",
+        "calibration": "calibrating + pruning blocks",
+        "eval compressed": "perplexity (compressed)",
+        "export": "writing checkpoint",
+        "eval": "perplexity",
+    }
+
+    def __init__(self, enabled: bool):
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=stderr,
+            disable=not enabled,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.tasks[name] = self.progress.add_task(self.LABELS.get(name, name), total=total, detail="")
+
+    def advance(self, name: str, steps: int = 1, detail: str = "") -> None:
+        if name in self.tasks:
+            self.progress.update(self.tasks[name], advance=steps, detail=detail)
+
+    def done(self, name: str) -> None:
+        if name in self.tasks:
+            task_id = self.tasks[name]
+            total = next(t.total for t in self.progress.tasks if t.id == task_id) or 1
+            self.progress.update(task_id, completed=total, total=total)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def _print_compress_table(report: dict) -> None:
+    table = Table(title=f"prune-cli: {report['method']} {report['pattern']} on {report['model']}")
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("compressed", justify="right")
+    ppl = report["ppl"]
+    table.add_row("perplexity", _fmt(ppl.get("dense")), _fmt(ppl.get("compressed")))
+    table.add_row("sparsity (targeted Linears)", "0.000", f"{report['sparsity']:.3f}")
+    stdout.print(table)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
+    stdout.print(f"timings: {timings}", highlight=False)
+    if report.get("output"):
+        stdout.print(f"checkpoint: {report['output']}", highlight=False)
+
+
+def _print_plan(plan: dict) -> None:
+    table = Table(title=f"plan: {plan['method']} on {plan['model']} ({plan['blocks']})")
+    for col in ("module", "shape", "method", "pattern", "sparsity"):
+        table.add_column(col)
+    for row in plan["layers"]:
+        table.add_row(row["module"], "x".join(map(str, row["shape"])), row["method"], row["pattern"], f"{row['sparsity']:.3f}")
+    stdout.print(table)
+    stdout.print(f"{len(plan['layers'])} Linear modules, {plan['target_params']:,} weights targeted", highlight=False)
+
+
+def _emit_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local HF folder, .gguf file; omit for the bundled SmolLM2-135M."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (flags override it)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Weight method: magnitude, wanda."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights removed, in [0, 1)."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="unstructured, or N:M = N KEPT of every M (2:4, 4:8)."),
+    calib_text: Optional[List[Path]] = typer.Option(None, "--calib-text", help="Calibration .txt/.jsonl file(s)."),
+    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="datasets NAME[:CONFIG] or a local data file/folder."),
+    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Dataset split (default train)."),
+    calib_column: Optional[str] = typer.Option(None, "--calib-column", help="Text field of .jsonl / dataset (default text)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 512)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for drawing calibration windows (default 0)."),
+    eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help="Held-out evaluation text file(s)."),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Evaluation windows (default 16)."),
+    eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Tokens per evaluation window (default 512)."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write (required unless --dry-run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network (like HF_HUB_OFFLINE=1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without calibrating."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    """Prune MODEL with a training-free method, evaluate it against the dense model, export it."""
+    _setup_logging(verbose)
+    try:
+        from prune_cli.config import load_recipe, resolve
+        from prune_cli.pipeline import CompressRequest
+        from prune_cli.pipeline import compress as run_compress
+        from prune_cli.pipeline import dry_run as run_dry
+
+        recipe_data = load_recipe(recipe) if recipe else None
+        overrides = {
+            "method": method,
+            "sparsity": sparsity,
+            "pattern": pattern,
+            "calibration": {
+                "text": [str(p) for p in calib_text] if calib_text else None,
+                "dataset": calib_dataset,
+                "split": calib_split,
+                "column": calib_column,
+                "samples": calib_samples,
+                "seqlen": seqlen,
+                "seed": seed,
+            },
+            "evaluation": {
+                "text": [str(p) for p in eval_text] if eval_text else None,
+                "windows": eval_windows,
+                "seqlen": eval_seqlen,
+                "enabled": False if no_eval else None,
+            },
+            "device": device,
+            "dtype": dtype,
+        }
+        config = resolve(recipe_data, overrides)
+        if not dry_run and output is None:
+            raise typer.BadParameter("--output DIR is required (or pass --dry-run)", param_hint="--output")
+        request = CompressRequest(config, model, output, overwrite, offline)
+        if dry_run:
+            plan = run_dry(request)
+            _emit_json(plan) if as_json else _print_plan(plan)
+            return
+        with RichEvents(enabled=True) as events:
+            report = run_compress(request, events)
+        _emit_json(report) if as_json else _print_compress_table(report)
+    except (typer.Exit, typer.BadParameter, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, debug)
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint folder, .gguf file or hub id; omit for the bundled model."),
+    eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help="Held-out evaluation text file(s)."),
+    eval_windows: int = typer.Option(16, "--eval-windows", min=1, help="Evaluation windows."),
+    eval_seqlen: int = typer.Option(512, "--eval-seqlen", min=2, help="Tokens per evaluation window."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Evaluate any checkpoint: perplexity on held-out text and measured sparsity."""
+    _setup_logging(verbose)
+    try:
+        from prune_cli.config import DEVICES, DTYPE_NAMES, EvaluationConfig
+        from prune_cli.errors import RecipeError
+        from prune_cli.pipeline import evaluate_checkpoint
+
+        if device not in DEVICES:
+            raise RecipeError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if dtype not in DTYPE_NAMES:
+            raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        ev = EvaluationConfig(windows=eval_windows, seqlen=eval_seqlen, text=tuple(eval_text or ()))
+        with RichEvents(enabled=True) as events:
+            report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events)
+        if as_json:
+            _emit_json(report)
+        else:
+            table = Table(title=f"prune-cli eval: {report['model']}")
+            table.add_column("perplexity", justify="right")
+            table.add_column("sparsity (block Linears)", justify="right")
+            table.add_column("tokens", justify="right")
+            table.add_row(_fmt(report["ppl"]), f"{report['sparsity']:.3f}", str(report["tokens"]))
+            stdout.print(table)
+    except (typer.Exit, typer.BadParameter, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the available methods and their options."""
+    import dataclasses
+
+    from prune_cli.methods import WEIGHT_METHODS
+
+    for name in WEIGHT_METHODS:
+        cls = WEIGHT_METHODS.get(name)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        stdout.print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}" + (f" [options: {opts}]" if opts else ""), highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr.print("interrupted: nothing was written to --output")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Typed errors. Library code raises these; only the CLI turns them into text and exit codes.
+
+Every :class:`BadInputError` is the user's to fix (exit code 2) and carries a one-line
+message plus a hint. Anything else escaping the library is an internal error (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class PruneCliError(Exception):
+    """Base class of every error prune-cli raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # one line, always
+        return self.message.replace("\n", " ")
+
+
+class BadInputError(PruneCliError):
+    """The user's input is wrong: exit code 2."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(BadInputError):
+    pass
+
+
+class UnsupportedArchitectureError(BadInputError):
+    pass
+
+
+class RecipeError(BadInputError):
+    """A recipe (YAML or CLI flags) has an unknown key or an invalid value."""
+
+
+class UnknownNameError(RecipeError):
+    """An unknown method / option name (with a 'did you mean')."""
+
+
+class PatternError(BadInputError):
+    """A sparsity pattern is malformed or does not fit a layer."""
+
+
+class NotEnoughTextError(BadInputError):
+    pass
+
+
+class OutputExistsError(BadInputError):
+    pass
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint folder is missing files or is not one prune-cli can read."""
+
+
+class BackendUnavailableError(BadInputError):
+    """An explicitly requested backend cannot run here."""

@@ -1,0 +1,20 @@
+"""Weight-pruning methods. Adding one: a file with a :class:`WeightMethod` subclass, plus one
+``register`` line here."""
+
+from __future__ import annotations
+
+from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod, select
+from prune_cli.methods.magnitude import Magnitude
+from prune_cli.methods.wanda import Wanda
+from prune_cli.registry import Registry
+
+WEIGHT_METHODS: Registry[type[WeightMethod]] = Registry("method")
+WEIGHT_METHODS.register(Magnitude.name, Magnitude)
+WEIGHT_METHODS.register(Wanda.name, Wanda)
+
+
+def build_method(name: str, options: dict | None = None) -> WeightMethod:
+    return WEIGHT_METHODS.get(name).from_options(options)
+
+
+__all__ = ["WEIGHT_METHODS", "PruneResult", "ScoreMethod", "WeightMethod", "build_method", "select"]

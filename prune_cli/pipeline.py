@@ -1,0 +1,302 @@
+"""The compress and eval pipelines (library API; no printing, no typer/rich).
+
+compress: config -> load -> plan -> windows -> dense ppl -> layer-wise calibrate & prune
+          -> compressed ppl -> report -> atomic export.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prune_cli.calibrators import layerwise
+from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, fingerprint, tokenize
+from prune_cli.calibrators.sources import Text, bundled_text, text_from_dataset, text_from_files
+from prune_cli.config import CalibrationConfig, EvaluationConfig, RunConfig
+from prune_cli.errors import BadInputError, CheckpointError
+from prune_cli.evaluate import Perplexity, perplexity
+from prune_cli.export import REPORT_FILE, check_output, export_checkpoint
+from prune_cli.model_io import ModelSource, block_linears, decoder_blocks, load_model, meta_model, offline_requested, resolve_source
+from prune_cli.patterns import NM, Unstructured
+from prune_cli.plan import LayerPlan, Plan, build_plan
+from prune_cli.report import LayerRecord, Timings, overall_sparsity, versions
+
+log = logging.getLogger(__name__)
+
+
+class Events:
+    """Progress callbacks; the CLI subclasses this with a rich display. All no-ops here."""
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        """A stage starts; ``total`` steps if known."""
+
+    def advance(self, name: str, steps: int = 1, detail: str = "") -> None:
+        """``steps`` more steps of stage ``name`` are done."""
+
+    def done(self, name: str) -> None:
+        """Stage ``name`` finished."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda requested but CUDA is not available", hint="use --device cpu or auto")
+    return torch.device(name)
+
+
+@contextmanager
+def _timed(timings: Timings, key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings.add(key, time.perf_counter() - start)
+
+
+def calibration_text(cal: CalibrationConfig, offline: bool) -> Text:
+    if cal.text:
+        return text_from_files(list(cal.text), cal.column)
+    if cal.dataset:
+        return text_from_dataset(cal.dataset, cal.split, cal.column, offline)
+    return bundled_text("calibration")
+
+
+def evaluation_text(ev: EvaluationConfig) -> Text:
+    return text_from_files(list(ev.text)) if ev.text else bundled_text("evaluation")
+
+
+def check_mask(mask: torch.Tensor, pattern, name: str) -> None:
+    """Verify an N:M mask exactly (per group) and an unstructured one per matrix."""
+    out_features, in_features = mask.shape
+    if isinstance(pattern, NM):
+        kept = mask.reshape(out_features, in_features // pattern.m, pattern.m).sum(-1)
+        if not bool((kept == pattern.n_keep).all()):
+            raise RuntimeError(f"{name}: mask violates {pattern.describe()}")
+    elif isinstance(pattern, Unstructured):
+        pruned = int((~mask).sum())
+        expected = pattern.sparsity * mask.numel()
+        if abs(pruned - expected) > out_features + 1:
+            raise RuntimeError(f"{name}: pruned {pruned} weights, expected about {expected:.0f}")
+
+
+@dataclass
+class CalibrationResult:
+    layers: list[LayerRecord]
+
+
+@torch.no_grad()
+def calibrate_and_prune(
+    model, plan: Plan, windows: torch.Tensor, batch_size: int, device: torch.device, events: Events | None = None
+) -> CalibrationResult:
+    """Layer-wise: per block, collect the statistics the method needs, prune the planned
+    Linears (weights replaced in place), then propagate the pruned block's outputs."""
+    events = events or Events()
+    blocks = decoder_blocks(model).modules
+    method = plan.method
+    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
+    records: list[LayerRecord] = []
+    events.stage("calibration", len(blocks))
+    for index, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        layer_plans: list[LayerPlan] = plan.for_block(index)
+        if layer_plans:
+            linears = block_linears(block)
+            wanted = {lp.local_name: method.required_stats for lp in layer_plans}
+            stats = layerwise.collect_input_stats(block, batches, linears, wanted)
+            for lp in layer_plans:
+                linear = linears[lp.local_name]
+                result = method.prune(linear.weight.data, stats.get(lp.local_name), lp.pattern)
+                check_mask(result.mask, lp.pattern, lp.name)
+                linear.weight.data.copy_(result.weight)
+                zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
+                records.append(
+                    LayerRecord(lp.name, (lp.out_features, lp.in_features), lp.pattern.describe(), lp.pattern.target_sparsity, zeros)
+                )
+            del stats
+        if index + 1 < len(blocks):
+            layerwise.propagate(block, batches)
+        block.to(home)
+        events.advance("calibration", 1, f"block {index + 1}/{len(blocks)}")
+    events.done("calibration")
+    return CalibrationResult(records)
+
+
+@dataclass
+class CompressRequest:
+    config: RunConfig
+    model: str | None  # MODEL argument (None = bundled default)
+    output: Path | None
+    overwrite: bool = False
+    offline: bool = False
+
+
+def dry_run(request: CompressRequest) -> dict:
+    """The plan without loading weights (structure built on the meta device)."""
+    source = resolve_source(request.model)
+    model = meta_model(source, request.config.dtype, offline_requested(request.offline))
+    plan = build_plan(model, request.config)
+    return {
+        "model": source.describe(),
+        "method": plan.method.name,
+        "method_options": plan.method.options(),
+        "blocks": f"{plan.blocks_path} x{plan.n_blocks}",
+        "target_params": plan.target_params,
+        "layers": plan.rows(),
+    }
+
+
+def _ppl_dict(dense: Perplexity | None, compressed: Perplexity | None) -> dict:
+    out: dict = {"dense": dense.ppl if dense else None, "compressed": compressed.ppl if compressed else None}
+    if dense and compressed:
+        out["ratio"] = compressed.ppl / dense.ppl
+    return out
+
+
+def compress(request: CompressRequest, events: Events | None = None) -> dict:
+    """Run the whole compress job; returns the report (also written as sparsity.json)."""
+    events = events or Events()
+    config = request.config
+    offline = offline_requested(request.offline)
+    if request.output is not None:
+        check_output(request.output, request.overwrite)
+    timings = Timings()
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+
+    events.stage("load")
+    with _timed(timings, "load"):
+        source: ModelSource = resolve_source(request.model)
+        model, tokenizer = load_model(source, config.dtype, offline)
+        plan = build_plan(model, config)
+        cal = config.calibration
+        cal_text = calibration_text(cal, offline)
+        cal_windows = calibration_windows(tokenize(tokenizer, cal_text.text), cal.samples, cal.seqlen, cal.seed)
+        ev = config.evaluation
+        eval_windows = None
+        if ev.enabled:
+            eval_text = evaluation_text(ev)
+            eval_windows = evaluation_windows(tokenize(tokenizer, eval_text.text), ev.windows, ev.seqlen)
+    events.done("load")
+
+    dense_ppl = compressed_ppl = None
+    if eval_windows is not None:
+        events.stage("eval dense", eval_windows.shape[0])
+        with _timed(timings, "eval"):
+            dense_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval dense", n))
+        events.done("eval dense")
+
+    with _timed(timings, "calibration"):
+        result = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events)
+
+    if eval_windows is not None:
+        events.stage("eval compressed", eval_windows.shape[0])
+        with _timed(timings, "eval"):
+            compressed_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval compressed", n))
+        events.done("eval compressed")
+
+    report = {
+        "format": "prune-cli/sparsity-report",
+        "format_version": 1,
+        "model": source.describe(),
+        "model_source": source.to_dict(),
+        "method": plan.method.name,
+        "pattern": config.pattern.describe(),
+        "sparsity": overall_sparsity(result.layers),
+        "target_sparsity": config.pattern.target_sparsity,
+        "ppl": _ppl_dict(dense_ppl, compressed_ppl),
+        "recipe": config.to_recipe(),
+        "calibration": {
+            "source": cal_text.source,
+            "text_sha256": cal_text.sha256,
+            "windows": list(cal_windows.shape),
+            "seed": cal.seed,
+            "tokens_sha256": fingerprint(cal_windows),
+        },
+        "evaluation": None
+        if eval_windows is None
+        else {
+            "source": eval_text.source,
+            "text_sha256": eval_text.sha256,
+            "windows": list(eval_windows.shape),
+            "tokens_sha256": fingerprint(eval_windows),
+            "dense": dense_ppl.to_dict() if dense_ppl else None,
+            "compressed": compressed_ppl.to_dict() if compressed_ppl else None,
+        },
+        "device": str(device),
+        "dtype": config.dtype,
+        "layers": [r.to_dict() for r in result.layers],
+        "timings": timings.values,
+        "versions": versions(),
+        "output": None,
+    }
+    if request.output is not None:
+        events.stage("export")
+        with _timed(timings, "export"):
+            report["output"] = str(Path(request.output).resolve())
+            report["timings"] = dict(timings.values)  # export itself is not yet timed here
+            export_checkpoint(model, tokenizer, Path(request.output), report, request.overwrite)
+        events.done("export")
+    timings.add("total", time.perf_counter() - started)
+    report["timings"] = timings.values
+    return report
+
+
+def measure_checkpoint_sparsity(model) -> list[LayerRecord]:
+    """Zero fractions of the Linears inside the decoder blocks of a loaded model."""
+    blocks = decoder_blocks(model)
+    records = []
+    for index, block in enumerate(blocks.modules):
+        for local, linear in block_linears(block).items():
+            w = linear.weight.data
+            zeros = float((w == 0).sum()) / w.numel()
+            records.append(LayerRecord(f"{blocks.path}.{index}.{local}", tuple(w.shape), "measured", 0.0, zeros))
+    return records
+
+
+def evaluate_checkpoint(
+    checkpoint: str | None, ev: EvaluationConfig, device_name: str = "auto", dtype: str = "float32",
+    offline: bool = False, events: Events | None = None,
+) -> dict:
+    """Perplexity and measured sparsity of any checkpoint (folder, .gguf, hub id, bundled)."""
+    events = events or Events()
+    timings = Timings()
+    device = resolve_device(device_name)
+    with _timed(timings, "load"):
+        source = resolve_source(checkpoint)
+        model, tokenizer = load_model(source, dtype, offline_requested(offline))
+        text = evaluation_text(ev)
+        windows = evaluation_windows(tokenize(tokenizer, text.text), ev.windows, ev.seqlen)
+    events.stage("eval", windows.shape[0])
+    with _timed(timings, "eval"):
+        ppl = perplexity(model, windows, ev.batch_size, device, lambda n: events.advance("eval", n))
+    events.done("eval")
+    layers = measure_checkpoint_sparsity(model)
+    saved = None
+    if source.kind == "folder" and (Path(source.location) / REPORT_FILE).is_file():
+        import json
+
+        try:
+            saved = json.loads((Path(source.location) / REPORT_FILE).read_text())
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{REPORT_FILE} in {source.location} is not valid JSON") from None
+    return {
+        "format": "prune-cli/eval-report",
+        "format_version": 1,
+        "model": source.describe(),
+        "ppl": ppl.ppl,
+        "nll": ppl.nll,
+        "tokens": ppl.tokens,
+        "sparsity": overall_sparsity(layers),
+        "evaluation": {"source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape), "tokens_sha256": fingerprint(windows)},
+        "recorded": None if saved is None else {"method": saved.get("method"), "pattern": saved.get("pattern"), "ppl": saved.get("ppl")},
+        "device": str(device),
+        "timings": timings.values,
+        "versions": versions(),
+    }
