@@ -18,8 +18,9 @@ from pathlib import Path
 from prune_cli.errors import BadInputError, NotEnoughTextError
 
 DOC_SEPARATOR = "\n\n"
-# Every EVAL_EVERY-th topic (in sorted key order) is held out for evaluation.
+# Every EVAL_EVERY-th run of PARAGRAPHS_PER_RUN paragraphs is held out for evaluation.
 EVAL_EVERY = 4
+PARAGRAPHS_PER_RUN = 16
 
 
 @dataclass(frozen=True)
@@ -35,21 +36,31 @@ class Text:
 
 
 def bundled_text(part: str) -> Text:
-    """The CPython pydoc topics, ``part`` = "calibration" or "evaluation" (disjoint by topic)."""
+    """The CPython pydoc topics, ``part`` = "calibration" or "evaluation".
+
+    Many paragraphs repeat across topics (``specialnames`` contains ``numeric-types``, ...),
+    so a split by topic would leak evaluation text into calibration. Instead the topics are
+    read in sorted key order as one stream of paragraphs, each kept only at its first
+    appearance; the stream is cut into runs of ``PARAGRAPHS_PER_RUN`` paragraphs and every
+    ``EVAL_EVERY``-th run goes to evaluation. The two parts share no paragraph.
+    """
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    if part == "evaluation":
-        chosen = [k for i, k in enumerate(keys) if i % EVAL_EVERY == EVAL_EVERY - 1]
-    elif part == "calibration":
-        chosen = [k for i, k in enumerate(keys) if i % EVAL_EVERY != EVAL_EVERY - 1]
-    else:
+    if part not in ("calibration", "evaluation"):
         raise ValueError(part)
+    seen: set[str] = set()
+    paragraphs: list[str] = []
+    for key in sorted(topics):
+        for paragraph in topics[key].split(DOC_SEPARATOR):
+            paragraph = paragraph.strip("\n")
+            if paragraph.strip() and paragraph not in seen:
+                seen.add(paragraph)
+                paragraphs.append(paragraph)
+    runs = [paragraphs[i : i + PARAGRAPHS_PER_RUN] for i in range(0, len(paragraphs), PARAGRAPHS_PER_RUN)]
+    held_out = part == "evaluation"
+    chosen = [p for i, run in enumerate(runs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == held_out for p in run]
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return Text(
-        DOC_SEPARATOR.join(topics[k] for k in chosen),
-        f"bundled:pydoc-topics-py{version}:{part}",
-    )
+    return Text(DOC_SEPARATOR.join(chosen), f"bundled:pydoc-topics-py{version}:{part}")
 
 
 def _read_jsonl(path: Path, column: str) -> list[str]:

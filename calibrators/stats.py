@@ -45,7 +45,7 @@ class InputStats:
         xf = x if x.dtype == torch.float32 else x.float()
         self.count += xf.shape[0]
         if Stat.SQ_NORM in self.wanted or Stat.MEAN_VAR in self.wanted:
-            sq = torch.linalg.vector_norm(xf, dim=0).pow_(2)
+            sq = xf.square().sum(dim=0)
             self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
         if Stat.MEAN_VAR in self.wanted:
             s = xf.sum(dim=0)

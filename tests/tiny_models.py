@@ -1,0 +1,65 @@
+"""Tiny random causal LMs of two families (Llama and OPT), built in-process, with a tiny BPE
+tokenizer trained on the bundled text, saved as ordinary Hugging Face folders."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prune_cli.calibrators.sources import bundled_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([bundled_text("calibration").text[:200_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_config(family: str, layers: int = 2):
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        )
+    if family == "opt":
+        from transformers import OPTConfig
+
+        return OPTConfig(
+            vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+            max_position_embeddings=1024, word_embed_proj_dim=64,
+        )
+    if family == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=1024)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, layers: int = 2, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers))
+    return model.eval()
+
+
+def save_tiny_model(family: str, folder: Path, layers: int = 2) -> Path:
+    model = tiny_model(family, layers)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return Path(folder)
