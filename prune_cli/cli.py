@@ -72,7 +72,8 @@ def _fail(exc: Exception, debug: bool) -> None:
 
 
 class RichEvents:
-    """Progress display on stderr (rich), driven by the pipeline's Events callbacks."""
+    """Progress on stderr, driven by the pipeline's Events callbacks: a live rich display on a
+    terminal; plain timestamped lines otherwise (CI logs), one per stage and per block."""
 
     LABELS = {
         "load": "loading model and text",
@@ -83,7 +84,8 @@ class RichEvents:
         "eval": "perplexity",
     }
 
-    def __init__(self, enabled: bool):
+    def __init__(self, live: bool | None = None):
+        self.live = stderr.is_terminal if live is None else live
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -92,10 +94,10 @@ class RichEvents:
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
             console=stderr,
-            disable=not enabled,
-            transient=False,
+            disable=not self.live,
         )
         self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
 
     def __enter__(self):
         self.progress.start()
@@ -104,18 +106,31 @@ class RichEvents:
     def __exit__(self, *exc):
         self.progress.stop()
 
+    def _line(self, text: str) -> None:
+        if not self.live:
+            stderr.print(f"[prune-cli] {text}", highlight=False, markup=False)
+
     def stage(self, name: str, total: int | None = None) -> None:
+        import time
+
+        self.started[name] = time.perf_counter()
         self.tasks[name] = self.progress.add_task(self.LABELS.get(name, name), total=total, detail="")
+        self._line(f"{self.LABELS.get(name, name)} ...")
 
     def advance(self, name: str, steps: int = 1, detail: str = "") -> None:
         if name in self.tasks:
             self.progress.update(self.tasks[name], advance=steps, detail=detail)
+            if detail:
+                self._line(f"{self.LABELS.get(name, name)}: {detail}")
 
     def done(self, name: str) -> None:
+        import time
+
         if name in self.tasks:
             task_id = self.tasks[name]
             total = next(t.total for t in self.progress.tasks if t.id == task_id) or 1
             self.progress.update(task_id, completed=total, total=total)
+            self._line(f"{self.LABELS.get(name, name)} done in {time.perf_counter() - self.started[name]:.1f}s")
 
 
 def _fmt(value) -> str:
@@ -223,7 +238,7 @@ def compress(
             plan = run_dry(request)
             _emit_json(plan) if as_json else _print_plan(plan)
             return
-        with RichEvents(enabled=True) as events:
+        with RichEvents() as events:
             report = run_compress(request, events)
         _emit_json(report) if as_json else _print_compress_table(report)
     except (typer.Exit, typer.BadParameter, KeyboardInterrupt):
@@ -257,7 +272,7 @@ def eval_command(
         if dtype not in DTYPE_NAMES:
             raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
         ev = EvaluationConfig(windows=eval_windows, seqlen=eval_seqlen, text=tuple(eval_text or ()))
-        with RichEvents(enabled=True) as events:
+        with RichEvents() as events:
             report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events)
         if as_json:
             _emit_json(report)

