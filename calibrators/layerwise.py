@@ -151,7 +151,9 @@ def collect_input_stats(
                 names = seen[id(x)][1]
                 if leader not in groups:
                     union = frozenset().union(*(wanted[n] for n in names))
-                    groups[leader] = InputStats(x.shape[-1], union, consumers=list(names))
+                    groups[leader] = InputStats(
+                        x.shape[-1], union, consumers=list(names), tokens_per_window=batch.hidden.shape[1]
+                    )
                     readers[leader] = tuple(names)
                     for n in names:
                         by_name[n] = groups[leader]

@@ -36,6 +36,11 @@ class InputStats:
     xtx: torch.Tensor | None = None
     # Names of the Linears that read this very input (q/k/v share one, gate/up another).
     consumers: list[str] = field(default_factory=list)
+    # Tokens per calibration window (set by the layer-wise calibrator; 0 if unknown).
+    tokens_per_window: int = 0
+    # Quantities derived from these statistics and shared by their consumers (e.g. the
+    # Cholesky factor of SparseGPT's inverse Hessian), keyed by the method that made them.
+    derived: dict = field(default_factory=dict, repr=False)
 
     def update(self, x: torch.Tensor) -> None:
         """Add activations ``x`` of shape ``(..., in_features)`` (any float dtype)."""

@@ -98,7 +98,6 @@ def calibrate_and_prune(
     Linears (weights replaced in place), then propagate the pruned block's outputs."""
     events = events or Events()
     blocks = decoder_blocks(model).modules
-    method = plan.method
     batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
     records: list[LayerRecord] = []
     events.stage("calibration", len(blocks))
@@ -108,11 +107,11 @@ def calibrate_and_prune(
         layer_plans: list[LayerPlan] = plan.for_block(index)
         if layer_plans:
             linears = block_linears(block)
-            wanted = {lp.local_name: method.required_stats for lp in layer_plans}
+            wanted = {lp.local_name: lp.method.required_stats for lp in layer_plans}
             stats = layerwise.collect_input_stats(block, batches, linears, wanted)
             for lp in layer_plans:
                 linear = linears[lp.local_name]
-                result = method.prune(linear.weight.data, stats.get(lp.local_name), lp.pattern)
+                result = lp.method.prune(linear.weight.data, stats.get(lp.local_name), lp.pattern)
                 check_mask(result.mask, lp.pattern, lp.name)
                 linear.weight.data.copy_(result.weight)
                 zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()

@@ -21,6 +21,7 @@ class LayerPlan:
     in_features: int
     out_features: int
     pattern: SparsityPattern
+    method: WeightMethod
 
     @property
     def params(self) -> int:
@@ -46,7 +47,7 @@ class Plan:
             {
                 "module": layer.name,
                 "shape": [layer.out_features, layer.in_features],
-                "method": self.method.name,
+                "method": layer.method.name,
                 "pattern": layer.pattern.describe(),
                 "sparsity": round(layer.pattern.target_sparsity, 6),
             }
@@ -66,7 +67,9 @@ def build_plan(model: nn.Module, config: RunConfig) -> Plan:
                 continue
             config.pattern.check_fits(linear.in_features, full)
             layers.append(
-                LayerPlan(full, index, local, linear.in_features, linear.out_features, config.pattern)
+                LayerPlan(
+                    full, index, local, linear.in_features, linear.out_features, config.pattern, method.for_layer(local)
+                )
             )
     if not layers:
         raise RecipeError("the targets select no Linear module", hint="check targets.include / targets.exclude")

@@ -93,6 +93,11 @@ class WeightMethod(ABC):
     def check_pattern(self, pattern: SparsityPattern) -> None:
         """Raise :class:`RecipeError` when this method cannot produce ``pattern``."""
 
+    def for_layer(self, local_name: str) -> "WeightMethod":
+        """The method to apply to the Linear ``local_name`` (relative to its block); a composite
+        method may leave some layers to its base."""
+        return self
+
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 

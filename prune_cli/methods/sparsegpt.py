@@ -1,0 +1,118 @@
+"""SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot").
+
+For one Linear with weight ``W`` (``(out, in)``) and calibration inputs ``X`` (``(n, in)``):
+
+* Hessian of the layer-wise reconstruction loss ``||WX^T - What X^T||^2``:
+  ``H = 2/n X^T X`` (fp32), dampened ``H += lambda I`` with ``lambda = percdamp * mean(diag H)``.
+  Dead inputs (``H_jj = 0``) get ``H_jj = 1`` and ``W[:, j] = 0``: they never see signal.
+* ``U = chol(H^-1)^T`` (upper Cholesky factor of the inverse Hessian).
+* Columns are swept in blocks of ``blocksize``. For each block the mask removes the weights with
+  the smallest OBS saliency ``w_ij^2 / U_jj^2`` (unstructured: over the whole ``out x block``
+  tile; N:M: per group of M columns, chosen when the sweep reaches the group). Column ``j``'s
+  pruning error ``e = (w_j - q_j) / U_jj`` is propagated to the remaining columns of the block,
+  ``W[:, j:] -= e U[j, j:]``, and after the block to all later columns,
+  ``W[:, end:] -= E U[block, end:]`` (the OBS update that keeps ``WX`` close).
+
+Returns the updated weights, not only a mask. The Cholesky factor is cached on the shared input
+statistics, so q/k/v (and gate/up) factor their common Hessian once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.errors import RecipeError
+from prune_cli.methods.base import PruneResult, WeightMethod, select
+from prune_cli.patterns import NM, SparsityPattern, Unstructured
+
+
+def inverse_hessian_factor(stats: InputStats, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: upper Cholesky factor of the dampened inverse Hessian, ``(in, in)``, and
+    the boolean mask of dead input channels. Cached on ``stats`` per ``percdamp``."""
+    key = ("sparsegpt_hinv", percdamp)
+    if key in stats.derived:
+        return stats.derived[key]
+    H = stats.hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    for attempt in range(6):  # escalate dampening if H is numerically indefinite
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            break
+        H.diagonal().add_(damp * (10**attempt))
+    else:
+        raise RuntimeError("SparseGPT: Hessian is not positive definite even after extra dampening")
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    stats.derived[key] = (U, dead)
+    return U, dead
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, pattern: SparsityPattern, blocksize: int = 128
+) -> PruneResult:
+    """The blocked OBS sweep. ``weight`` ``(out, in)``; ``U`` ``(in, in)`` upper; returns the
+    updated weight (in ``weight``'s dtype) and the KEEP mask."""
+    W = weight.detach().float().clone()
+    W[:, dead] = 0
+    out_features, in_features = W.shape
+    keep = torch.ones_like(W, dtype=torch.bool)
+    nm = pattern if isinstance(pattern, NM) else None
+    if nm is not None:
+        nm.check_fits(in_features)
+        blocksize = max(nm.m, blocksize - blocksize % nm.m)
+    for i1 in range(0, in_features, blocksize):
+        i2 = min(i1 + blocksize, in_features)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1)
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        if isinstance(pattern, Unstructured):
+            keep1 = select(W1.square() / diag.square(), pattern, scope="matrix")
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm.m == 0:
+                saliency = W1[:, i : i + nm.m].square() / diag[i : i + nm.m].square()
+                keep1[:, i : i + nm.m] = select(saliency, nm)
+            w = W1[:, i]
+            q = w * keep1[:, i]
+            Q1[:, i] = q
+            err = (w - q) / diag[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            E1[:, i] = err
+        W[:, i1:i2] = Q1
+        keep[:, i1:i2] = keep1
+        if i2 < in_features:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+    return PruneResult(W.to(weight.dtype) * keep.to(weight.dtype), keep)
+
+
+@dataclass(frozen=True)
+class SparseGPT(WeightMethod):
+    """SparseGPT: OBS pruning with error-compensating weight updates (Frantar & Alistarh 2023)."""
+
+    name = "sparsegpt"
+    required_stats = frozenset({Stat.GRAM})
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def validate(self) -> None:
+        if not (0 <= self.percdamp < 1):
+            raise RecipeError(f"sparsegpt percdamp must be in [0, 1), got {self.percdamp}")
+        if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
+            raise RecipeError(f"sparsegpt blocksize must be a positive integer, got {self.blocksize}")
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
+        if stats is None:
+            raise RuntimeError("sparsegpt needs input statistics")
+        U, dead = inverse_hessian_factor(stats, self.percdamp)
+        return sparsegpt_prune(weight, U.to(weight.device), dead.to(weight.device), pattern, self.blocksize)
