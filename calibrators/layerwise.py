@@ -114,15 +114,20 @@ def collect_input_stats(
     batches: list[BlockBatch],
     linears: dict[str, nn.Linear],
     wanted: dict[str, frozenset[Stat]],
+    update_hidden: bool = False,
 ) -> dict[str, InputStats]:
     """Statistics of the inputs of ``linears`` (names relative to ``block``) over all batches.
 
     Linears that read the very same input tensor share one :class:`InputStats` (computed
     once); the wanted statistics of a shared input are the union of its readers' wants.
-    Returns a mapping from Linear name to its (possibly shared) statistics.
+    Returns a mapping from Linear name to its (possibly shared) statistics. With
+    ``update_hidden`` the block's outputs replace the batches' hidden states (statistics and
+    propagation in one pass, for passes that do not change the block).
     """
     wanted = {name: w for name, w in wanted.items() if w}
     if not wanted:
+        if update_hidden:
+            propagate(block, batches)
         return {}
     # Per batch: id(input tensor) -> (tensor, names). Holding the tensor keeps its id unique.
     seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
@@ -146,7 +151,7 @@ def collect_input_stats(
     by_name: dict[str, InputStats] = {}
     try:
         for batch in batches:
-            block(batch.hidden, *batch.args, **batch.kwargs)
+            output = block(batch.hidden, *batch.args, **batch.kwargs)
             for leader, x in pending:
                 names = seen[id(x)][1]
                 if leader not in groups:
@@ -162,6 +167,8 @@ def collect_input_stats(
                 groups[leader].update(x)
             pending.clear()
             seen.clear()
+            if update_hidden:
+                batch.hidden = _block_output(output)
     finally:
         for handle in handles:
             handle.remove()

@@ -49,6 +49,13 @@ def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> to
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def validation_windows(ids: torch.Tensor, n_calibration: int, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n`` windows drawn after the ``n_calibration`` calibration windows from the same
+    permutation: disjoint from them, shape ``(n, seqlen)``."""
+    both = calibration_windows(ids, n_calibration + n, seqlen, seed)
+    return both[n_calibration:].clone()
+
+
 def evaluation_windows(ids: torch.Tensor, n: int, seqlen: int) -> torch.Tensor:
     """The first ``n`` consecutive non-overlapping windows, shape ``(n, seqlen)``."""
     _check_enough(ids, n, seqlen, "evaluation", "lower --eval-windows / --eval-seqlen or give more --eval-text")

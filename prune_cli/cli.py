@@ -81,6 +81,7 @@ class RichEvents:
         "calibration": "calibrating + pruning blocks",
         "eval compressed": "perplexity (compressed)",
         "export": "writing checkpoint",
+        "allocation": "OWL per-block sparsity",
         "eval": "perplexity",
     }
 
@@ -166,6 +167,19 @@ def _print_plan(plan: dict) -> None:
     stdout.print(f"{len(plan['layers'])} Linear modules, {plan['target_params']:,} weights targeted", highlight=False)
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings into a dict; values are read as YAML scalars (numbers, bools)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
 def _emit_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
@@ -175,7 +189,12 @@ def _emit_json(data: dict) -> None:
 def compress(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF folder, .gguf file; omit for the bundled SmolLM2-135M."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (flags override it)."),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="Weight method: magnitude, wanda."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Weight method: magnitude, wanda, sparsegpt, dsnot."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base method of dsnot: magnitude, wanda or sparsegpt."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE (repeatable), e.g. -O mode=reference."),
+    layerwise: Optional[str] = typer.Option(None, "--layerwise", help="Per-layer sparsity: uniform or owl."),
+    owl_m: Optional[float] = typer.Option(None, "--owl-m", help="OWL outlier threshold M (default: chosen on a validation slice)."),
+    owl_lambda: Optional[float] = typer.Option(None, "--owl-lambda", help="OWL spread lambda (default: chosen on a validation slice)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights removed, in [0, 1)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="unstructured, or N:M = N KEPT of every M (2:4, 4:8)."),
     calib_text: Optional[List[Path]] = typer.Option(None, "--calib-text", help="Calibration .txt/.jsonl file(s)."),
@@ -208,8 +227,13 @@ def compress(
         from prune_cli.pipeline import dry_run as run_dry
 
         recipe_data = load_recipe(recipe) if recipe else None
+        method_options = _parse_options(option or [])
+        if base is not None:
+            method_options["base"] = base
         overrides = {
             "method": method,
+            "method_options": method_options or None,
+            "layerwise": {"method": layerwise, "m": owl_m, "lambda": owl_lambda},
             "sparsity": sparsity,
             "pattern": pattern,
             "calibration": {

@@ -10,6 +10,10 @@ A recipe (version 1)::
     sparsity: 0.5                  # fraction removed (implied by an N:M pattern)
     pattern: unstructured          # or "2:4" = 2 KEPT of every 4
     targets: {include: [], exclude: []}   # regexes over Linear names inside decoder blocks
+    layerwise: {method: uniform}   # or {method: owl, m: auto|5, lambda: auto|0.08, validation_windows: 4}
+    overrides:                     # later entries win; after OWL
+      - {blocks: [0, 1], sparsity: 0.3}
+      - {match: "mlp\\.down_proj", sparsity: 0.4}
     calibration: {samples: 32, seqlen: 512, seed: 0, batch_size: 8,
                   text: [files], dataset: NAME[:CONFIG], split: train, column: text}
     evaluation: {enabled: true, windows: 16, seqlen: 512, batch_size: 4, text: [files]}
@@ -30,7 +34,7 @@ from typing import Any
 import yaml
 
 from prune_cli.errors import RecipeError
-from prune_cli.patterns import SparsityPattern, parse_pattern, pattern_to_text
+from prune_cli.patterns import SparsityPattern, Unstructured, parse_pattern, pattern_to_text
 from prune_cli.registry import did_you_mean
 
 RECIPE_VERSION = 1
@@ -44,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "sparsity": None,
     "pattern": "unstructured",
     "targets": {"include": [], "exclude": []},
+    "layerwise": {"method": "uniform", "m": "auto", "lambda": "auto", "validation_windows": 4},
+    "overrides": [],
     "calibration": {
         "samples": 32,
         "seqlen": 512,
@@ -60,6 +66,32 @@ DEFAULTS: dict[str, Any] = {
 }
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_M_GRID = (3.0, 5.0, 7.0, 10.0)
+DEFAULT_LAMBDA_GRID = (0.0, 0.04, 0.08, 0.12, 0.16)
+
+
+@dataclass(frozen=True)
+class OwlSettings:
+    m: float | None = None  # None = choose on the validation slice
+    lam: float | None = None
+    m_grid: tuple[float, ...] = DEFAULT_M_GRID
+    lambda_grid: tuple[float, ...] = DEFAULT_LAMBDA_GRID
+    validation_windows: int = 4
+
+
+@dataclass(frozen=True)
+class Override:
+    """A sparsity for the targeted Linears matching ``blocks`` and/or ``match`` (a regex)."""
+
+    sparsity: float
+    blocks: tuple[int, ...] = ()
+    match: str | None = None
+
+    def applies(self, block: int, name: str) -> bool:
+        if self.blocks and block not in self.blocks:
+            return False
+        return self.match is None or re.search(self.match, name) is not None
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -102,6 +134,8 @@ class RunConfig:
     pattern: SparsityPattern
     method_options: dict = field(default_factory=dict)
     targets: Targets = Targets()
+    owl: OwlSettings | None = None  # None = uniform per-layer sparsity
+    overrides: tuple[Override, ...] = ()
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     device: str = "auto"
@@ -121,6 +155,18 @@ class RunConfig:
             "sparsity": self.pattern.target_sparsity,
             "pattern": pattern_to_text(self.pattern),
             "targets": {"include": list(self.targets.include), "exclude": list(self.targets.exclude)},
+            "layerwise": {"method": "uniform"}
+            if self.owl is None
+            else {
+                "method": "owl",
+                "m": "auto" if self.owl.m is None else self.owl.m,
+                "lambda": "auto" if self.owl.lam is None else self.owl.lam,
+                "validation_windows": self.owl.validation_windows,
+            },
+            "overrides": [
+                {k: v for k, v in (("blocks", list(o.blocks)), ("match", o.match), ("sparsity", o.sparsity)) if v not in (None, [])}
+                for o in self.overrides
+            ],
             "calibration": {
                 "samples": cal.samples, "seqlen": cal.seqlen, "seed": cal.seed, "batch_size": cal.batch_size,
                 "text": [str(p) for p in cal.text], "dataset": cal.dataset, "split": cal.split, "column": cal.column,
@@ -145,7 +191,11 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
     _check_keys(override, base, where)
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(base[key], dict) and key != "method_options":
+        if key == "method_options":
+            if not isinstance(value, dict):
+                raise RecipeError("method_options must be a mapping")
+            out[key] = {**base[key], **copy.deepcopy(value)}
+        elif isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise RecipeError(f"{where}{key} must be a mapping, got {type(value).__name__}")
             out[key] = _merge(base[key], value, f"{where}{key}.")
@@ -211,6 +261,8 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         # A pattern given on the command line replaces the recipe's; N:M implies its own sparsity.
         if clean["pattern"].strip().lower() != "unstructured":
             merged["sparsity"] = None
+    if "method" in clean and clean["method"] != merged["method"]:
+        merged["method_options"] = {}  # the recipe's options belong to the recipe's method
     if "sparsity" in clean and "pattern" not in clean and merged["pattern"] != "unstructured":
         merged["pattern"] = "unstructured"
     merged = _merge(merged, clean)
@@ -230,6 +282,9 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     pattern = parse_pattern(str(merged["pattern"]), sparsity)
     method.check_pattern(pattern)
 
+    owl = _owl(merged["layerwise"], pattern)
+    overrides = _overrides(merged["overrides"], pattern)
+
     cal, ev = merged["calibration"], merged["evaluation"]
     if cal["text"] and cal["dataset"]:
         raise RecipeError("give calibration text files or a dataset, not both")
@@ -247,6 +302,8 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
             _regexes(merged["targets"]["include"], "targets.include"),
             _regexes(merged["targets"]["exclude"], "targets.exclude"),
         ),
+        owl=owl,
+        overrides=overrides,
         calibration=CalibrationConfig(
             samples=_int(cal["samples"], "calibration.samples", 1),
             seqlen=_int(cal["seqlen"], "calibration.seqlen", 2),
@@ -269,6 +326,58 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         name=merged["name"],
         description=merged["description"],
     )
+
+
+def _auto_number(value: Any, key: str, low: float, high: float) -> float | None:
+    if value == "auto" or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise RecipeError(f"{key} must be 'auto' or a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _owl(section: dict, pattern: SparsityPattern) -> OwlSettings | None:
+    method = section["method"]
+    if method in (None, "uniform"):
+        return None
+    if method != "owl":
+        raise RecipeError(f"unknown layerwise method {method!r}", hint=did_you_mean(str(method), ["uniform", "owl"]))
+    if not isinstance(pattern, Unstructured):
+        raise RecipeError("layerwise owl needs an unstructured pattern", hint="drop --pattern N:M or --layerwise owl")
+    return OwlSettings(
+        m=_auto_number(section["m"], "layerwise.m", 1.0, 1000.0),
+        lam=_auto_number(section["lambda"], "layerwise.lambda", 0.0, 0.5),
+        validation_windows=_int(section["validation_windows"], "layerwise.validation_windows", 1),
+    )
+
+
+def _overrides(entries: Any, pattern: SparsityPattern) -> tuple[Override, ...]:
+    if not isinstance(entries, list):
+        raise RecipeError("overrides must be a list of mappings")
+    out = []
+    allowed = {"blocks": None, "match": None, "sparsity": None}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"overrides[{i}] must be a mapping")
+        _check_keys(entry, allowed, f"overrides[{i}].")
+        if "sparsity" not in entry:
+            raise RecipeError(f"overrides[{i}] needs a sparsity")
+        if not isinstance(pattern, Unstructured):
+            raise RecipeError("per-layer sparsity overrides need an unstructured pattern")
+        sparsity = entry["sparsity"]
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0 <= sparsity < 1):
+            raise RecipeError(f"overrides[{i}].sparsity must be in [0, 1), got {sparsity!r}")
+        blocks = entry.get("blocks", [])
+        blocks = [blocks] if isinstance(blocks, int) else blocks
+        if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+            raise RecipeError(f"overrides[{i}].blocks must be block indices")
+        match = entry.get("match")
+        if match is not None:
+            _regexes([match], f"overrides[{i}].match")
+        if not blocks and match is None:
+            raise RecipeError(f"overrides[{i}] needs blocks or match")
+        out.append(Override(float(sparsity), tuple(blocks), match))
+    return tuple(out)
 
 
 def _drop_none(data: dict) -> dict:

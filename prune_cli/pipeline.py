@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from prune_cli.calibrators import layerwise
-from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, fingerprint, tokenize
+from prune_cli.allocation import allocate_owl, with_overrides
+from prune_cli.calibrators.sampling import (
+    calibration_windows,
+    evaluation_windows,
+    fingerprint,
+    tokenize,
+    validation_windows,
+)
 from prune_cli.calibrators.sources import Text, bundled_text, text_from_dataset, text_from_files
 from prune_cli.config import CalibrationConfig, EvaluationConfig, RunConfig
 from prune_cli.errors import BadInputError, CheckpointError
@@ -116,7 +123,10 @@ def calibrate_and_prune(
                 linear.weight.data.copy_(result.weight)
                 zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
                 records.append(
-                    LayerRecord(lp.name, (lp.out_features, lp.in_features), lp.pattern.describe(), lp.pattern.target_sparsity, zeros)
+                    LayerRecord(
+                        lp.name, (lp.out_features, lp.in_features), lp.method.name, lp.pattern.describe(),
+                        lp.pattern.target_sparsity, zeros,
+                    )
                 )
             del stats
         if index + 1 < len(blocks):
@@ -176,7 +186,11 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         plan = build_plan(model, config)
         cal = config.calibration
         cal_text = calibration_text(cal, offline)
-        cal_windows = calibration_windows(tokenize(tokenizer, cal_text.text), cal.samples, cal.seqlen, cal.seed)
+        cal_ids = tokenize(tokenizer, cal_text.text)
+        cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed)
+        val_windows = None
+        if config.owl is not None and (config.owl.m is None or config.owl.lam is None):
+            val_windows = validation_windows(cal_ids, cal.samples, config.owl.validation_windows, cal.seqlen, cal.seed)
         ev = config.evaluation
         eval_windows = None
         if ev.enabled:
@@ -190,6 +204,16 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         with _timed(timings, "eval"):
             dense_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval dense", n))
         events.done("eval dense")
+
+    allocation = None
+    if config.owl is not None:
+        events.stage("allocation")
+        with _timed(timings, "allocation"):
+            plan, allocation = allocate_owl(
+                model, plan, config.owl, cal_windows, val_windows, cal.batch_size, device, config.pattern.target_sparsity
+            )
+            plan = with_overrides(plan, config.overrides)
+        events.done("allocation")
 
     with _timed(timings, "calibration"):
         result = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events)
@@ -211,6 +235,8 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         "target_sparsity": config.pattern.target_sparsity,
         "ppl": _ppl_dict(dense_ppl, compressed_ppl),
         "recipe": config.to_recipe(),
+        "method_options": plan.method.options(),
+        "allocation": allocation.to_dict() if allocation else None,
         "calibration": {
             "source": cal_text.source,
             "text_sha256": cal_text.sha256,
@@ -255,7 +281,7 @@ def measure_checkpoint_sparsity(model) -> list[LayerRecord]:
         for local, linear in block_linears(block).items():
             w = linear.weight.data
             zeros = float((w == 0).sum()) / w.numel()
-            records.append(LayerRecord(f"{blocks.path}.{index}.{local}", tuple(w.shape), "measured", 0.0, zeros))
+            records.append(LayerRecord(f"{blocks.path}.{index}.{local}", tuple(w.shape), "-", "measured", 0.0, zeros))
     return records
 
 

@@ -73,4 +73,7 @@ def build_plan(model: nn.Module, config: RunConfig) -> Plan:
             )
     if not layers:
         raise RecipeError("the targets select no Linear module", hint="check targets.include / targets.exclude")
-    return Plan(method, blocks.path, len(blocks), tuple(layers))
+    plan = Plan(method, blocks.path, len(blocks), tuple(layers))
+    from prune_cli.allocation import with_overrides
+
+    return with_overrides(plan, config.overrides)

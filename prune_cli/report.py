@@ -27,6 +27,7 @@ class LayerRecord:
 
     name: str
     shape: tuple[int, int]
+    method: str
     pattern: str
     target_sparsity: float
     achieved_sparsity: float  # fraction of exact zeros in the stored weight
@@ -35,6 +36,7 @@ class LayerRecord:
         return {
             "name": self.name,
             "shape": list(self.shape),
+            "method": self.method,
             "pattern": self.pattern,
             "target_sparsity": round(self.target_sparsity, 6),
             "achieved_sparsity": round(self.achieved_sparsity, 6),

@@ -189,3 +189,38 @@ def test_help_does_not_import_heavy_modules():
     code = "import sys, prune_cli.cli; print(sorted(m for m in ('torch', 'transformers', 'datasets', 'cupy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize(
+    "extra,method",
+    [
+        (["--method", "sparsegpt", "--sparsity", "0.5"], "sparsegpt"),
+        (["--method", "sparsegpt", "--pattern", "2:4"], "sparsegpt"),
+        (["--method", "dsnot", "--base", "sparsegpt", "--sparsity", "0.6"], "dsnot"),
+        (["--method", "dsnot", "--base", "wanda", "-O", "mode=reference", "--pattern", "4:8"], "dsnot"),
+        (["--method", "wanda", "--sparsity", "0.6", "--layerwise", "owl", "--owl-m", "5", "--owl-lambda", "0.05"], "wanda"),
+    ],
+)
+def test_frontier_methods_from_the_command_line(tmp_path, tiny_llama_dir, extra, method):
+    result = run("compress", tiny_llama_dir, *extra, *SMALL, "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == method
+    assert report["sparsity"] == pytest.approx(report["target_sparsity"], abs=0.01)
+    if "--layerwise" in extra:
+        assert report["allocation"]["m"] == 5.0 and report["allocation"]["chosen_by"] == "options"
+        assert len(set(l["target_sparsity"] for l in report["layers"])) == 2
+
+
+def test_owl_auto_from_the_command_line(tmp_path, tiny_opt_dir):
+    result = run("compress", tiny_opt_dir, "--method", "wanda", "--sparsity", "0.5", "--layerwise", "owl", *SMALL, "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["allocation"]["chosen_by"] == "validation" and len(report["allocation"]["grid"]) > 1
+    assert "allocation" in report["timings"]
+
+
+def test_bad_method_option(tmp_path, tiny_llama_dir):
+    result = run("compress", tiny_llama_dir, "--method", "dsnot", "-O", "mod=reference", "--sparsity", "0.5", "-o", tmp_path / "o")
+    assert_one_line_error(result)
+    assert "did you mean 'mode'" in result.stderr
