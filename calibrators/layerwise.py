@@ -173,3 +173,56 @@ def collect_input_stats(
         for handle in handles:
             handle.remove()
     return by_name
+
+
+@torch.no_grad()
+def collect_inputs(
+    block: nn.Module,
+    batches: list[BlockBatch],
+    linears: dict[str, nn.Linear],
+    max_tokens: int,
+    generator: torch.Generator,
+    update_hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The input activations of ``linears`` as fp32 ``(n_tokens, in_features)`` matrices, a
+    reproducible random subset of at most ``max_tokens`` tokens (the same tokens for every
+    Linear of the block). Linears reading the same tensor share one matrix."""
+    total = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
+    chosen = torch.randperm(total, generator=generator)[:max_tokens].sort().values if total > max_tokens else None
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+    shared: dict[str, str] = {}
+    offset = 0
+    for batch in batches:
+        tokens = batch.hidden.shape[0] * batch.hidden.shape[1]
+        if chosen is not None:
+            local = chosen[(chosen >= offset) & (chosen < offset + tokens)] - offset
+        seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+        def make_hook(name: str):
+            def hook(module, args):
+                x = args[0]
+                hit = seen.get(id(x))
+                if hit is not None and hit[0] is x:
+                    shared[name] = hit[1]
+                    return
+                seen[id(x)] = (x, name)
+                flat = x.reshape(-1, x.shape[-1])
+                if chosen is not None:
+                    flat = flat.index_select(0, local.to(flat.device))
+                parts[name].append(flat.float().cpu())
+
+            return hook
+
+        handles = [linear.register_forward_pre_hook(make_hook(name)) for name, linear in linears.items()]
+        try:
+            output = block(batch.hidden, *batch.args, **batch.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if update_hidden:
+            batch.hidden = _block_output(output)
+        offset += tokens
+    result = {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
+    for name, leader in shared.items():
+        result.setdefault(name, result[leader])
+    return result

@@ -11,6 +11,10 @@ A recipe (version 1)::
     pattern: unstructured          # or "2:4" = 2 KEPT of every 4
     targets: {include: [], exclude: []}   # regexes over Linear names inside decoder blocks
     layerwise: {method: uniform}   # or {method: owl, m: auto|5, lambda: auto|0.08, validation_windows: 4}
+    activation: {method: wina, sparsity: 0.4, allocation: uniform|greedy, options: {}}
+                                   # activation sparsity (after any weight method); with
+                                   # `method: teal|wina|rsparse` at the top, --sparsity is the
+                                   # activation sparsity and no weight method runs
     overrides:                     # later entries win; after OWL
       - {blocks: [0, 1], sparsity: 0.3}
       - {match: "mlp\\.down_proj", sparsity: 0.4}
@@ -50,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "targets": {"include": [], "exclude": []},
     "layerwise": {"method": "uniform", "m": "auto", "lambda": "auto", "validation_windows": 4},
     "overrides": [],
+    "activation": {"method": None, "sparsity": None, "allocation": "uniform", "options": {}, "max_tokens": 16384},
     "calibration": {
         "samples": 32,
         "seqlen": 512,
@@ -129,13 +134,27 @@ class Targets:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class ActivationConfig:
     method: str
-    pattern: SparsityPattern
+    sparsity: float
+    options: dict = field(default_factory=dict)
+    allocation: str = "uniform"  # uniform | greedy
+    max_tokens: int = 16384  # calibration tokens sampled per Linear input
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "sparsity": self.sparsity, "allocation": self.allocation,
+                "options": dict(self.options), "max_tokens": self.max_tokens}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str | None  # the weight method; None = activation sparsity only
+    pattern: SparsityPattern | None
     method_options: dict = field(default_factory=dict)
     targets: Targets = Targets()
     owl: OwlSettings | None = None  # None = uniform per-layer sparsity
     overrides: tuple[Override, ...] = ()
+    activation: ActivationConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     device: str = "auto"
@@ -152,8 +171,9 @@ class RunConfig:
             "description": self.description,
             "method": self.method,
             "method_options": dict(self.method_options),
-            "sparsity": self.pattern.target_sparsity,
-            "pattern": pattern_to_text(self.pattern),
+            "sparsity": None if self.pattern is None else self.pattern.target_sparsity,
+            "pattern": None if self.pattern is None else pattern_to_text(self.pattern),
+            "activation": None if self.activation is None else self.activation.to_dict(),
             "targets": {"include": list(self.targets.include), "exclude": list(self.targets.exclude)},
             "layerwise": {"method": "uniform"}
             if self.owl is None
@@ -191,7 +211,7 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
     _check_keys(override, base, where)
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if key == "method_options":
+        if key in ("method_options", "options"):
             if not isinstance(value, dict):
                 raise RecipeError("method_options must be a mapping")
             out[key] = {**base[key], **copy.deepcopy(value)}
@@ -267,23 +287,36 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         merged["pattern"] = "unstructured"
     merged = _merge(merged, clean)
 
-    if not merged["method"]:
-        raise RecipeError("no method given", hint="pass --method NAME or --recipe FILE")
+    from prune_cli.activation import ACTIVATION_METHODS
     from prune_cli.methods import WEIGHT_METHODS
 
-    method_cls = WEIGHT_METHODS.get(str(merged["method"]))
-    if not isinstance(merged["method_options"], dict):
-        raise RecipeError("method_options must be a mapping")
-    method = method_cls.from_options(merged["method_options"])
+    if merged["method"] in ACTIVATION_METHODS:
+        # `--method wina --sparsity 0.4`: activation sparsity only
+        if merged["activation"]["method"]:
+            raise RecipeError("give the activation method either as `method` or under `activation`, not both")
+        merged["activation"] = {**merged["activation"], "method": merged["method"], "sparsity": merged["sparsity"],
+                                "options": {**merged["activation"]["options"], **merged["method_options"]}}
+        merged["method"], merged["sparsity"], merged["method_options"] = None, None, {}
+        if str(merged["pattern"]).strip().lower() != "unstructured":
+            raise RecipeError("activation methods have no N:M pattern", hint="drop --pattern")
+    activation = _activation(merged["activation"])
+    if not merged["method"] and activation is None:
+        raise RecipeError("no method given", hint="pass --method NAME or --recipe FILE")
 
-    sparsity = merged["sparsity"]
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
-        raise RecipeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    pattern = parse_pattern(str(merged["pattern"]), sparsity)
-    method.check_pattern(pattern)
-
-    owl = _owl(merged["layerwise"], pattern)
-    overrides = _overrides(merged["overrides"], pattern)
+    method = None
+    pattern = None
+    owl = None
+    overrides: tuple[Override, ...] = ()
+    if merged["method"]:
+        method_cls = WEIGHT_METHODS.get(str(merged["method"]))
+        method = method_cls.from_options(merged["method_options"])
+        sparsity = merged["sparsity"]
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
+            raise RecipeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        pattern = parse_pattern(str(merged["pattern"]), sparsity)
+        method.check_pattern(pattern)
+        owl = _owl(merged["layerwise"], pattern)
+        overrides = _overrides(merged["overrides"], pattern)
 
     cal, ev = merged["calibration"], merged["evaluation"]
     if cal["text"] and cal["dataset"]:
@@ -295,9 +328,10 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     if not isinstance(ev["enabled"], bool):
         raise RecipeError("evaluation.enabled must be true or false")
     return RunConfig(
-        method=method.name,
-        method_options=method.options(),
+        method=None if method is None else method.name,
+        method_options={} if method is None else method.options(),
         pattern=pattern,
+        activation=activation,
         targets=Targets(
             _regexes(merged["targets"]["include"], "targets.include"),
             _regexes(merged["targets"]["exclude"], "targets.exclude"),
@@ -334,6 +368,23 @@ def _auto_number(value: Any, key: str, low: float, high: float) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
         raise RecipeError(f"{key} must be 'auto' or a number in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def _activation(section: dict) -> ActivationConfig | None:
+    if not section["method"]:
+        return None
+    from prune_cli.activation import build_activation_method
+
+    method = build_activation_method(str(section["method"]), section["options"] or {})
+    sparsity = section["sparsity"]
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0 <= sparsity < 1):
+        raise RecipeError(f"activation sparsity must be a number in [0, 1), got {sparsity!r}", hint="pass --sparsity 0.4")
+    if section["allocation"] not in ("uniform", "greedy"):
+        raise RecipeError(f"activation.allocation must be uniform or greedy, got {section['allocation']!r}")
+    return ActivationConfig(
+        method.name, float(sparsity), method.options(), section["allocation"],
+        _int(section["max_tokens"], "activation.max_tokens", 16),
+    )
 
 
 def _owl(section: dict, pattern: SparsityPattern) -> OwlSettings | None:

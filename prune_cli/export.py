@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -36,8 +37,11 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"parent folder does not exist: {parent}", hint="create it first")
 
 
-def export_checkpoint(model: nn.Module, tokenizer, output: Path, report: dict, overwrite: bool) -> Path:
-    """Write ``model`` + ``tokenizer`` + ``sparsity.json`` to ``output`` atomically."""
+def export_checkpoint(
+    model: nn.Module, tokenizer, output: Path, report: dict, overwrite: bool, extra: Callable[[Path], None] | None = None
+) -> Path:
+    """Write ``model`` + ``tokenizer`` + ``sparsity.json`` (+ whatever ``extra(folder)`` writes)
+    to ``output`` atomically."""
     output = Path(output).resolve()
     check_output(output, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -48,6 +52,8 @@ def export_checkpoint(model: nn.Module, tokenizer, output: Path, report: dict, o
         prepare_for_save(model)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))

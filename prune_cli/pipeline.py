@@ -150,15 +150,25 @@ def dry_run(request: CompressRequest) -> dict:
     """The plan without loading weights (structure built on the meta device)."""
     source = resolve_source(request.model)
     model = meta_model(source, request.config.dtype, offline_requested(request.offline))
-    plan = build_plan(model, request.config)
-    return {
-        "model": source.describe(),
-        "method": plan.method.name,
-        "method_options": plan.method.options(),
-        "blocks": f"{plan.blocks_path} x{plan.n_blocks}",
-        "target_params": plan.target_params,
-        "layers": plan.rows(),
-    }
+    config = request.config
+    out: dict = {"model": source.describe(), "method": config.method, "method_options": config.method_options, "layers": []}
+    if config.method:
+        plan = build_plan(model, config)
+        out.update(blocks=f"{plan.blocks_path} x{plan.n_blocks}", target_params=plan.target_params, layers=plan.rows())
+    if config.activation:
+        from prune_cli.activation.calibrate import activation_targets
+
+        targets = activation_targets(model, config.targets.selects)
+        out["activation"] = config.activation.to_dict()
+        out.setdefault("blocks", f"{decoder_blocks(model).path} x{len(decoder_blocks(model))}")
+        out.setdefault("target_params", sum(t.params for t in targets))
+        shapes = {n: m for n, m in model.named_modules()}
+        out["layers"] += [
+            {"module": t.name, "shape": list(shapes[t.name].weight.shape), "method": config.activation.method,
+             "pattern": f"activation {config.activation.allocation}", "sparsity": config.activation.sparsity}
+            for t in targets
+        ]
+    return out
 
 
 def _ppl_dict(dense: Perplexity | None, compressed: Perplexity | None) -> dict:
@@ -183,7 +193,12 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     events.stage("load")
     with _timed(timings, "load"):
         model, tokenizer = load_model(source, config.dtype, offline)
-        plan = build_plan(model, config)
+        plan = build_plan(model, config) if config.method else None
+        act_targets = None
+        if config.activation is not None:
+            from prune_cli.activation.calibrate import activation_targets
+
+            act_targets = activation_targets(model, config.targets.selects)
         cal = config.calibration
         cal_text = calibration_text(cal, offline)
         cal_ids = tokenize(tokenizer, cal_text.text)
@@ -215,28 +230,40 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
             plan = with_overrides(plan, config.overrides)
         events.done("allocation")
 
-    with _timed(timings, "calibration"):
-        result = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events)
+    layers: list[LayerRecord] = []
+    if plan is not None:
+        with _timed(timings, "calibration"):
+            layers = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events).layers
+
+    activation_report = None
+    if config.activation is not None:
+        activation_report = _activation_stage(model, config, act_targets, cal_windows, cal, device, timings, events)
 
     if eval_windows is not None:
+        from prune_cli.activation.modules import count_sparsity
+
         events.stage("eval compressed", eval_windows.shape[0])
-        with _timed(timings, "eval"):
+        with _timed(timings, "eval"), count_sparsity(model) as counted:
             compressed_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval compressed", n))
         events.done("eval compressed")
+        if activation_report is not None:
+            _add_achieved(activation_report, counted)
 
     report = {
         "format": "prune-cli/sparsity-report",
         "format_version": 1,
         "model": source.describe(),
         "model_source": source.to_dict(),
-        "method": plan.method.name,
-        "pattern": config.pattern.describe(),
-        "sparsity": overall_sparsity(result.layers),
-        "target_sparsity": config.pattern.target_sparsity,
+        "method": config.method or config.activation.method,
+        "pattern": config.pattern.describe() if config.pattern else f"activation {config.activation.allocation}",
+        "sparsity": overall_sparsity(layers) if plan is not None else activation_report.get("achieved_sparsity"),
+        "target_sparsity": config.pattern.target_sparsity if config.pattern else config.activation.sparsity,
+        "weight_sparsity": overall_sparsity(layers) if plan is not None else 0.0,
         "ppl": _ppl_dict(dense_ppl, compressed_ppl),
         "recipe": config.to_recipe(),
-        "method_options": plan.method.options(),
+        "method_options": config.method_options,
         "allocation": allocation.to_dict() if allocation else None,
+        "activation": activation_report,
         "calibration": {
             "source": cal_text.source,
             "text_sha256": cal_text.sha256,
@@ -256,7 +283,7 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         },
         "device": str(device),
         "dtype": config.dtype,
-        "layers": [r.to_dict() for r in result.layers],
+        "layers": [r.to_dict() for r in layers],
         "timings": timings.values,
         "versions": versions(),
         "output": None,
@@ -266,11 +293,50 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         with _timed(timings, "export"):
             report["output"] = str(Path(request.output).resolve())
             report["timings"] = dict(timings.values)  # export itself is not yet timed here
-            export_checkpoint(model, tokenizer, Path(request.output), report, request.overwrite)
+            _export(model, tokenizer, Path(request.output), report, request.overwrite)
         events.done("export")
     timings.add("total", time.perf_counter() - started)
     report["timings"] = timings.values
     return report
+
+
+def _activation_stage(model, config: RunConfig, targets, cal_windows, cal, device, timings, events) -> dict:
+    """Calibrate and install activation sparsifiers (on the pruned model, if a weight method ran)."""
+    from prune_cli.activation import build_activation_method
+    from prune_cli.activation.calibrate import allocate, calibrate_activation
+
+    act = config.activation
+    method = build_activation_method(act.method, act.options)
+    with _timed(timings, "activation"):
+        sparsity, _ = allocate(
+            model, targets, method, act.allocation, act.sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed
+        )
+        records = calibrate_activation(
+            model, targets, method, sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed, events
+        )
+    return {**act.to_dict(), "target_sparsity": act.sparsity, "tokens": "all", "layers": records}
+
+
+def _add_achieved(report: dict, counted) -> None:
+    """Achieved sparsity on the held-out tokens (parameter-weighted over the wrapped Linears)."""
+    report["achieved_sparsity"] = counted.overall("compute")
+    report["achieved_input_sparsity"] = counted.overall("input")
+    per_layer = counted.per_layer()
+    for record in report["layers"]:
+        record.update({f"achieved_{k}": round(v, 6) for k, v in per_layer.get(record["name"], {}).items()})
+
+
+def _export(model, tokenizer, output: Path, report: dict, overwrite: bool) -> None:
+    """Export with the activation sparsifiers' buffers beside the plain weights."""
+    from prune_cli.activation.modules import rewrap_all, unwrap_all
+    from prune_cli.runtime import save_activation
+
+    wrappers = unwrap_all(model)
+    try:
+        extra = (lambda folder: save_activation(wrappers, folder)) if wrappers else None
+        export_checkpoint(model, tokenizer, output, report, overwrite, extra)
+    finally:
+        rewrap_all(model, wrappers)
 
 
 def measure_checkpoint_sparsity(model) -> list[LayerRecord]:
@@ -295,11 +361,19 @@ def evaluate_checkpoint(
     device = resolve_device(device_name)
     source = resolve_source(checkpoint)
     with _timed(timings, "load"):
-        model, tokenizer = load_model(source, dtype, offline_requested(offline))
+        if source.kind == "folder":
+            from prune_cli.model_io import DTYPES
+            from prune_cli.runtime import load as load_checkpoint
+
+            model, tokenizer = load_checkpoint(source.location, DTYPES[dtype])
+        else:
+            model, tokenizer = load_model(source, dtype, offline_requested(offline))
         text = evaluation_text(ev)
         windows = evaluation_windows(tokenize(tokenizer, text.text), ev.windows, ev.seqlen)
+    from prune_cli.activation.modules import count_sparsity
+
     events.stage("eval", windows.shape[0])
-    with _timed(timings, "eval"):
+    with _timed(timings, "eval"), count_sparsity(model) as counted:
         ppl = perplexity(model, windows, ev.batch_size, device, lambda n: events.advance("eval", n))
     events.done("eval")
     layers = measure_checkpoint_sparsity(model)
@@ -319,6 +393,7 @@ def evaluate_checkpoint(
         "nll": ppl.nll,
         "tokens": ppl.tokens,
         "sparsity": overall_sparsity(layers),
+        "activation_sparsity": counted.overall("compute") if counted.modules else None,
         "evaluation": {"source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape), "tokens_sha256": fingerprint(windows)},
         "recorded": None if saved is None else {"method": saved.get("method"), "pattern": saved.get("pattern"), "ppl": saved.get("ppl")},
         "device": str(device),

@@ -8,7 +8,6 @@ methods only implement :meth:`ScoreMethod.score`; all of them share :func:`selec
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import RecipeError
+from prune_cli.options import build_from_options
 from prune_cli.patterns import NM, SparsityPattern, Unstructured
 
 
@@ -73,19 +72,7 @@ class WeightMethod(ABC):
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "WeightMethod":
-        options = dict(options or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        for key in options:
-            if key not in fields:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"options of {cls.name}: {', '.join(fields) or 'none'}"
-                raise RecipeError(f"unknown option {key!r} for method {cls.name}", hint=hint)
-        try:
-            method = cls(**options)  # type: ignore[call-arg]
-        except (TypeError, ValueError) as exc:
-            raise RecipeError(f"bad options for method {cls.name}: {exc}") from None
-        method.validate()
-        return method
+        return build_from_options(cls, options)
 
     def validate(self) -> None:
         """Raise :class:`RecipeError` for invalid option values."""

@@ -1,0 +1,97 @@
+"""Public runtime API: load a prune-cli checkpoint with its activation sparsity applied.
+
+    from prune_cli.runtime import load
+    model, tokenizer = load("out/wina-40")      # an ordinary transformers model object
+    model.generate(**tokenizer("def f(x):", return_tensors="pt"), max_new_tokens=20)
+
+The checkpoint's weights are plain safetensors (``transformers`` loads them alone, dense
+activations); the activation sparsifiers' buffers live in ``activation_sparsity.safetensors``
+and are described in ``sparsity.json`` under ``"activation"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ACTIVATION_FILE = "activation_sparsity.safetensors"
+REPORT_FILE = "sparsity.json"
+
+
+def save_activation(wrappers: dict, folder: Path) -> None:
+    """Write the buffers of ``wrappers`` (name -> SparseInputLinear) to ``folder``."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, module in wrappers.items():
+        tensors[f"{name}.threshold"] = module.threshold.detach().cpu().reshape(1)
+        tensors[f"{name}.channel_scale"] = module.channel_scale.detach().cpu().contiguous()
+        if module.lowrank_u is not None:
+            tensors[f"{name}.lowrank_u"] = module.lowrank_u.detach().cpu().contiguous()
+            tensors[f"{name}.lowrank_v"] = module.lowrank_v.detach().cpu().contiguous()
+    save_file(tensors, str(Path(folder) / ACTIVATION_FILE))
+
+
+def apply_activation(model: nn.Module, folder: Path) -> int:
+    """Wrap the Linears named in ``folder``'s activation file; returns how many were wrapped."""
+    from safetensors.torch import load_file
+
+    from prune_cli.activation.modules import SparseInputLinear
+    from prune_cli.errors import CheckpointError
+
+    path = Path(folder) / ACTIVATION_FILE
+    tensors = load_file(str(path))
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    for name in names:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path.name} names {name}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{path.name}: {name} is not a Linear")
+        module = SparseInputLinear(
+            linear,
+            float(tensors[f"{name}.threshold"][0]),
+            tensors[f"{name}.channel_scale"],
+            tensors.get(f"{name}.lowrank_u"),
+            tensors.get(f"{name}.lowrank_v"),
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    return len(names)
+
+
+def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = False):
+    """``(model, tokenizer)`` for a prune-cli checkpoint, activation sparsity applied when the
+    checkpoint has it. ``decode=True`` also prepares the batch-1 gather path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prune_cli.errors import CheckpointError
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if (folder / ACTIVATION_FILE).is_file():
+        apply_activation(model, folder)
+        if decode:
+            prepare_decode(model)
+    return model, tokenizer
+
+
+def prepare_decode(model: nn.Module) -> None:
+    from prune_cli.activation.modules import sparsifiers
+
+    for module in sparsifiers(model).values():
+        module.prepare_decode()
+
+
+def activation_spec(folder: str | Path) -> dict | None:
+    report = Path(folder) / REPORT_FILE
+    if not report.is_file():
+        return None
+    return json.loads(report.read_text()).get("activation")

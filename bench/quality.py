@@ -1,0 +1,114 @@
+"""Held-out perplexity of the weight methods on the bundled model, measured in one process.
+
+    python bench/quality.py [--samples 32] [--seqlen 512] [--eval-windows 16] [--only NAME ...]
+        [--out docs/quality.json]
+
+Calibration: 32 x 512 tokens from the calibration part of the bundled CPython pydoc topics
+(seed 0); evaluation: 16 x 512 tokens from the disjoint evaluation part; fp32 on the CPU.
+Every run starts from the same dense weights. Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from prune_cli.allocation import allocate_owl  # noqa: E402
+from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize, validation_windows  # noqa: E402
+from prune_cli.calibrators.sources import bundled_text  # noqa: E402
+from prune_cli.config import resolve  # noqa: E402
+from prune_cli.evaluate import perplexity  # noqa: E402
+from prune_cli.model_io import bundled_source, load_model  # noqa: E402
+from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
+from prune_cli.plan import build_plan  # noqa: E402
+
+LEVELS = [("50%", {"sparsity": 0.5}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7}), ("2:4", {"pattern": "2:4"})]
+REF_RELEASED = {"mode": "reference", "skip": r"^mlp\."}
+
+
+def runs() -> list[tuple[str, str, dict]]:
+    out = []
+    for level, pat in LEVELS:
+        out += [
+            ("wanda", level, {"method": "wanda", **pat}),
+            ("sparsegpt", level, {"method": "sparsegpt", **pat}),
+            ("dsnot-reference(wanda, as released: attention only)", level, {"method": "dsnot", "method_options": {"base": "wanda", **REF_RELEASED}, **pat}),
+            ("dsnot-reference(wanda, all layers)", level, {"method": "dsnot", "method_options": {"base": "wanda", "mode": "reference"}, **pat}),
+            ("dsnot-guarded(wanda)", level, {"method": "dsnot", "method_options": {"base": "wanda"}, **pat}),
+            ("dsnot-reference(sparsegpt, all layers)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt", "mode": "reference"}, **pat}),
+            ("dsnot-guarded(sparsegpt)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt"}, **pat}),
+        ]
+    for level, s in (("60%", 0.6), ("70%", 0.7)):
+        out += [
+            ("owl(wanda, M=5, lambda=0.08)", level, {"method": "wanda", "sparsity": s, "layerwise": {"method": "owl", "m": 5, "lambda": 0.08}}),
+            ("owl(wanda, auto)", level, {"method": "wanda", "sparsity": s, "layerwise": {"method": "owl"}}),
+            ("owl(sparsegpt, auto)", level, {"method": "sparsegpt", "sparsity": s, "layerwise": {"method": "owl"}}),
+        ]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--only", nargs="*", help="substrings of run names to keep")
+    parser.add_argument("--out", default="docs/quality.json")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(bundled_source())
+    cal_ids = tokenize(tokenizer, bundled_text("calibration").text)
+    cal = calibration_windows(cal_ids, args.samples, args.seqlen, seed=0)
+    val = validation_windows(cal_ids, args.samples, 4, args.seqlen, seed=0)
+    ev = evaluation_windows(tokenize(tokenizer, bundled_text("evaluation").text), args.eval_windows, args.seqlen)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    device = torch.device("cpu")
+    results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}
+    print(f"dense ppl {results['dense']:.3f}", flush=True)
+    for name, level, overrides in runs():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        model.load_state_dict(dense_state)
+        config = resolve(None, overrides)
+        plan = build_plan(model, config)
+        start = time.perf_counter()
+        allocation = None
+        if config.owl is not None:
+            plan, allocation = allocate_owl(model, plan, config.owl, cal, val, 8, device, config.pattern.target_sparsity)
+        calibrate_and_prune(model, plan, cal, 8, device)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, ev).ppl
+        row = {"method": name, "level": level, "ppl": ppl, "seconds": round(seconds, 1)}
+        if allocation is not None:
+            row["owl"] = {"m": allocation.m, "lambda": allocation.lam}
+        results["runs"].append(row)
+        print(f"{name:55s} {level:4s} ppl {ppl:10.3f}  ({seconds:.0f} s){'  ' + str(row.get('owl')) if allocation else ''}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    levels = [l for l, _ in LEVELS]
+    names = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    lines = [f"dense: {results['dense']:.2f}", "", "| method | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
+    for name in names:
+        cells = []
+        for level in levels:
+            hit = [r for r in results["runs"] if r["method"] == name and r["level"] == level]
+            cells.append(f"{hit[0]['ppl']:.2f}" if hit else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Layer-wise calibration of activation sparsity, and the greedy per-layer allocation.
+
+Per block (inputs already flow through the sparsified earlier blocks): collect a reproducible
+sample of each targeted Linear's inputs, fit its sparsifier, install it, and propagate the
+calibration windows through the block with the sparsifiers in place.
+
+Greedy allocation (TEAL-style, toward a model-wide target ``s``): on a dense pre-pass, each
+Linear ``l`` gets an error curve ``e_l(s_l) = ||W X^T - W (X*m)^T||^2 / ||W X^T||^2`` on a grid of
+sparsities; starting from 0, the layer whose next grid step costs the least error per unit of
+parameter-weighted sparsity gets it, until ``sum_l P_l s_l = s sum_l P_l`` (the last step is
+interpolated so the target is met exactly).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prune_cli.activation.methods import ActivationMethod, RSparse
+from prune_cli.activation.modules import SparseInputLinear
+from prune_cli.calibrators import layerwise
+from prune_cli.errors import RecipeError
+from prune_cli.model_io import block_linears, decoder_blocks
+
+log = logging.getLogger(__name__)
+
+GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00 ... 0.95
+
+
+@dataclass(frozen=True)
+class Target:
+    block: int
+    local: str
+    name: str
+    params: int
+
+
+def activation_targets(model: nn.Module, selects) -> list[Target]:
+    blocks = decoder_blocks(model)
+    out = []
+    for index, block in enumerate(blocks.modules):
+        for local, linear in block_linears(block).items():
+            full = f"{blocks.path}.{index}.{local}"
+            if selects(full):
+                out.append(Target(index, local, full, linear.in_features * linear.out_features))
+    if not out:
+        raise RecipeError("the targets select no Linear module for activation sparsity")
+    return out
+
+
+def _install(block: nn.Module, local: str, module: nn.Module) -> None:
+    parent, _, child = local.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, module)
+
+
+@torch.no_grad()
+def error_curves(
+    model, targets: list[Target], method: ActivationMethod, windows, batch_size, device, max_tokens: int, seed: int
+) -> dict[str, list[float]]:
+    """Relative output error of each target Linear at every sparsity of ``GRID`` (dense pass)."""
+    blocks = decoder_blocks(model).modules
+    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
+    generator = torch.Generator().manual_seed(seed)
+    curves: dict[str, list[float]] = {}
+    for index, block in enumerate(blocks):
+        mine = [t for t in targets if t.block == index]
+        linears = block_linears(block)
+        inputs = layerwise.collect_inputs(block, batches, {t.local: linears[t.local] for t in mine}, max_tokens, generator, update_hidden=True)
+        for t in mine:
+            x = inputs[t.local].to(device)
+            W = linears[t.local].weight.detach().float()
+            scores = method.scores(linears[t.local], x)
+            dense = x @ W.T
+            norm = float(dense.pow(2).sum()) or 1.0
+            flat = scores.reshape(-1).sort().values
+            curve = []
+            for s in GRID:
+                k = int(round(s * flat.numel()))
+                tau = float(flat[k - 1]) if k > 0 else -1.0
+                curve.append(float(((x * (scores <= tau)) @ W.T).pow(2).sum()) / norm)
+            curves[t.name] = curve
+    return curves
+
+
+def greedy_allocation(curves: dict[str, list[float]], params: dict[str, int], target: float) -> dict[str, float]:
+    """Per-layer sparsities whose parameter-weighted mean is exactly ``target``."""
+    if not 0 <= target < GRID[-1]:
+        raise RecipeError(f"greedy allocation supports targets in [0, {GRID[-1]}), got {target}")
+    total = sum(params.values())
+    level = {name: 0 for name in curves}
+    budget = target * total
+    reached = 0.0
+    step = GRID[1] - GRID[0]
+
+    def cost(name: str) -> float:
+        i = level[name]
+        return (curves[name][i + 1] - curves[name][i]) / (params[name] * step)
+
+    heap = [(cost(n), n) for n in curves]
+    heapq.heapify(heap)
+    sparsity = {name: 0.0 for name in curves}
+    while heap and reached < budget - 1e-12:
+        _, name = heapq.heappop(heap)
+        gain = params[name] * step
+        if reached + gain > budget:  # interpolate the last step to hit the target exactly
+            sparsity[name] = GRID[level[name]] + (budget - reached) / params[name]
+            reached = budget
+            break
+        level[name] += 1
+        sparsity[name] = GRID[level[name]]
+        reached += gain
+        if level[name] + 1 < len(GRID):
+            heapq.heappush(heap, (cost(name), name))
+    return sparsity
+
+
+@torch.no_grad()
+def calibrate_activation(
+    model, targets: list[Target], method: ActivationMethod, sparsity: dict[str, float], windows, batch_size,
+    device, max_tokens: int, seed: int, events=None,
+) -> list[dict]:
+    """Fit and install a sparsifier on every target, block by block; returns per-layer records."""
+    blocks = decoder_blocks(model).modules
+    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    if events:
+        events.stage("activation", len(blocks))
+    for index, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        mine = [t for t in targets if t.block == index]
+        if mine:
+            linears = block_linears(block)
+            inputs = layerwise.collect_inputs(block, batches, {t.local: linears[t.local] for t in mine}, max_tokens, generator)
+            cache: dict = {}
+            for t in mine:
+                module = method.fit(linears[t.local], inputs[t.local].to(device), sparsity[t.name], cache)
+                _install(block, t.local, module)
+                records.append({
+                    "name": t.name, "target_sparsity": round(sparsity[t.name], 6), "threshold": float(module.threshold),
+                    "rank": module.rank, **({"alpha": module.alpha} if hasattr(module, "alpha") else {}),
+                })
+            del inputs, cache
+        if index + 1 < len(blocks):
+            layerwise.propagate(block, batches)
+        block.to(home)
+        if events:
+            events.advance("activation", 1, f"block {index + 1}/{len(blocks)}")
+    if events:
+        events.done("activation")
+    return records
+
+
+def uniform_allocation(targets: list[Target], target: float) -> dict[str, float]:
+    return {t.name: target for t in targets}
+
+
+def allocate(model, targets, method, allocation: str, target: float, windows, batch_size, device, max_tokens, seed):
+    if allocation == "uniform":
+        return uniform_allocation(targets, target), None
+    if isinstance(method, RSparse):
+        raise RecipeError("greedy allocation is for threshold methods (teal, wina); rsparse uses a uniform budget")
+    curves = error_curves(model, targets, method, windows, batch_size, device, max_tokens, seed)
+    return greedy_allocation(curves, {t.name: t.params for t in targets}, target), curves
+
+
+def is_sparsifier(module: nn.Module) -> bool:
+    return isinstance(module, SparseInputLinear)

@@ -1,0 +1,156 @@
+"""The input sparsifier: a real module that wraps a Linear (no patched ``forward``).
+
+For input ``x`` (``(..., in)``) and per-channel scale ``c`` (``(in,)``):
+
+* mask ``m = 1[|x_i| * c_i > tau]`` per token (TEAL: ``c = 1``; WINA: ``c_i = ||W_:,i||_2``),
+* ``y = W (x * m) + b``, and with a low-rank remainder (R-Sparse)
+  ``y = W (x * m) + U (V (x * (1 - m))) + b`` with ``U`` ``(out, r)`` and ``V`` ``(r, in)``.
+
+Batch-1 decode (one token) takes a gather path that reads only the kept channels' weights:
+``y = sum_{i kept} x_i W^T[i, :]`` via ``embedding_bag`` over an input-major copy ``W^T``
+(``(in, out)`` contiguous), made once by :meth:`SparseInputLinear.prepare_decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SparseInputLinear(nn.Module):
+    """``Linear`` whose small input activations are zeroed (see module docstring)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        threshold: float,
+        channel_scale: torch.Tensor | None = None,
+        lowrank_u: torch.Tensor | None = None,
+        lowrank_v: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.linear = linear
+        device = linear.weight.device
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32, device=device))
+        scale = torch.ones(linear.in_features) if channel_scale is None else channel_scale
+        self.register_buffer("channel_scale", scale.detach().float().to(device).contiguous())
+        self.register_buffer("lowrank_u", None if lowrank_u is None else lowrank_u.detach().to(device, linear.weight.dtype))
+        self.register_buffer("lowrank_v", None if lowrank_v is None else lowrank_v.detach().to(device, linear.weight.dtype))
+        self.weight_t: torch.Tensor | None = None  # input-major copy for the decode path
+        self.counting = False
+        self.kept = 0
+        self.seen = 0
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank_u is None else int(self.lowrank_u.shape[1])
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """KEEP mask of the input channels, same shape as ``x``."""
+        return (x.abs().float() * self.channel_scale) > self.threshold
+
+    def prepare_decode(self) -> None:
+        """Make the input-major weight copy used by the one-token path."""
+        self.weight_t = self.linear.weight.detach().t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.mask(x)
+        if self.counting:
+            self.kept += int(keep.sum())
+            self.seen += keep.numel()
+        if self.weight_t is not None and x.shape[:-1].numel() == 1 and self.lowrank_u is None:
+            return self._decode_one(x, keep)
+        y = F.linear(x * keep, self.linear.weight, self.linear.bias)
+        if self.lowrank_u is not None:
+            rest = x * ~keep
+            y = y + F.linear(F.linear(rest, self.lowrank_v), self.lowrank_u)
+        return y
+
+    def _decode_one(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        idx = keep.reshape(-1).nonzero().squeeze(1)
+        y = F.embedding_bag(idx, self.weight_t, torch.zeros(1, dtype=torch.long, device=x.device),
+                            per_sample_weights=flat[idx], mode="sum")
+        if self.linear.bias is not None:
+            y = y + self.linear.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def wrap(parent: nn.Module, child_name: str, module: SparseInputLinear) -> None:
+    setattr(parent, child_name, module)
+
+
+def sparsifiers(model: nn.Module) -> dict[str, SparseInputLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseInputLinear)}
+
+
+def unwrap_all(model: nn.Module) -> dict[str, SparseInputLinear]:
+    """Put the original Linears back (e.g. before ``save_pretrained``); returns the wrappers."""
+    found = sparsifiers(model)
+    for name, module in found.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.linear)
+    return found
+
+
+def rewrap_all(model: nn.Module, wrappers: dict[str, SparseInputLinear]) -> None:
+    for name, module in wrappers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class count_sparsity:
+    """Context manager measuring the achieved input sparsity of every wrapper."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = sparsifiers(model)
+
+    def __enter__(self):
+        for m in self.modules.values():
+            m.counting, m.kept, m.seen = True, 0, 0
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules.values():
+            m.counting = False
+
+    @staticmethod
+    def compute_sparsity(m: "SparseInputLinear") -> float:
+        """Skipped fraction of the dense product's work: ``1 - kept/seen - r (in + out) / (in out)``
+        (the low-rank remainder of R-Sparse costs ``r (in + out)`` per token)."""
+        lowrank = m.rank * (m.in_features + m.out_features) / (m.in_features * m.out_features)
+        return 1 - m.kept / m.seen - lowrank
+
+    def per_layer(self) -> dict[str, dict]:
+        return {
+            n: {"input_sparsity": 1 - m.kept / m.seen, "compute_sparsity": self.compute_sparsity(m)}
+            for n, m in self.modules.items() if m.seen
+        }
+
+    def overall(self, kind: str = "compute") -> float:
+        """Parameter-weighted mean over the wrapped Linears of the skipped input fraction
+        (``kind="input"``) or of the skipped work including any low-rank cost (``"compute"``)."""
+        num = den = 0.0
+        for m in self.modules.values():
+            if m.seen:
+                w = m.in_features * m.out_features
+                num += w * (self.compute_sparsity(m) if kind == "compute" else 1 - m.kept / m.seen)
+                den += w
+        return num / den if den else 0.0
