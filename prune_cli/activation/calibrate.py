@@ -73,7 +73,7 @@ def error_curves(
         for t in mine:
             x = inputs[t.local].to(device)
             W = linears[t.local].weight.detach().float()
-            scores = method.scores(linears[t.local], x)
+            scores = method.scores(linears[t.local], x, {"local": t.local, "linears": linears})
             dense = x @ W.T
             norm = float(dense.pow(2).sum()) or 1.0
             flat = scores.reshape(-1).sort().values
@@ -137,8 +137,9 @@ def calibrate_activation(
         if mine:
             linears = block_linears(block)
             inputs = layerwise.collect_inputs(block, batches, {t.local: linears[t.local] for t in mine}, max_tokens, generator)
-            cache: dict = {}
+            cache: dict = {"linears": dict(linears)}
             for t in mine:
+                cache["local"] = t.local
                 module = method.fit(linears[t.local], inputs[t.local].to(device), sparsity[t.name], cache)
                 _install(block, t.local, module)
                 records.append({

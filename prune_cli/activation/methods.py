@@ -67,12 +67,14 @@ class ActivationMethod(ABC):
     def channel_scale(self, linear: nn.Linear) -> torch.Tensor:
         return torch.ones(linear.in_features)
 
-    def scores(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, linear: nn.Linear, x: torch.Tensor, context: dict | None = None) -> torch.Tensor:
         return x.abs() * self.channel_scale(linear).to(x.device)
 
     @abstractmethod
     def fit(self, linear: nn.Linear, x: torch.Tensor, sparsity: float, cache: dict | None = None) -> SparseInputLinear:
-        """A sparsifier for ``linear`` skipping about ``sparsity`` of the inputs ``x`` ``(n, in)``."""
+        """A sparsifier for ``linear`` skipping about ``sparsity`` of the inputs ``x`` ``(n, in)``.
+        ``cache`` is shared by the Linears of one block: ``local`` (this Linear's name in the
+        block) and ``linears`` (the block's Linears by name) are set by the calibrator."""
 
 
 @dataclass(frozen=True)
@@ -85,17 +87,42 @@ class Teal(ActivationMethod):
         return SparseInputLinear(linear, quantile_threshold(x.abs(), sparsity))
 
 
+# The release computes one mask per hidden state from a single reader's column norms.
+RELEASED_NORM_SOURCE = {"self_attn.q_proj": "self_attn.k_proj", "self_attn.k_proj": "self_attn.k_proj",
+                        "self_attn.v_proj": "self_attn.k_proj", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj"}
+
+
 @dataclass(frozen=True)
 class Wina(ActivationMethod):
     """WINA: thresholds on |x_i| * ||W_:,i||_2 (weight-informed)."""
 
     name = "wina"
+    selection: str = "threshold"  # threshold (calibrated) | topk (per token, as released)
+    variant: str = "all"  # all: the criterion on every Linear | released: only k_proj/gate_proj norms
 
-    def channel_scale(self, linear):
+    def validate(self):
+        if self.selection not in ("threshold", "topk"):
+            raise RecipeError(f"wina selection must be threshold or topk, got {self.selection!r}")
+        if self.variant not in ("all", "released"):
+            raise RecipeError(f"wina variant must be all or released, got {self.variant!r}")
+
+    def channel_scale(self, linear, context: dict | None = None):
+        if self.variant == "released":
+            local = (context or {}).get("local")
+            source = RELEASED_NORM_SOURCE.get(local)
+            if source is None:
+                return torch.ones(linear.in_features)  # o_proj / down_proj: plain magnitudes
+            return column_norms(context["linears"][source])
         return column_norms(linear)
 
+    def scores(self, linear, x, context=None):
+        return x.abs() * self.channel_scale(linear, context).to(x.device)
+
     def fit(self, linear, x, sparsity, cache=None):
-        scale = self.channel_scale(linear)
+        scale = self.channel_scale(linear, cache)
+        if self.selection == "topk":
+            keep = max(1, int(round((1 - sparsity) * linear.in_features)))
+            return SparseInputLinear(linear, -1.0, scale, keep_count=keep if sparsity > 0 else 0)
         return SparseInputLinear(linear, quantile_threshold(x.abs() * scale, sparsity), scale)
 
 

@@ -28,11 +28,14 @@ class SparseInputLinear(nn.Module):
         channel_scale: torch.Tensor | None = None,
         lowrank_u: torch.Tensor | None = None,
         lowrank_v: torch.Tensor | None = None,
+        keep_count: int = 0,
     ):
         super().__init__()
         self.linear = linear
         device = linear.weight.device
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32, device=device))
+        # > 0: per-token top-k selection (keep the keep_count largest scores of every token)
+        self.register_buffer("keep_count", torch.tensor(int(keep_count), dtype=torch.long, device=device))
         scale = torch.ones(linear.in_features) if channel_scale is None else channel_scale
         self.register_buffer("channel_scale", scale.detach().float().to(device).contiguous())
         self.register_buffer("lowrank_u", None if lowrank_u is None else lowrank_u.detach().to(device, linear.weight.dtype))
@@ -64,7 +67,12 @@ class SparseInputLinear(nn.Module):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """KEEP mask of the input channels, same shape as ``x``."""
-        return (x.abs().float() * self.channel_scale) > self.threshold
+        scores = x.abs().float() * self.channel_scale
+        k = int(self.keep_count)
+        if k > 0:
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            return keep.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        return scores > self.threshold
 
     def prepare_decode(self) -> None:
         """Make the input-major weight copy used by the one-token path."""

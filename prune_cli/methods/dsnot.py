@@ -46,19 +46,21 @@ import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.errors import RecipeError
-from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod
+from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod, few_threads
 from prune_cli.patterns import NM, SparsityPattern
 
 MODES = ("guarded", "reference")
 BASES = ("magnitude", "wanda", "sparsegpt")
 
 
-def _ordered(values: torch.Tensor, eligible: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the indices of ``eligible`` entries ordered by ``values`` (stable; ties by index),
-    and how many each row has. Ineligible entries are pushed to the end."""
+def _ordered(values: torch.Tensor, eligible: torch.Tensor, descending: bool, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the indices of the first ``limit`` ``eligible`` entries ordered by ``values``
+    (``(out, limit)``; a pointer never moves further than the number of cycles, so a top-k
+    suffices instead of a full sort), and how many eligible entries each row has."""
     fill = float("-inf") if descending else float("inf")
     keyed = torch.where(eligible, values, torch.full_like(values, fill))
-    order = torch.sort(keyed, dim=1, descending=descending, stable=True).indices
+    k = max(1, min(limit, values.shape[1]))
+    order = torch.topk(keyed, k, dim=1, largest=descending, sorted=True).indices
     return order, eligible.sum(dim=1)
 
 
@@ -141,7 +143,8 @@ class DSnoT(WeightMethod):
             base_score = What.abs() * stats.norm.to(W.device)
         G = stats.xtx.to(W.device) if self.mode == "guarded" else None
         swap = self._swap_nm if isinstance(pattern, NM) else self._swap_unstructured
-        swap(W, What, keep, mu, var, stats.norm.to(W.device), base_score, G, pattern)
+        with few_threads(W.device):
+            swap(W, What, keep, mu, var, stats.norm.to(W.device), base_score, G, pattern)
         return PruneResult(What.to(weight.dtype), keep)
 
     # ------------------------------------------------------------------ shared bookkeeping
@@ -183,11 +186,12 @@ class DSnoT(WeightMethod):
         sign0 = torch.sign(err)
         pruned = ~keep
         ranked = regrow_metric / var.pow(self.var_power)
-        grow_hi, n_grow = _ordered(ranked, pruned, descending=True)
-        grow_lo, _ = _ordered(ranked, pruned, descending=False)
+        limit = self.max_cycles
+        grow_hi, n_grow = _ordered(ranked, pruned, True, limit)
+        grow_lo, _ = _ordered(ranked, pruned, False, limit)
         wanda = What.abs() * norm
-        prune_pos, n_pos = _ordered(wanda, keep & (prune_metric > 0), descending=False)
-        prune_neg, n_neg = _ordered(wanda, keep & (prune_metric < 0), descending=False)
+        prune_pos, n_pos = _ordered(wanda, keep & (prune_metric > 0), False, limit)
+        prune_neg, n_neg = _ordered(wanda, keep & (prune_metric < 0), False, limit)
         ptr_hi = torch.zeros_like(rows)
         ptr_lo = torch.zeros_like(rows)
         ptr_pos = torch.zeros_like(rows)
@@ -204,7 +208,7 @@ class DSnoT(WeightMethod):
             p_prune = torch.where(prune_up, ptr_pos, ptr_neg)
             idx_prune = torch.where(prune_up, _at(prune_pos, ptr_pos), _at(prune_neg, ptr_neg))
             # the two regrow pointers walk one list from both ends: it is used up when they meet
-            exhausted = (ptr_hi + ptr_lo >= n_grow) | (p_prune >= torch.where(prune_up, n_pos, n_neg))
+            exhausted = (ptr_hi + ptr_lo >= n_grow) | (p_prune >= torch.where(prune_up, n_pos, n_neg).clamp_max(limit))
             active &= ~exhausted
             err_after = err + prune_metric[rows, idx_prune] - regrow_metric[rows, idx_grow]
             dE = self._delta_error(W, What, Gd, G, rows, idx_grow, idx_prune) if G is not None else None
@@ -230,8 +234,8 @@ class DSnoT(WeightMethod):
         sign0 = torch.sign(err)
         ranked = regrow_metric / var.pow(self.var_power)
         pruned = ~keep
-        grow_hi, n_grow = _ordered(ranked, pruned, descending=True)
-        grow_lo, _ = _ordered(ranked, pruned, descending=False)
+        grow_hi, n_grow = _ordered(ranked, pruned, True, self.max_cycles)
+        grow_lo, _ = _ordered(ranked, pruned, False, self.max_cycles)
         ptr_hi = torch.zeros_like(rows)
         ptr_lo = torch.zeros_like(rows)
         # a kept weight is a pruning candidate once: after it was considered it is marked used

@@ -26,7 +26,7 @@ import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.errors import RecipeError
-from prune_cli.methods.base import PruneResult, WeightMethod, select
+from prune_cli.methods.base import PruneResult, WeightMethod, few_threads, select
 from prune_cli.patterns import NM, SparsityPattern, Unstructured
 
 
@@ -70,30 +70,36 @@ def sparsegpt_prune(
         blocksize = max(nm.m, blocksize - blocksize % nm.m)
     for i1 in range(0, in_features, blocksize):
         i2 = min(i1 + blocksize, in_features)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        diag = torch.diagonal(U1)
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
-        if isinstance(pattern, Unstructured):
-            keep1 = select(W1.square() / diag.square(), pattern, scope="matrix")
-        else:
-            keep1 = torch.ones_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm.m == 0:
-                saliency = W1[:, i : i + nm.m].square() / diag[i : i + nm.m].square()
-                keep1[:, i : i + nm.m] = select(saliency, nm)
-            w = W1[:, i]
-            q = w * keep1[:, i]
-            Q1[:, i] = q
-            err = (w - q) / diag[i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            E1[:, i] = err
+        with few_threads(W.device):
+            Q1, E1, keep1 = _sweep_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], pattern, nm)
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
         if i2 < in_features:
             W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
     return PruneResult(W.to(weight.dtype) * keep.to(weight.dtype), keep)
+
+
+def _sweep_block(W1: torch.Tensor, U1: torch.Tensor, pattern: SparsityPattern, nm: NM | None):
+    """OBS sweep over one block of columns: returns the pruned block ``Q1``, the scaled errors
+    ``E1`` (to propagate to later columns) and the block's KEEP mask."""
+    diag = torch.diagonal(U1)
+    Q1 = torch.zeros_like(W1)
+    E1 = torch.zeros_like(W1)
+    if isinstance(pattern, Unstructured):
+        keep1 = select(W1.square() / diag.square(), pattern, scope="matrix")
+    else:
+        keep1 = torch.ones_like(W1, dtype=torch.bool)
+    for i in range(W1.shape[1]):
+        if nm is not None and i % nm.m == 0:
+            saliency = W1[:, i : i + nm.m].square() / diag[i : i + nm.m].square()
+            keep1[:, i : i + nm.m] = select(saliency, nm)
+        w = W1[:, i]
+        q = w * keep1[:, i]
+        Q1[:, i] = q
+        err = (w - q) / diag[i]
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+        E1[:, i] = err
+    return Q1, E1, keep1
 
 
 @dataclass(frozen=True)

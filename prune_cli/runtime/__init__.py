@@ -29,6 +29,7 @@ def save_activation(wrappers: dict, folder: Path) -> None:
     for name, module in wrappers.items():
         tensors[f"{name}.threshold"] = module.threshold.detach().cpu().reshape(1)
         tensors[f"{name}.channel_scale"] = module.channel_scale.detach().cpu().contiguous()
+        tensors[f"{name}.keep_count"] = module.keep_count.detach().cpu().reshape(1)
         if module.lowrank_u is not None:
             tensors[f"{name}.lowrank_u"] = module.lowrank_u.detach().cpu().contiguous()
             tensors[f"{name}.lowrank_v"] = module.lowrank_v.detach().cpu().contiguous()
@@ -58,6 +59,7 @@ def apply_activation(model: nn.Module, folder: Path) -> int:
             tensors[f"{name}.channel_scale"],
             tensors.get(f"{name}.lowrank_u"),
             tensors.get(f"{name}.lowrank_v"),
+            int(tensors[f"{name}.keep_count"][0]) if f"{name}.keep_count" in tensors else 0,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)

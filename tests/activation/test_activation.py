@@ -143,3 +143,21 @@ def test_cli_greedy_allocation_and_composition(tmp_path, tiny_llama_dir):
 def test_activation_method_with_nm_pattern_is_bad_input(tmp_path, tiny_llama_dir):
     r = CliRunner().invoke(app, ["compress", str(tiny_llama_dir), "--method", "wina", "--pattern", "2:4", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2
+
+
+def test_wina_topk_keeps_exact_count_per_token():
+    lin = linear(64, 32)
+    module = build_activation_method("wina", {"selection": "topk"}).fit(lin, correlated_inputs(100, 64), 0.5)
+    x = correlated_inputs(20, 64, seed=4)
+    assert (module.mask(x).sum(-1) == 32).all()
+
+
+def test_wina_released_uses_sibling_norms():
+    from prune_cli.activation.methods import column_norms
+
+    k, q = linear(64, 16, seed=1), linear(64, 64, seed=2)
+    method = build_activation_method("wina", {"variant": "released"})
+    ctx = {"local": "self_attn.q_proj", "linears": {"self_attn.k_proj": k, "self_attn.q_proj": q}}
+    assert torch.equal(method.channel_scale(q, ctx), column_norms(k))
+    ctx["local"] = "self_attn.o_proj"
+    assert torch.equal(method.channel_scale(q, ctx), torch.ones(64))
