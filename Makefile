@@ -8,7 +8,7 @@ OUT    ?= out/wanda-50
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-all test-gpu bench clean
+.PHONY: setup run test test-all test-gpu gpu-check bench bench-venv clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,16 @@ test-gpu: setup
 
 bench: setup
 	$(BIN)/python bench/compress_vs_forward.py
+
+# On a lent GPU machine (no network there): GPU tests + kernel benchmark -> $$OUT/gpu_results.md
+gpu-check:
+	bash scripts/gpu_check.sh
+
+# A separate environment for the llm-compressor comparison (never a dependency of prune-cli)
+bench-venv:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet torch==2.13.0
+	.venv-bench/bin/pip install --quiet torch==2.13.0 llmcompressor==0.14.0.1 gguf
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -35,22 +35,25 @@ REF_RELEASED = {"mode": "reference", "skip": r"^mlp\."}
 
 
 def runs() -> list[tuple[str, str, dict]]:
+    """Most informative first (a partial run is still useful)."""
     out = []
     for level, pat in LEVELS:
         out += [
             ("wanda", level, {"method": "wanda", **pat}),
             ("sparsegpt", level, {"method": "sparsegpt", **pat}),
             ("dsnot-reference(wanda, as released: attention only)", level, {"method": "dsnot", "method_options": {"base": "wanda", **REF_RELEASED}, **pat}),
-            ("dsnot-reference(wanda, all layers)", level, {"method": "dsnot", "method_options": {"base": "wanda", "mode": "reference"}, **pat}),
             ("dsnot-guarded(wanda)", level, {"method": "dsnot", "method_options": {"base": "wanda"}, **pat}),
-            ("dsnot-reference(sparsegpt, all layers)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt", "mode": "reference"}, **pat}),
-            ("dsnot-guarded(sparsegpt)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt"}, **pat}),
         ]
     for level, s in (("60%", 0.6), ("70%", 0.7)):
         out += [
             ("owl(wanda, M=5, lambda=0.08)", level, {"method": "wanda", "sparsity": s, "layerwise": {"method": "owl", "m": 5, "lambda": 0.08}}),
             ("owl(wanda, auto)", level, {"method": "wanda", "sparsity": s, "layerwise": {"method": "owl"}}),
-            ("owl(sparsegpt, auto)", level, {"method": "sparsegpt", "sparsity": s, "layerwise": {"method": "owl"}}),
+        ]
+    for level, pat in LEVELS:
+        out += [
+            ("dsnot-reference(sparsegpt, all layers)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt", "mode": "reference"}, **pat}),
+            ("dsnot-guarded(sparsegpt)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt"}, **pat}),
+            ("dsnot-reference(wanda, all layers)", level, {"method": "dsnot", "method_options": {"base": "wanda", "mode": "reference"}, **pat}),
         ]
     return out
 
@@ -62,7 +65,10 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--only", nargs="*", help="substrings of run names to keep")
     parser.add_argument("--out", default="docs/quality.json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(bundled_source())
     cal_ids = tokenize(tokenizer, bundled_text("calibration").text)

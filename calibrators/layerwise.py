@@ -115,6 +115,7 @@ def collect_input_stats(
     linears: dict[str, nn.Linear],
     wanted: dict[str, frozenset[Stat]],
     update_hidden: bool = False,
+    backend=None,
 ) -> dict[str, InputStats]:
     """Statistics of the inputs of ``linears`` (names relative to ``block``) over all batches.
 
@@ -164,7 +165,7 @@ def collect_input_stats(
                         by_name[n] = groups[leader]
                 elif tuple(names) != readers[leader]:
                     raise RuntimeError(f"input sharing of {leader} changed between batches")
-                groups[leader].update(x)
+                groups[leader].update(x, backend)
             pending.clear()
             seen.clear()
             if update_hidden:

@@ -42,20 +42,28 @@ class InputStats:
     # Cholesky factor of SparseGPT's inverse Hessian), keyed by the method that made them.
     derived: dict = field(default_factory=dict, repr=False)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add activations ``x`` of shape ``(..., in_features)`` (any float dtype)."""
+    def update(self, x: torch.Tensor, backend=None) -> None:
+        """Add activations ``x`` of shape ``(..., in_features)`` (any float dtype). With a
+        ``backend`` (:mod:`prune_cli.gpu.backend`) the per-channel sums come from its one-pass
+        kernel; the fp32 copy of ``x`` is only made for the Gram matrix."""
         x = x.reshape(-1, x.shape[-1])
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected {self.in_features} features, got {x.shape[-1]}")
-        xf = x if x.dtype == torch.float32 else x.float()
-        self.count += xf.shape[0]
-        if Stat.SQ_NORM in self.wanted or Stat.MEAN_VAR in self.wanted:
-            sq = xf.square().sum(dim=0)
+        self.count += x.shape[0]
+        want_sum = Stat.MEAN_VAR in self.wanted
+        want_sq = Stat.SQ_NORM in self.wanted or want_sum
+        if want_sq or want_sum:
+            if backend is not None:
+                s, sq = backend.input_stats(x, want_sum=want_sum, want_sq=want_sq)
+            else:
+                xf = x if x.dtype == torch.float32 else x.float()
+                sq = xf.square().sum(dim=0)
+                s = xf.sum(dim=0) if want_sum else None
             self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
-        if Stat.MEAN_VAR in self.wanted:
-            s = xf.sum(dim=0)
-            self.sum = s if self.sum is None else self.sum.add_(s)
+            if want_sum:
+                self.sum = s if self.sum is None else self.sum.add_(s)
         if Stat.GRAM in self.wanted:
+            xf = x if x.dtype == torch.float32 else x.float()
             g = xf.T @ xf
             self.xtx = g if self.xtx is None else self.xtx.add_(g)
 

@@ -22,6 +22,7 @@ A recipe (version 1)::
                   text: [files], dataset: NAME[:CONFIG], split: train, column: text}
     evaluation: {enabled: true, windows: 16, seqlen: 512, batch_size: 4, text: [files]}
     device: auto                   # auto | cpu | cuda
+    backend: auto                  # auto | torch | cupy (kernels for statistics and masks)
     dtype: float32                 # float32 | bfloat16 | float16
 
 Unknown keys anywhere are errors with "did you mean".
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "evaluation": {"enabled": True, "windows": 16, "seqlen": 512, "batch_size": 4, "text": []},
     "device": "auto",
     "dtype": "float32",
+    "backend": "auto",
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -159,6 +161,7 @@ class RunConfig:
     evaluation: EvaluationConfig = EvaluationConfig()
     device: str = "auto"
     dtype: str = "float32"
+    backend: str = "auto"  # auto | torch | cupy
     name: str | None = None
     description: str | None = None
 
@@ -197,6 +200,7 @@ class RunConfig:
             },
             "device": self.device,
             "dtype": self.dtype,
+            "backend": self.backend,
         }
 
 
@@ -357,6 +361,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         ),
         device=merged["device"],
         dtype=merged["dtype"],
+        backend=_backend(merged["backend"]),
         name=merged["name"],
         description=merged["description"],
     )
@@ -368,6 +373,15 @@ def _auto_number(value: Any, key: str, low: float, high: float) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
         raise RecipeError(f"{key} must be 'auto' or a number in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def _backend(name) -> str:
+    from prune_cli.gpu.backend import BACKEND_NAMES
+
+    if name not in BACKEND_NAMES:
+        raise RecipeError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}",
+                          hint=did_you_mean(str(name), list(BACKEND_NAMES)))
+    return name
 
 
 def _activation(section: dict) -> ActivationConfig | None:

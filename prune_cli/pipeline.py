@@ -99,7 +99,8 @@ class CalibrationResult:
 
 @torch.no_grad()
 def calibrate_and_prune(
-    model, plan: Plan, windows: torch.Tensor, batch_size: int, device: torch.device, events: Events | None = None
+    model, plan: Plan, windows: torch.Tensor, batch_size: int, device: torch.device, events: Events | None = None,
+    backend=None,
 ) -> CalibrationResult:
     """Layer-wise: per block, collect the statistics the method needs, prune the planned
     Linears (weights replaced in place), then propagate the pruned block's outputs."""
@@ -115,10 +116,10 @@ def calibrate_and_prune(
         if layer_plans:
             linears = block_linears(block)
             wanted = {lp.local_name: lp.method.required_stats for lp in layer_plans}
-            stats = layerwise.collect_input_stats(block, batches, linears, wanted)
+            stats = layerwise.collect_input_stats(block, batches, linears, wanted, backend=backend)
             for lp in layer_plans:
                 linear = linears[lp.local_name]
-                result = lp.method.prune(linear.weight.data, stats.get(lp.local_name), lp.pattern)
+                result = lp.method.prune(linear.weight.data, stats.get(lp.local_name), lp.pattern, backend)
                 check_mask(result.mask, lp.pattern, lp.name)
                 linear.weight.data.copy_(result.weight)
                 zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
@@ -187,8 +188,11 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         check_output(request.output, request.overwrite)
     timings = Timings()
     device = resolve_device(config.device)
-    started = time.perf_counter()
+    from prune_cli.gpu.backend import resolve_backend
+
     source: ModelSource = resolve_source(request.model)
+    backend, backend_note = resolve_backend(config.backend, device)  # an explicit cupy fails here, early
+    started = time.perf_counter()
 
     events.stage("load")
     with _timed(timings, "load"):
@@ -231,9 +235,11 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         events.done("allocation")
 
     layers: list[LayerRecord] = []
+    if backend_note:
+        log.info(backend_note)
     if plan is not None:
         with _timed(timings, "calibration"):
-            layers = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events).layers
+            layers = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events, backend).layers
 
     activation_report = None
     if config.activation is not None:
@@ -283,6 +289,7 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         },
         "device": str(device),
         "dtype": config.dtype,
+        "backend": backend.name,
         "layers": [r.to_dict() for r in layers],
         "timings": timings.values,
         "versions": versions(),

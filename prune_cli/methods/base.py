@@ -106,8 +106,11 @@ class WeightMethod(ABC):
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @abstractmethod
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
-        """Prune one Linear. ``weight``: ``(out, in)``; ``stats``: its input statistics."""
+    def prune(
+        self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None
+    ) -> PruneResult:
+        """Prune one Linear. ``weight``: ``(out, in)``; ``stats``: its input statistics;
+        ``backend``: a :mod:`prune_cli.gpu.backend` backend for mask selection (None = torch)."""
 
 
 class ScoreMethod(WeightMethod):
@@ -120,6 +123,10 @@ class ScoreMethod(WeightMethod):
     def selection_scope(self) -> str:
         return "row"
 
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
-        mask = select(self.score(weight, stats), pattern, self.selection_scope())
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
+        score = self.score(weight, stats)
+        if backend is not None:
+            mask = backend.select_mask(score, pattern, self.selection_scope())
+        else:
+            mask = select(score, pattern, self.selection_scope())
         return PruneResult(weight * mask.to(weight.dtype), mask)

@@ -124,11 +124,11 @@ class DSnoT(WeightMethod):
         return self.sign_check == "on"
 
     @torch.no_grad()
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
         if stats is None:
             raise RuntimeError("dsnot needs input statistics")
         base = self.base_method()
-        initial = base.prune(weight, stats, pattern)
+        initial = base.prune(weight, stats, pattern, backend)
         if self.max_cycles == 0:
             return initial
         W = weight.detach().float()

@@ -117,7 +117,8 @@ class SparseGPT(WeightMethod):
         if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
             raise RecipeError(f"sparsegpt blocksize must be a positive integer, got {self.blocksize}")
 
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
+        # cuBLAS/cuSOLVER (or CPU BLAS) through torch: no custom kernel for the OBS sweep
         if stats is None:
             raise RuntimeError("sparsegpt needs input statistics")
         U, dead = inverse_hessian_factor(stats, self.percdamp)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.methods.base import ScoreMethod
+from prune_cli.methods.base import PruneResult, ScoreMethod
+from prune_cli.patterns import SparsityPattern
 
 
 @dataclass(frozen=True)
@@ -25,3 +26,11 @@ class Wanda(ScoreMethod):
         if stats is None:
             raise RuntimeError("wanda needs input statistics")
         return weight.abs().float() * stats.norm.to(weight.device).unsqueeze(0)
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
+        if backend is None:
+            return super().prune(weight, stats, pattern)
+        if stats is None:
+            raise RuntimeError("wanda needs input statistics")
+        mask = backend.wanda_mask(weight, stats.norm.to(weight.device), pattern)  # score fused, never stored
+        return PruneResult(weight * mask.to(weight.dtype), mask)

@@ -24,9 +24,9 @@ def assert_one_line_error(result, code=2):
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
     errors = [i for i, l in enumerate(lines) if l.startswith(("error:", "internal error:"))]
     assert len(errors) == 1, result.stderr
-    # the one-line message is last but for its hint; only progress lines come before it
+    # the one-line message is last but for its hint; only progress and log lines come before it
     assert lines[errors[0] + 1 :] == [] or (len(lines) == errors[0] + 2 and lines[-1].startswith("hint:"))
-    assert all(l.startswith("[prune-cli]") for l in lines[: errors[0]]), result.stderr
+    assert all(l.startswith(("[prune-cli]", "INFO")) for l in lines[: errors[0]]), result.stderr
     assert result.stdout == ""
 
 
@@ -224,3 +224,33 @@ def test_bad_method_option(tmp_path, tiny_llama_dir):
     result = run("compress", tiny_llama_dir, "--method", "dsnot", "-O", "mod=reference", "--sparsity", "0.5", "-o", tmp_path / "o")
     assert_one_line_error(result)
     assert "did you mean 'mode'" in result.stderr
+
+
+def test_backend_flag(tmp_path, tiny_llama_dir):
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--backend", "torch", "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["backend"] == "torch"
+    # an explicit cupy that cannot run is bad input, never a silent fallback
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--backend", "cupy", "-o", tmp_path / "p")
+    assert_one_line_error(result)
+    assert "cupy" in result.stderr and not (tmp_path / "p").exists()
+
+
+def test_backend_auto_on_cpu_says_why(tmp_path, tiny_llama_dir):
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "backend auto: torch" in result.stderr
+
+
+def test_torch_backend_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
+    from prune_cli.config import resolve
+    from prune_cli.pipeline import CompressRequest, compress
+
+    reports = []
+    for name, backend in (("a", "torch"), ("b", "auto")):
+        config = resolve(None, {"method": "wanda", "sparsity": 0.5, "backend": backend, "calibration": {"samples": 2, "seqlen": 16}, "evaluation": {"enabled": False}})
+        reports.append(compress(CompressRequest(config, str(tiny_llama_dir), tmp_path / name)))
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,98 @@
+"""Held-out perplexity of activation sparsity on the bundled model, with the achieved sparsity
+measured on the held-out tokens (every token sparsified), in one process.
+
+    python bench/activation_quality.py [--levels 0.25 0.4 0.5] [--only NAME ...] [--out docs/activation_quality.json]
+
+Calibration: 32 x 512 tokens of the bundled calibration text (seed 0); evaluation: 16 x 512
+tokens of the disjoint evaluation text; fp32, CPU. "achieved" is the parameter-weighted
+skipped fraction of the dense products' work on the held-out tokens (R-Sparse's low-rank
+remainder counted as work); "input" is the skipped fraction of input channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from prune_cli.activation import build_activation_method  # noqa: E402
+from prune_cli.activation.calibrate import activation_targets, allocate, calibrate_activation  # noqa: E402
+from prune_cli.activation.modules import count_sparsity, unwrap_all  # noqa: E402
+from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize  # noqa: E402
+from prune_cli.calibrators.sources import bundled_text  # noqa: E402
+from prune_cli.evaluate import perplexity  # noqa: E402
+from prune_cli.model_io import bundled_source, load_model  # noqa: E402
+
+RUNS = [
+    ("teal (uniform)", "teal", {}, "uniform"),
+    ("teal (greedy)", "teal", {}, "greedy"),
+    ("wina, every Linear (uniform)", "wina", {}, "uniform"),
+    ("wina, as released (top-k, k/gate norms)", "wina", {"selection": "topk", "variant": "released"}, "uniform"),
+    ("wina, every Linear (greedy)", "wina", {}, "greedy"),
+    ("rsparse (auto alpha, activation-aware SVD)", "rsparse", {}, "uniform"),
+    ("rsparse (auto alpha, plain SVD)", "rsparse", {"svd": "weight"}, "uniform"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", type=float, nargs="*", default=[0.25, 0.4, 0.5])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--out", default="docs/activation_quality.json")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(bundled_source())
+    cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
+    ev = evaluation_windows(tokenize(tokenizer, bundled_text("evaluation").text), args.eval_windows, args.seqlen)
+    device = torch.device("cpu")
+    results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}
+    print(f"dense ppl {results['dense']:.3f}", flush=True)
+    targets = activation_targets(model, lambda name: True)
+    for label, name, options, allocation in RUNS:
+        if args.only and not any(o in label for o in args.only):
+            continue
+        method = build_activation_method(name, options)
+        for level in args.levels:
+            start = time.perf_counter()
+            sparsity, _ = allocate(model, targets, method, allocation, level, cal, 8, device, 16384, 0)
+            calibrate_activation(model, targets, method, sparsity, cal, 8, device, 16384, 0)
+            seconds = time.perf_counter() - start
+            with count_sparsity(model) as counted:
+                ppl = perplexity(model, ev).ppl
+            row = {"method": label, "target": level, "ppl": ppl, "achieved": counted.overall("compute"),
+                   "input_sparsity": counted.overall("input"), "seconds": round(seconds, 1)}
+            results["runs"].append(row)
+            print(f"{label:45s} {level:.2f} ppl {ppl:8.3f} achieved {row['achieved']:.4f} "
+                  f"(input {row['input_sparsity']:.4f}) {seconds:.0f} s", flush=True)
+            unwrap_all(model)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    levels = sorted({r["target"] for r in results["runs"]})
+    lines = [f"dense: {results['dense']:.2f}", "",
+             "| method | " + " | ".join(f"{l:.0%}: ppl (achieved)" for l in levels) + " |", "|---|" + "---|" * len(levels)]
+    for label in dict.fromkeys(r["method"] for r in results["runs"]):
+        cells = []
+        for level in levels:
+            hit = [r for r in results["runs"] if r["method"] == label and r["target"] == level]
+            cells.append(f"{hit[0]['ppl']:.2f} ({hit[0]['achieved']:.1%})" if hit else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""GPU benchmark of the CuPy kernels against the torch backend on the same GPU.
+
+For every kernel: the time per call (CUDA events, median of many runs after warm-up), the
+bytes it must move divided by that time, that rate as a share of this device's measured
+device-to-device copy bandwidth (bytes read + written per second by ``dst.copy_(src)``), and
+the speedup over the torch backend. The GEMVs are also compared with the dense cuBLAS GEMV
+(``x @ W^T``). Each result is checked against the torch backend (masks equal, GEMV/statistics
+within tolerance) and the check is shown in the table.
+
+Timing: ``eager`` times one Python call per CUDA-event pair (launch overhead included when
+the GPU waits on the CPU); ``graph`` replays the calls captured in a CUDA graph, which is the
+GPU time alone (used for the µs-scale GEMVs, where Python launch overhead dominates).
+
+    python bench/gpu_kernels.py [--quick] [--markdown FILE] [--json FILE]
+    python bench/gpu_kernels.py --smoke     # checks this script on a CPU (no timings worth reading)
+
+Needs a CUDA GPU and CuPy (``pip install '.[gpu]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from prune_cli.gpu.backend import resolve_backend
+from prune_cli.gpu.torch_backend import TorchBackend
+from prune_cli.methods.base import select
+from prune_cli.patterns import NM, Unstructured
+
+
+@dataclass
+class Row:
+    kernel: str
+    case: str
+    bytes: int
+    cupy_us: float | None = None
+    torch_us: float | None = None
+    dense_us: float | None = None  # GEMV only: dense cuBLAS
+    timing: str = "eager"
+    check: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def gbps(self, us):
+        return None if not us else self.bytes / (us * 1e-6) / 1e9
+
+
+def median_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():  # --smoke on a CPU machine: wall clock
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+
+
+def graph_ms(fn, calls: int, reps: int) -> float:
+    """Median time per call of ``calls`` captured calls replayed as one CUDA graph."""
+    fn()  # warm caches and allocator outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, warmup=3, reps=reps) / calls
+
+
+def copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    src.fill_(1)
+    ms = median_ms(lambda: dst.copy_(src), warmup=5, reps=30)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    ap.add_argument("--json", type=Path, help="also write the raw rows as JSON here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check this script on a CPU: tiny shapes, the torch backend standing in for CuPy")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    if args.smoke:
+        dev, scale = torch.device("cpu"), 16
+        cupy = TorchBackend()
+        device_name, sm_note = "CPU smoke run (torch vs torch)", ""
+    else:
+        if not torch.cuda.is_available():
+            print("bench/gpu_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+            return 2
+        dev, scale = torch.device("cuda", torch.cuda.current_device()), 1
+        cupy, _ = resolve_backend("cupy", dev)  # raises (exit 2) when CuPy cannot run
+        props = torch.cuda.get_device_properties(dev)
+        device_name, sm_note = props.name, f", {props.multi_processor_count} SMs"
+    compile_s = time.perf_counter() - t0
+    ref = TorchBackend()
+    reps = 3 if args.smoke else 10 if args.quick else 30
+    copy_bw = copy_bandwidth((1 << 30) // scale**2, dev)
+    rows: list[Row] = []
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def record(row: Row, cupy_fn, torch_fn, check, dense_fn=None, graphs=False):
+        try:
+            row.cupy_us = 1e3 * median_ms(cupy_fn, 3, reps)
+            row.torch_us = 1e3 * median_ms(torch_fn, 3, reps)
+            if dense_fn is not None:
+                row.dense_us = 1e3 * median_ms(dense_fn, 3, reps)
+            row.check = check()
+        except Exception as exc:  # keep the other rows
+            row.notes.append(f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if graphs and row.cupy_us is not None and dev.type == "cuda":
+            try:
+                c = 1e3 * graph_ms(cupy_fn, 20, reps)
+                t = 1e3 * graph_ms(torch_fn, 20, reps)
+                d = 1e3 * graph_ms(dense_fn, 20, reps) if dense_fn is not None else None
+                row.cupy_us, row.torch_us, row.dense_us, row.timing = c, t, d, "graph"
+            except Exception as exc:
+                torch.cuda.synchronize()
+                row.notes.append(f"graph capture failed ({type(exc).__name__}); eager times")
+        rows.append(row)
+        print(format_row(row, copy_bw), flush=True)
+
+    print(f"device: {device_name}{sm_note}; torch {torch.__version__}; "
+          f"kernel compile/load {compile_s:.1f} s; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    print(HEADER, flush=True)
+
+    # --- calibration statistics
+    stats_cases = [((16384, 4096), torch.bfloat16, False), ((8192, 4096), torch.float32, True)]
+    if not args.quick:
+        stats_cases.append(((16384, 11008), torch.bfloat16, True))
+    for shape, dtype, want_sum in stats_cases:
+        shape = (shape[0] // scale, shape[1] // scale)
+        x = torch.randn(shape, generator=g, device=dev).to(dtype)
+        nbytes = x.numel() * x.element_size() + shape[1] * 4 * (2 if want_sum else 1)
+
+        def check(x=x, want_sum=want_sum):
+            a, b = cupy.input_stats(x, want_sum, True), ref.input_stats(x, want_sum, True)
+            err = max(float(((p - q).abs() / q.abs().clamp_min(1e-6)).max()) for p, q in zip(a, b) if p is not None)
+            return f"rel {err:.1e}"
+
+        record(
+            Row("input_stats", f"{shape[0]}x{shape[1]} {str(dtype)[6:]} {'Σx,Σx²' if want_sum else 'Σx²'}", nbytes),
+            lambda x=x, w=want_sum: cupy.input_stats(x, w, True),
+            lambda x=x, w=want_sum: ref.input_stats(x, w, True),
+            check,
+        )
+        del x
+
+    # --- mask selection on a given score
+    select_cases = [((4096, 11008), Unstructured(0.5)), ((11008, 4096), Unstructured(0.5)), ((11008, 4096), NM(2, 4))]
+    if args.quick:
+        select_cases = select_cases[1:]
+    for shape, pattern in select_cases:
+        shape = (shape[0] // scale, shape[1] // scale)
+        score = torch.rand(shape, generator=g, device=dev)
+        nbytes = score.numel() * 4 + score.numel()
+
+        def check(score=score, pattern=pattern):
+            return "equal" if torch.equal(cupy.select_mask(score, pattern), select(score, pattern)) else "DIFFERENT"
+
+        record(
+            Row("select_mask", f"{shape[0]}x{shape[1]} fp32 {pattern.describe()}", nbytes),
+            lambda s=score, p=pattern: cupy.select_mask(s, p),
+            lambda s=score, p=pattern: ref.select_mask(s, p),
+            check,
+        )
+        del score
+
+    # --- Wanda: score fused into the selection
+    wanda_cases = [((11008, 4096), Unstructured(0.5)), ((4096, 11008), Unstructured(0.5)), ((11008, 4096), NM(2, 4))]
+    for shape, pattern in wanda_cases:
+        shape = (shape[0] // scale, shape[1] // scale)
+        weight = (torch.randn(shape, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+        norm = torch.rand(shape[1], generator=g, device=dev) * 10
+        nbytes = weight.numel() * 2 + shape[1] * 4 + weight.numel()
+
+        def check(w=weight, n=norm, p=pattern):
+            return "equal" if torch.equal(cupy.wanda_mask(w, n, p), ref.wanda_mask(w, n, p)) else "DIFFERENT"
+
+        record(
+            Row("wanda_mask", f"{shape[0]}x{shape[1]} bf16 {pattern.describe()}", nbytes),
+            lambda w=weight, n=norm, p=pattern: cupy.wanda_mask(w, n, p),
+            lambda w=weight, n=norm, p=pattern: ref.wanda_mask(w, n, p),
+            check,
+        )
+        del weight
+
+    # --- decode GEMVs (batch 1), 50% of the input channels kept
+    gemv_cases = [(4096, 4096), (4096, 11008), (11008, 4096)]
+    if args.quick:
+        gemv_cases = gemv_cases[1:2]
+    for in_f, out_f in gemv_cases:
+        big = (in_f, out_f) == (4096, 11008)
+        in_f, out_f = in_f // scale, out_f // scale
+        weight_t = (torch.randn(in_f, out_f, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+        x = torch.randn(in_f, generator=g, device=dev).to(torch.bfloat16)
+        idx = torch.randperm(in_f, generator=g, device=dev)[: in_f // 2].sort().values
+        nbytes = idx.numel() * out_f * 2 + in_f * 2 + idx.numel() * 8 + out_f * 2
+
+        def check(x=x, w=weight_t, i=idx):
+            a, b = cupy.sparse_gemv(x, w, i).float(), ref.sparse_gemv(x, w, i).float()
+            return f"rel {float((a - b).norm() / b.norm()):.1e}"
+
+        record(
+            Row("sparse_gemv", f"W^T {in_f}x{out_f} bf16, 50% kept", nbytes),
+            lambda x=x, w=weight_t, i=idx: cupy.sparse_gemv(x, w, i),
+            lambda x=x, w=weight_t, i=idx: ref.sparse_gemv(x, w, i),
+            check,
+            dense_fn=lambda x=x, w=weight_t: x @ w,
+            graphs=True,
+        )
+        if big or args.quick:
+            rank = 128
+            u = (torch.randn(out_f, rank, generator=g, device=dev) * 0.05).to(torch.bfloat16)
+            sv = (torch.randn(rank, in_f, generator=g, device=dev) * 0.05).to(torch.bfloat16)
+            lr_bytes = nbytes + (out_f + in_f) * rank * 2
+
+            def check_r(x=x, w=weight_t, i=idx, u=u, sv=sv):
+                a, b = cupy.rsparse_gemv(x, w, i, u, sv).float(), ref.rsparse_gemv(x, w, i, u, sv).float()
+                return f"rel {float((a - b).norm() / b.norm()):.1e}"
+
+            record(
+                Row("rsparse_gemv", f"W^T {in_f}x{out_f} bf16, 50% kept, r={rank}", lr_bytes),
+                lambda x=x, w=weight_t, i=idx, u=u, sv=sv: cupy.rsparse_gemv(x, w, i, u, sv),
+                lambda x=x, w=weight_t, i=idx, u=u, sv=sv: ref.rsparse_gemv(x, w, i, u, sv),
+                check_r,
+                dense_fn=lambda x=x, w=weight_t: x @ w,
+                graphs=True,
+            )
+        del weight_t
+
+    table = markdown(rows, device_name, copy_bw, compile_s)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "copy_bandwidth": copy_bw,
+                                         "rows": [asdict(r) for r in rows]}, indent=1))
+    print(f"total {time.perf_counter() - t0:.1f} s", flush=True)
+    bad = [r for r in rows if r.notes and any(n.startswith("failed") for n in r.notes) or "DIFFERENT" in r.check]
+    return 1 if bad else 0
+
+
+HEADER = (f"{'kernel':<13} {'case':<38} {'cupy µs':>9} {'torch µs':>9} {'speedup':>8} {'GB/s':>7} {'% copy':>7} "
+          f"{'dense µs':>9} {'vs dense':>8} {'timing':>6}  check")
+
+
+def _f(v, fmt, suffix=""):
+    return "-" if v is None else format(v, fmt) + suffix
+
+
+def format_row(r: Row, copy_bw: float) -> str:
+    gbps = r.gbps(r.cupy_us)
+    share = None if gbps is None else 100 * gbps * 1e9 / copy_bw
+    speed = r.torch_us / r.cupy_us if r.cupy_us and r.torch_us else None
+    dense = r.dense_us / r.cupy_us if r.cupy_us and r.dense_us else None
+    return (f"{r.kernel:<13} {r.case:<38} {_f(r.cupy_us, '9.1f'):>9} {_f(r.torch_us, '9.1f'):>9} "
+            f"{_f(speed, '.2f', 'x'):>8} {_f(gbps, '7.0f'):>7} {_f(share, '.0f', '%'):>7} {_f(r.dense_us, '9.1f'):>9} "
+            f"{_f(dense, '.2f', 'x'):>8} {r.timing:>6}  {r.check} {'; '.join(r.notes)}")
+
+
+def markdown(rows: list[Row], device: str, copy_bw: float, compile_s: float) -> str:
+    lines = [
+        f"Device: {device}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write, 1 GiB `copy_`); "
+        f"torch {torch.__version__}; kernel compile/load {compile_s:.1f} s.",
+        "",
+        "| kernel | case | cupy µs | torch µs | speedup | GB/s | % of copy BW | dense cuBLAS µs | vs dense | timing | check |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        gbps = r.gbps(r.cupy_us)
+        share = None if gbps is None else 100 * gbps * 1e9 / copy_bw
+        speed = r.torch_us / r.cupy_us if r.cupy_us and r.torch_us else None
+        dense = r.dense_us / r.cupy_us if r.cupy_us and r.dense_us else None
+        lines.append(
+            f"| {r.kernel} | {r.case} | {_f(r.cupy_us, '.1f')} | {_f(r.torch_us, '.1f')} | {_f(speed, '.2f', '×')} | "
+            f"{_f(gbps, '.0f')} | {_f(share, '.0f', '%')} | {_f(r.dense_us, '.1f')} | {_f(dense, '.2f', '×')} | {r.timing} | "
+            f"{r.check}{' ' + '; '.join(r.notes) if r.notes else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The CuPy backend's host code on CPU, with every kernel emulated (tests/gpu/fake_cupy.py).
+
+This runs the real ``CupyBackend`` methods (dtype dispatch, launch geometry, argument lists,
+scratch buffers, fallbacks) against Python emulations of the kernels, and checks each launch
+against the kernel's PTX signature when NVRTC is installed. What it cannot check (the CUDA
+code itself) is covered by test_kernel_model.py on CPU and test_cupy_parity.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import prune_cli.gpu
+from prune_cli.methods.base import select
+from prune_cli.patterns import NM, Unstructured
+from tests.gpu.fake_cupy import FakeTorchStream, make_fake_cupy
+from prune_cli.gpu.torch_backend import TorchBackend
+
+REF = TorchBackend()
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    log: list[str] = []
+    monkeypatch.delitem(sys.modules, "prune_cli.gpu.cupy_backend", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy(log))
+    from prune_cli.gpu import cupy_backend
+
+    backend = cupy_backend.CupyBackend(0)
+    backend.device = torch.device("cpu")  # tensors stay on the CPU; kernels are emulated
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeTorchStream())
+    yield backend, log
+    sys.modules.pop("prune_cli.gpu.cupy_backend", None)
+    if hasattr(prune_cli.gpu, "cupy_backend"):
+        delattr(prune_cli.gpu, "cupy_backend")
+
+
+@pytest.mark.parametrize("dtype,suffix", [(torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16")])
+@pytest.mark.parametrize("shape,vec", [((3, 5), False), ((37, 1000), True), ((300, 2048), True), ((4, 3, 130), False)])
+def test_input_stats(emulated, dtype, suffix, shape, vec):
+    backend, log = emulated
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    for want in ((True, True), (False, True), (True, False)):
+        log.clear()
+        got = backend.input_stats(x, *want)
+        ref = REF.input_stats(x, *want)
+        for a, b in zip(got, ref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        width = {"f32": 4, "bf16": 8, "f16": 8}[suffix] if vec else 1
+        assert log[0] == f"stats_partial_{suffix}_v{width}"
+    assert backend.input_stats(torch.empty(0, 7, dtype=dtype))[1].tolist() == [0.0] * 7
+    assert backend.input_stats(x, False, False) == (None, None)
+
+
+@pytest.mark.parametrize("width", [1, 7, 513, 1000])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_select_rows(emulated, width, sparsity):
+    backend, log = emulated
+    score = torch.randint(0, 4, (3, width)).float()
+    for s in (score, score.to(torch.bfloat16)):
+        got = backend.select_mask(s, Unstructured(sparsity))
+        assert got.dtype == torch.bool and torch.equal(got, select(s, Unstructured(sparsity)))
+    assert log == ([] if int(width * sparsity) == 0 else ["select_rows_score"] * 2)
+
+
+def test_select_rows_too_wide_for_shared_memory(emulated):
+    backend, _ = emulated
+    score = torch.randint(0, 50, (2, 70_000)).float()
+    assert torch.equal(backend.select_mask(score, Unstructured(0.5)), select(score, Unstructured(0.5)))
+
+
+@pytest.mark.parametrize("n_keep,m", [(2, 4), (1, 3), (4, 8), (1, 32), (1, 1)])
+def test_select_nm(emulated, n_keep, m):
+    backend, log = emulated
+    score = torch.randint(0, 3, (3, m * 37)).float()
+    assert torch.equal(backend.select_mask(score, NM(n_keep, m)), select(score, NM(n_keep, m)))
+    assert log == ([] if n_keep == m else ["select_nm_score"])
+
+
+def test_select_fallbacks_launch_nothing(emulated):
+    backend, log = emulated
+    score = torch.randint(0, 3, (4, 64)).float()
+    assert torch.equal(backend.select_mask(score, Unstructured(0.5), "matrix"), select(score, Unstructured(0.5), "matrix"))
+    assert torch.equal(backend.select_mask(score.double(), Unstructured(0.5)), select(score.double(), Unstructured(0.5)))
+    assert log == []
+
+
+@pytest.mark.parametrize("dtype,suffix", [(torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16"),
+                                          (torch.float64, "f32")])
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)])
+def test_wanda_mask(emulated, dtype, suffix, pattern):
+    backend, log = emulated
+    weight = (torch.randint(-3, 4, (5, 96)).float() * 0.125).to(dtype)
+    norm = torch.randint(0, 3, (96,)).float()
+    norm[:4] = 1e-10
+    assert torch.equal(backend.wanda_mask(weight, norm, pattern), REF.wanda_mask(weight, norm, pattern))
+    kind = "rows" if isinstance(pattern, Unstructured) else "nm"
+    assert log == [f"select_{kind}_wanda_{suffix}"]
+
+
+def _keeps(in_features):
+    mask = torch.rand(in_features) < 0.5
+    idx = mask.nonzero().squeeze(1)
+    return {"bool": mask, "uint8": mask.to(torch.uint8), "int64": idx, "int32": idx.int(),
+            "none": torch.zeros(in_features, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("dtype,x_dtype,suffix", [(torch.float32, torch.float32, "f32_f32"),
+                                                  (torch.bfloat16, torch.bfloat16, "bf16_bf16"),
+                                                  (torch.bfloat16, torch.float32, "bf16_f32"),
+                                                  (torch.float16, torch.float64, "f16_f32")])
+@pytest.mark.parametrize("shape", [(1, 1), (97, 61), (300, 1024)])
+def test_sparse_gemv(emulated, dtype, x_dtype, suffix, shape):
+    backend, log = emulated
+    weight_t = torch.randn(shape).to(dtype)
+    x = torch.randn(shape[0]).to(x_dtype)
+    for name, keep in _keeps(shape[0]).items():
+        log.clear()
+        y = backend.sparse_gemv(x, weight_t, keep)
+        assert y.dtype == dtype and y.shape == (shape[1],), name
+        torch.testing.assert_close(y.float(), REF.sparse_gemv(x, weight_t, keep).float(), rtol=2e-2, atol=2e-2)
+        assert log[-1] == f"gemv_reduce_{suffix.split('_')[0]}", name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [1, 7, 1100])
+def test_rsparse_gemv(emulated, dtype, rank):
+    backend, log = emulated
+    in_features, out_features = 97, 64
+    weight_t = torch.randn(in_features, out_features).to(dtype)
+    u = (torch.randn(out_features, rank) / rank**0.5).to(dtype)
+    sv = (torch.randn(rank, in_features) / in_features**0.5).to(dtype)
+    x = torch.randn(in_features).to(dtype)
+    for name, keep in _keeps(in_features).items():
+        log.clear()
+        y = backend.rsparse_gemv(x, weight_t, keep, u, sv)
+        ref = REF.rsparse_gemv(x, weight_t, keep, u, sv)
+        torch.testing.assert_close(y.float(), ref.float(), rtol=3e-2, atol=3e-2)
+        if rank <= 1024:
+            assert any(k.startswith("lowrank_z_") for k in log), name
+        else:
+            assert log == [], name  # above the kernel's rank limit: the torch path
+
+
+def test_gemv_rejects_strided_weights_and_foreign_devices(emulated):
+    backend, _ = emulated
+    weight_t = torch.randn(8, 4).t().contiguous().t()
+    with pytest.raises(ValueError, match="contiguous"):
+        backend.sparse_gemv(torch.randn(8), weight_t, torch.ones(8, dtype=torch.bool))
+    backend.device = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="got a tensor on cpu"):
+        backend.sparse_gemv(torch.randn(8), torch.randn(8, 4), torch.ones(8, dtype=torch.bool))

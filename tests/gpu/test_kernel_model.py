@@ -1,0 +1,137 @@
+"""CPU checks of the kernels' algorithms (through the line-by-line models in kernel_model.py)
+and of the launch geometry (prune_cli.gpu.launch): no GPU needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prune_cli.gpu import launch
+from prune_cli.methods.base import select
+from prune_cli.patterns import NM, Unstructured
+from tests.gpu import kernel_model as km
+
+
+def special_values(n: int, seed: int) -> torch.Tensor:
+    """Scores full of ties and edge cases: +-0, +-inf, NaN, subnormals, repeats."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(
+        [0.0, -0.0, 1.0, -1.0, 2.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1e-40, 3.5, 3.5, 0.25],
+        dtype=torch.float32,
+    )
+    return pool[torch.randint(0, len(pool), (n,), generator=g)]
+
+
+def test_order_key_sorts_like_torch_stable_sort():
+    for seed in range(5):
+        values = torch.cat([special_values(3000, seed), torch.randn(3000, generator=torch.Generator().manual_seed(seed))])
+        keys = km.order_key(values.numpy())
+        ours = np.argsort(keys, kind="stable")
+        theirs = torch.sort(values, stable=True).indices.numpy()
+        assert np.array_equal(ours, theirs)
+
+
+def tie_heavy(out_features: int, in_features: int, seed: int, levels: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, levels, (out_features, in_features), generator=g).float() * 0.5
+
+
+@pytest.mark.parametrize("width", [1, 2, 31, 511, 512, 513, 1000, 1537])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.999])
+def test_radix_select_model_matches_select(width, sparsity):
+    for seed, score in enumerate(
+        [tie_heavy(3, width, 0), torch.randn(3, width), special_values(3 * width, 7).reshape(3, width),
+         torch.full((2, width), 2.0)]
+    ):
+        want = select(score, Unstructured(sparsity))
+        got = km.select_rows_keep(km.order_key(score.numpy()), int(width * sparsity))
+        assert np.array_equal(got, want.numpy()), (seed, width, sparsity)
+
+
+@pytest.mark.parametrize("n_keep,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 3), (5, 7), (16, 32), (1, 32), (31, 32)])
+def test_nm_model_matches_select(n_keep, m):
+    width = m * 37  # crosses tiles of (256 // m) * m elements unevenly
+    for score in (tie_heavy(2, width, m), torch.randn(2, width), special_values(2 * width, m).reshape(2, width)):
+        want = select(score, NM(n_keep, m))
+        got = km.select_nm_keep(km.order_key(score.numpy()), m, m - n_keep)
+        assert np.array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wanda_key_model_matches_torch_score(dtype):
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randint(-3, 4, (4, 300), generator=g).float() * 0.125).to(dtype)
+    weight[0, :10] = torch.tensor(1e-30).to(dtype) if dtype == torch.float32 else 0.0
+    norm = torch.randint(0, 3, (300,), generator=g).float()
+    norm[:10] = 1e-10  # subnormal products for the fp32 rows: no flush to zero
+    norm[10] = float("inf")
+    torch_score = weight.abs().float() * norm.unsqueeze(0)
+    assert np.array_equal(km.wanda_keys(weight.float().numpy(), norm.numpy()), km.order_key(torch_score.numpy()))
+    if dtype == torch.float32:
+        assert (torch_score[0, :10] > 0).all() and (torch_score[0, :10] < 1.2e-38).all()  # subnormal, kept
+    for pattern in (Unstructured(0.5), NM(2, 4)):
+        want = select(torch_score, pattern)
+        keys = km.wanda_keys(weight.float().numpy(), norm.numpy())
+        if isinstance(pattern, NM):
+            got = km.select_nm_keep(keys, 4, 2)
+        else:
+            got = km.select_rows_keep(keys, int(300 * 0.5))
+        assert np.array_equal(got, want.numpy())
+
+
+def test_half_conversions_match_torch():
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [torch.randn(20000, generator=g) * 100, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"),
+                                                                1.00390625, 1.01171875, 3e-39, -3e-39])]
+    )
+    bits = km.f32_to_bf16_bits(values.numpy())
+    theirs = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = values.isnan().numpy()
+    # NaN payloads differ even between torch's own CPU paths (0x7FC0 scalar, 0xFFFF vectorised)
+    assert np.array_equal(bits[~nan], theirs[~nan])
+    assert np.isnan(km.bf16_bits_to_f32(bits[nan])).all()
+    bf = values.to(torch.bfloat16)
+    widened = km.bf16_bits_to_f32(bf.view(torch.int16).numpy().view(np.uint16))
+    assert np.array_equal(widened.view(np.uint32), bf.float().numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 4099, 100003])
+@pytest.mark.parametrize("in_features", [1, 7, 256, 1000, 4097])
+def test_stats_plan_covers_every_row_once(n, in_features):
+    for vec in (1, 4, 8):
+        plan = launch.stats_plan(n, in_features, vec, sm_count=132)
+        assert plan.col_tiles * launch.STATS_THREADS * vec >= in_features
+        assert (plan.col_tiles - 1) * launch.STATS_THREADS * vec < in_features
+        assert plan.chunks * plan.rows_per_chunk >= n > (plan.chunks - 1) * plan.rows_per_chunk
+        assert 1 <= plan.chunks <= launch.MAX_GRID_Y
+
+
+@pytest.mark.parametrize("list_len", [0, 1, 31, 32, 33, 2048, 11008, 70001])
+@pytest.mark.parametrize("out_features", [1, 3, 1000, 4096, 11009])
+def test_gemv_plan_covers_every_position_once(list_len, out_features):
+    for vec in (1, 4, 8):
+        plan = launch.gemv_plan(list_len, out_features, vec, sm_count=132)
+        assert plan.col_tiles * launch.GEMV_THREADS * vec >= out_features
+        if list_len:
+            assert plan.chunks * plan.per_chunk >= list_len > (plan.chunks - 1) * plan.per_chunk
+        else:
+            assert plan.chunks == 1
+        assert plan.chunks <= launch.MAX_GRID_Y
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 32, 256])
+def test_nm_plan_tiles_hold_whole_groups(m):
+    for out_features, in_features in ((1, m), (5, m * 3), (4096, m * 1000)):
+        plan = launch.nm_plan(out_features, in_features, m, sm_count=132)
+        assert plan.tile % m == 0 and 0 < plan.tile <= launch.NM_THREADS
+        assert plan.tiles * plan.tile >= in_features
+        assert 1 <= plan.grid_y <= plan.tiles
+
+
+def test_vector_width():
+    assert launch.vector_width(4096, 0x1000, 2) == 8
+    assert launch.vector_width(4096, 0x1002, 2) == 1  # misaligned base
+    assert launch.vector_width(4095, 0x1000, 2) == 1  # rows would be misaligned
+    assert launch.vector_width(4096, 0x1000, 4) == 4
