@@ -147,122 +147,110 @@ class DSnoT(WeightMethod):
             swap(W, What, keep, mu, var, stats.norm.to(W.device), base_score, G, pattern)
         return PruneResult(What.to(weight.dtype), keep)
 
-    # ------------------------------------------------------------------ shared bookkeeping
-
-    def _accept(self, err, err_after, active, sign0, check_sign, dE):
-        """Which rows take this cycle's swap, and which rows go on."""
-        over = err.abs() > self.update_threshold
-        ok = active & over
-        if check_sign:
-            ok &= torch.sign(err_after) == sign0
-        if self.mode == "reference":
-            return ok, ok  # the first refused swap stops the row
-        ok &= dE < 0
-        return ok, active & over
-
-    def _delta_error(self, W, What, Gd, G, rows, j, k):
-        """Change of ||(W - What) X^T||^2 for regrowing ``j`` and pruning ``k`` in each row."""
-        a = -W[rows, j]
-        b = What[rows, k]
-        return 2 * (a * Gd[rows, j] + b * Gd[rows, k]) + a * a * G[j, j] + b * b * G[k, k] + 2 * a * b * G[j, k]
-
-    def _apply(self, W, What, keep, Gd, G, rows, j, k, take):
-        r, jj, kk = rows[take], j[take], k[take]
-        if G is not None and r.numel():
-            Gd[r] += (-W[r, jj]).unsqueeze(1) * G[jj] + What[r, kk].unsqueeze(1) * G[kk]
-        What[r, jj] = W[r, jj]
-        What[r, kk] = 0
-        keep[r, jj] = True
-        keep[r, kk] = False
-
-    # ------------------------------------------------------------------ unstructured
+    # ------------------------------------------------------------------ the two swap loops
 
     def _swap_unstructured(self, W, What, keep, mu, var, norm, base_score, G, pattern):
-        out_features, _ = W.shape
-        rows = torch.arange(out_features, device=W.device)
-        regrow_metric = W * mu  # effect on e of regrowing (pruned entries)
-        prune_metric = What * mu  # effect on e of pruning (kept entries)
-        err = ((W - What) * mu).sum(dim=1)
-        sign0 = torch.sign(err)
-        pruned = ~keep
-        ranked = regrow_metric / var.pow(self.var_power)
+        state = _SwapState(self, W, What, keep, mu, var, G, pattern)
         limit = self.max_cycles
-        grow_hi, n_grow = _ordered(ranked, pruned, True, limit)
-        grow_lo, _ = _ordered(ranked, pruned, False, limit)
         wanda = What.abs() * norm
-        prune_pos, n_pos = _ordered(wanda, keep & (prune_metric > 0), False, limit)
-        prune_neg, n_neg = _ordered(wanda, keep & (prune_metric < 0), False, limit)
-        ptr_hi = torch.zeros_like(rows)
-        ptr_lo = torch.zeros_like(rows)
-        ptr_pos = torch.zeros_like(rows)
-        ptr_neg = torch.zeros_like(rows)
-        Gd = (W - What) @ G if G is not None else None
-        active = torch.ones(out_features, dtype=torch.bool, device=W.device)
-        check_sign = self._sign_check(pattern)
+        prune_pos, n_pos = _ordered(wanda, keep & (state.prune_metric > 0), False, limit)
+        prune_neg, n_neg = _ordered(wanda, keep & (state.prune_metric < 0), False, limit)
+        ptr_pos = torch.zeros_like(state.rows)
+        ptr_neg = torch.zeros_like(state.rows)
         for _ in range(self.max_cycles):
-            if not bool(active.any()):
+            if not bool(state.active.any()):
                 break
-            grow_up = err > 0
-            idx_grow = torch.where(grow_up, _at(grow_hi, ptr_hi), _at(grow_lo, ptr_lo))
-            prune_up = err < 0  # positive-effect weights raise e
+            grow_up, idx_grow, exhausted = state.next_grow()
+            prune_up = state.err < 0  # positive-effect weights raise e
             p_prune = torch.where(prune_up, ptr_pos, ptr_neg)
             idx_prune = torch.where(prune_up, _at(prune_pos, ptr_pos), _at(prune_neg, ptr_neg))
-            # the two regrow pointers walk one list from both ends: it is used up when they meet
-            exhausted = (ptr_hi + ptr_lo >= n_grow) | (p_prune >= torch.where(prune_up, n_pos, n_neg).clamp_max(limit))
-            active &= ~exhausted
-            err_after = err + prune_metric[rows, idx_prune] - regrow_metric[rows, idx_grow]
-            dE = self._delta_error(W, What, Gd, G, rows, idx_grow, idx_prune) if G is not None else None
-            take, active = self._accept(err, err_after, active, sign0, check_sign, dE)
-            # the pointers that were used advance whether or not the swap was taken
+            exhausted |= p_prune >= torch.where(prune_up, n_pos, n_neg).clamp_max(limit)
             live = ~exhausted
-            ptr_hi += (grow_up & live).long()
-            ptr_lo += (~grow_up & live).long()
+            state.step(idx_grow, idx_prune, exhausted)
+            # the pointers that were used advance whether or not the swap was taken
+            state.advance_grow(grow_up, live)
             ptr_pos += (prune_up & live).long()
             ptr_neg += (~prune_up & live).long()
-            err = torch.where(take, err_after, err)
-            self._apply(W, What, keep, Gd, G, rows, idx_grow, idx_prune, take)
-
-    # ------------------------------------------------------------------ N:M
 
     def _swap_nm(self, W, What, keep, mu, var, norm, base_score, G, pattern: NM):
-        out_features, in_features = W.shape
+        state = _SwapState(self, W, What, keep, mu, var, G, pattern)
         m = pattern.m
-        rows = torch.arange(out_features, device=W.device)
-        regrow_metric = W * mu
-        prune_metric = What * mu
-        err = ((W - What) * mu).sum(dim=1)
-        sign0 = torch.sign(err)
-        ranked = regrow_metric / var.pow(self.var_power)
-        pruned = ~keep
-        grow_hi, n_grow = _ordered(ranked, pruned, True, self.max_cycles)
-        grow_lo, _ = _ordered(ranked, pruned, False, self.max_cycles)
-        ptr_hi = torch.zeros_like(rows)
-        ptr_lo = torch.zeros_like(rows)
+        rows = state.rows
         # a kept weight is a pruning candidate once: after it was considered it is marked used
         used = torch.zeros_like(keep)
         offsets = torch.arange(m, device=W.device)
-        Gd = (W - What) @ G if G is not None else None
-        active = torch.ones(out_features, dtype=torch.bool, device=W.device)
-        check_sign = self._sign_check(pattern)
         for _ in range(self.max_cycles):
-            if not bool(active.any()):
+            if not bool(state.active.any()):
                 break
-            grow_up = err > 0
-            exhausted = ptr_hi + ptr_lo >= n_grow
-            idx_grow = torch.where(grow_up, _at(grow_hi, ptr_hi), _at(grow_lo, ptr_lo))
+            grow_up, idx_grow, exhausted = state.next_grow()
             group = (idx_grow - idx_grow % m).unsqueeze(1) + offsets  # (out, m)
             cand = keep.gather(1, group) & ~used.gather(1, group)
             exhausted |= ~cand.any(dim=1)
-            active &= ~exhausted
             scores = torch.where(cand, base_score.gather(1, group), torch.full_like(group, float("inf"), dtype=W.dtype))
             idx_prune = group.gather(1, scores.argmin(dim=1, keepdim=True)).squeeze(1)
-            err_after = err + prune_metric[rows, idx_prune] - regrow_metric[rows, idx_grow]
-            dE = self._delta_error(W, What, Gd, G, rows, idx_grow, idx_prune) if G is not None else None
-            take, active = self._accept(err, err_after, active, sign0, check_sign, dE)
             live = ~exhausted
-            ptr_hi += (grow_up & live).long()
-            ptr_lo += (~grow_up & live).long()
+            take = state.step(idx_grow, idx_prune, exhausted)
+            state.advance_grow(grow_up, live)
             used[rows[live], idx_prune[live]] = True
             used[rows[take], idx_grow[take]] = True  # a regrown weight is never pruned again
-            err = torch.where(take, err_after, err)
-            self._apply(W, What, keep, Gd, G, rows, idx_grow, idx_prune, take)
+
+
+class _SwapState:
+    """What both swap loops share: the expected errors ``e``, the regrow candidate lists and
+    their two pointers, the acceptance rule and, in guarded mode, ``G d`` for the exact ``dE``.
+    ``What`` and ``keep`` are updated in place."""
+
+    def __init__(self, method: DSnoT, W, What, keep, mu, var, G, pattern):
+        self.method, self.W, self.What, self.keep, self.G = method, W, What, keep, G
+        self.rows = torch.arange(W.shape[0], device=W.device)
+        self.regrow_metric = W * mu  # effect on e of regrowing (pruned entries)
+        self.prune_metric = What * mu  # effect on e of pruning (kept entries)
+        self.err = ((W - What) * mu).sum(dim=1)
+        self.sign0 = torch.sign(self.err)
+        ranked = self.regrow_metric / var.pow(method.var_power)
+        self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
+        self.grow_lo, _ = _ordered(ranked, ~keep, False, method.max_cycles)
+        self.ptr_hi = torch.zeros_like(self.rows)
+        self.ptr_lo = torch.zeros_like(self.rows)
+        self.Gd = (W - What) @ G if G is not None else None
+        self.active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+        self.check_sign = method._sign_check(pattern)
+
+    def next_grow(self):
+        """Per row: whether to regrow from the top (``e > 0``), which weight, and whether the
+        regrow list is used up (its two pointers walk one list from both ends and have met)."""
+        grow_up = self.err > 0
+        idx = torch.where(grow_up, _at(self.grow_hi, self.ptr_hi), _at(self.grow_lo, self.ptr_lo))
+        return grow_up, idx, self.ptr_hi + self.ptr_lo >= self.n_grow
+
+    def advance_grow(self, grow_up, live) -> None:
+        self.ptr_hi += (grow_up & live).long()
+        self.ptr_lo += (~grow_up & live).long()
+
+    def step(self, j, k, exhausted):
+        """Decide and apply this cycle's swap (regrow ``j``, prune ``k``) per row; returns the
+        rows that took it."""
+        self.active &= ~exhausted
+        rows, W, What = self.rows, self.W, self.What
+        err_after = self.err + self.prune_metric[rows, k] - self.regrow_metric[rows, j]
+        over = self.err.abs() > self.method.update_threshold
+        take = self.active & over
+        if self.check_sign:
+            take &= torch.sign(err_after) == self.sign0
+        if self.method.mode == "reference":
+            self.active = take  # the first refused swap stops the row
+        else:
+            a, b = -W[rows, j], What[rows, k]
+            G, Gd = self.G, self.Gd
+            dE = 2 * (a * Gd[rows, j] + b * Gd[rows, k]) + a * a * G[j, j] + b * b * G[k, k] + 2 * a * b * G[j, k]
+            take &= dE < 0
+            self.active = self.active & over
+        self.err = torch.where(take, err_after, self.err)
+        r, jj, kk = rows[take], j[take], k[take]
+        if self.Gd is not None and r.numel():
+            self.Gd[r] += (-W[r, jj]).unsqueeze(1) * self.G[jj] + What[r, kk].unsqueeze(1) * self.G[kk]
+        What[r, jj] = W[r, jj]
+        What[r, kk] = 0
+        self.keep[r, jj] = True
+        self.keep[r, kk] = False
+        return take
