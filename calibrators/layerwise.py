@@ -26,6 +26,11 @@ class _StopAtFirstBlock(Exception):
     """Private: raised by the capture hook to stop the model's forward at block 0."""
 
 
+class _InputsSeen(Exception):
+    """Private: raised once every wanted Linear input of a block has been seen, so a
+    statistics pass skips the rest of the block (e.g. the down_proj product)."""
+
+
 @dataclass
 class BlockBatch:
     """One batch of block inputs: ``hidden`` is ``(batch, seqlen, hidden_size)``."""
@@ -123,7 +128,8 @@ def collect_input_stats(
     once); the wanted statistics of a shared input are the union of its readers' wants.
     Returns a mapping from Linear name to its (possibly shared) statistics. With
     ``update_hidden`` the block's outputs replace the batches' hidden states (statistics and
-    propagation in one pass, for passes that do not change the block).
+    propagation in one pass, for passes that do not change the block); without it, the
+    forward stops as soon as the last wanted input has been seen.
     """
     wanted = {name: w for name, w in wanted.items() if w}
     if not wanted:
@@ -135,6 +141,8 @@ def collect_input_stats(
     readers: dict[str, tuple[str, ...]] = {}  # leader name -> names sharing its input (first batch)
     pending: list[tuple[str, torch.Tensor]] = []
 
+    called: set[str] = set()
+
     def make_hook(name: str):
         def hook(module, args):
             x = args[0]
@@ -144,6 +152,9 @@ def collect_input_stats(
             else:
                 seen[id(x)] = (x, [name])
                 pending.append((name, x))
+            called.add(name)
+            if not update_hidden and len(called) == len(wanted):
+                raise _InputsSeen
 
         return hook
 
@@ -152,7 +163,11 @@ def collect_input_stats(
     by_name: dict[str, InputStats] = {}
     try:
         for batch in batches:
-            output = block(batch.hidden, *batch.args, **batch.kwargs)
+            called.clear()
+            try:
+                output = block(batch.hidden, *batch.args, **batch.kwargs)
+            except _InputsSeen:
+                output = None
             for leader, x in pending:
                 names = seen[id(x)][1]
                 if leader not in groups:
