@@ -159,7 +159,8 @@ def _print_compress_table(report: dict) -> None:
 
 def _print_plan(plan: dict) -> None:
     table = Table(title=f"plan: {plan['method']} on {plan['model']} ({plan['blocks']})")
-    for col in ("module", "shape", "method", "pattern", "sparsity"):
+    table.add_column("module", overflow="fold")  # full names, never truncated
+    for col in ("shape", "method", "pattern", "sparsity"):
         table.add_column(col)
     for row in plan["layers"]:
         table.add_row(row["module"], "x".join(map(str, row["shape"])), row["method"], row["pattern"], f"{row['sparsity']:.3f}")
