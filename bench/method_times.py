@@ -1,0 +1,60 @@
+"""Pruning time of each weight method on the bundled model, in one process on a quiet machine:
+``calibrate_and_prune`` (capturing inputs, statistics, pruning, propagation) per method, and
+each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%).
+
+    python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from prune_cli.calibrators.sampling import calibration_windows, tokenize  # noqa: E402
+from prune_cli.calibrators.sources import bundled_text  # noqa: E402
+from prune_cli.config import resolve  # noqa: E402
+from prune_cli.model_io import bundled_source, load_model  # noqa: E402
+from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
+from prune_cli.plan import build_plan  # noqa: E402
+
+RUNS = [
+    ("wanda", {"method": "wanda"}, None),
+    ("dsnot(wanda, reference)", {"method": "dsnot", "method_options": {"base": "wanda", "mode": "reference"}}, "wanda"),
+    ("dsnot(wanda, guarded)", {"method": "dsnot", "method_options": {"base": "wanda"}}, "wanda"),
+    ("sparsegpt", {"method": "sparsegpt"}, None),
+    ("dsnot(sparsegpt, guarded)", {"method": "dsnot", "method_options": {"base": "sparsegpt"}}, "sparsegpt"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--sparsity", type=float, default=0.6)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    model, tokenizer = load_model(bundled_source())
+    cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds: dict[str, float] = {}
+    for name, overrides, base in RUNS:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        model.load_state_dict(dense)
+        plan = build_plan(model, resolve(None, {**overrides, "sparsity": args.sparsity}))
+        start = time.perf_counter()
+        calibrate_and_prune(model, plan, cal, 8, torch.device("cpu"))
+        seconds[name] = time.perf_counter() - start
+        extra = f"  {seconds[name] / seconds[base]:.3f}x its base ({base})" if base in seconds else ""
+        print(f"{name:28s} {seconds[name]:7.1f} s{extra}", flush=True)
+    print(f"windows {args.samples}x{args.seqlen}, sparsity {args.sparsity}, threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()
