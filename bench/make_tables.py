@@ -47,10 +47,18 @@ def weight_table() -> str:
 
 
 def activation_table() -> str:
-    path = DOCS / "activation_quality.json"
-    if not path.is_file():
+    paths = sorted(DOCS.glob("activation_quality*.json"))
+    if not paths:
         return ""
-    data = json.loads(path.read_text())
+    data = {"runs": []}
+    seen = set()
+    for path in paths:
+        part = json.loads(path.read_text())
+        data["dense"] = part["dense"]
+        for r in part["runs"]:
+            if (r["method"], r["target"]) not in seen:
+                seen.add((r["method"], r["target"]))
+                data["runs"].append(r)
     levels = sorted({r["target"] for r in data["runs"]})
     lines = [
         f"Held-out perplexity with every token sparsified; in brackets the achieved sparsity measured on the held-out "

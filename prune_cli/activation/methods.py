@@ -182,9 +182,11 @@ class RSparse(ActivationMethod):
         sample = x[: self.error_tokens]
         W = linear.weight.detach().float()
         reference = sample @ W.T
+        ordered = scores.reshape(-1).sort().values  # one sort serves every alpha's quantile
         best = None
         for alpha in alphas:
-            tau = quantile_threshold(scores, 1 - (1 - sparsity) * alpha)
+            k = int(round((1 - (1 - sparsity) * alpha) * ordered.numel()))
+            tau = float(ordered[k - 1]) if k > 0 else -1.0
             r = self.rank(sparsity, alpha, in_f, out_f)
             keep = (sample.abs() * scale) > tau
             approx = (sample * keep) @ W.T
