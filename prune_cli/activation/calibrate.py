@@ -29,6 +29,7 @@ from prune_cli.model_io import block_linears, decoder_blocks
 log = logging.getLogger(__name__)
 
 GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00 ... 0.95
+CURVE_TOKENS = 2048  # tokens per Linear input for the error curves (20 products each)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ def error_curves(
     for index, block in enumerate(blocks):
         mine = [t for t in targets if t.block == index]
         linears = block_linears(block)
-        inputs = layerwise.collect_inputs(block, batches, {t.local: linears[t.local] for t in mine}, max_tokens, generator, update_hidden=True)
+        inputs = layerwise.collect_inputs(
+            block, batches, {t.local: linears[t.local] for t in mine}, min(max_tokens, CURVE_TOKENS), generator, update_hidden=True
+        )
         for t in mine:
             x = inputs[t.local].to(device)
             W = linears[t.local].weight.detach().float()
