@@ -32,9 +32,11 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"output exists: {output}", hint="pass --overwrite to replace it, or choose another --output")
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"output exists and is not a folder: {output}", hint="choose another --output")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise OutputExistsError(f"parent folder does not exist: {parent}", hint="create it first")
+    ancestor = output.resolve().parent
+    while not ancestor.exists():  # missing parents are created at export time
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise OutputExistsError(f"cannot create {output}: {ancestor} is not a writable folder", hint="choose another --output")
 
 
 def export_checkpoint(
@@ -44,6 +46,7 @@ def export_checkpoint(
     to ``output`` atomically."""
     output = Path(output).resolve()
     check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)

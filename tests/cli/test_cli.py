@@ -254,3 +254,10 @@ def test_torch_backend_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
 
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_parent_folders_are_created(tmp_path, tiny_llama_dir):
+    out = tmp_path / "new" / "nested" / "o"
+    result = run("compress", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5", *SMALL, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "sparsity.json").is_file()
