@@ -80,21 +80,7 @@ def main() -> None:
             unwrap_all(model)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(markdown(results))
-
-
-def markdown(results: dict) -> str:
-    levels = sorted({r["target"] for r in results["runs"]})
-    lines = [f"dense: {results['dense']:.2f}", "",
-             "| method | " + " | ".join(f"{l:.0%}: ppl (achieved)" for l in levels) + " |", "|---|" + "---|" * len(levels)]
-    for label in dict.fromkeys(r["method"] for r in results["runs"]):
-        cells = []
-        for level in levels:
-            hit = [r for r in results["runs"] if r["method"] == label and r["target"] == level]
-            cells.append(f"{hit[0]['ppl']:.2f} ({hit[0]['achieved']:.1%})" if hit else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    print("tables: python bench/make_tables.py > docs/quality.md")
 
 
 if __name__ == "__main__":

@@ -99,21 +99,7 @@ def main() -> None:
         print(f"{name:55s} {level:4s} ppl {ppl:10.3f}  ({seconds:.0f} s){'  ' + str(row.get('owl')) if allocation else ''}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(markdown(results))
-
-
-def markdown(results: dict) -> str:
-    levels = [l for l, _ in LEVELS]
-    names = list(dict.fromkeys(r["method"] for r in results["runs"]))
-    lines = [f"dense: {results['dense']:.2f}", "", "| method | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
-    for name in names:
-        cells = []
-        for level in levels:
-            hit = [r for r in results["runs"] if r["method"] == name and r["level"] == level]
-            cells.append(f"{hit[0]['ppl']:.2f}" if hit else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    print("tables: python bench/make_tables.py > docs/quality.md")
 
 
 if __name__ == "__main__":
