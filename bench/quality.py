@@ -5,7 +5,7 @@
 
 Calibration: 32 x 512 tokens from the calibration part of the bundled CPython pydoc topics
 (seed 0); evaluation: 16 x 512 tokens from the disjoint evaluation part; fp32 on the CPU.
-Every run starts from the same dense weights. Prints a markdown table and writes JSON.
+Every run starts from the same dense weights. Prints each result and writes JSON (tables: bench/make_tables.py).
 """
 
 from __future__ import annotations
