@@ -96,7 +96,6 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> float:
     dst = torch.empty_like(src)
     src.fill_(1)
     ms = median_ms(lambda: dst.copy_(src), warmup=5, reps=30)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
 

@@ -160,12 +160,12 @@ def dry_run(request: CompressRequest) -> dict:
         from prune_cli.activation.calibrate import activation_targets
 
         targets = activation_targets(model, config.targets.selects)
+        blocks = decoder_blocks(model)
         out["activation"] = config.activation.to_dict()
-        out.setdefault("blocks", f"{decoder_blocks(model).path} x{len(decoder_blocks(model))}")
+        out.setdefault("blocks", f"{blocks.path} x{len(blocks)}")
         out.setdefault("target_params", sum(t.params for t in targets))
-        shapes = {n: m for n, m in model.named_modules()}
         out["layers"] += [
-            {"module": t.name, "shape": list(shapes[t.name].weight.shape), "method": config.activation.method,
+            {"module": t.name, "shape": list(model.get_submodule(t.name).weight.shape), "method": config.activation.method,
              "pattern": f"activation {config.activation.allocation}", "sparsity": config.activation.sparsity}
             for t in targets
         ]

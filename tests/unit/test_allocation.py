@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prune_cli.allocation import allocate_owl, outlier_ratio, owl_sparsities, with_overrides
-from prune_cli.config import OwlSettings, load_recipe, resolve
+from prune_cli.allocation import allocate_owl, outlier_ratio, owl_sparsities
+from prune_cli.config import OwlSettings, resolve
 from prune_cli.errors import RecipeError
 from prune_cli.patterns import Unstructured
 from prune_cli.plan import build_plan
