@@ -8,6 +8,9 @@ For activations ``X`` of shape ``(n_tokens, in_features)``:
 * ``Stat.SQ_NORM``: ``sum_sq[j] = sum_t X[t, j]^2``  -> ``||X_j||_2 = sqrt(sum_sq[j])`` (Wanda)
 * ``Stat.MEAN_VAR``: ``sum[j] = sum_t X[t, j]`` plus ``sum_sq`` -> mean and variance (DSnoT)
 * ``Stat.GRAM``: ``xtx = X^T X`` (in_features x in_features) -> SparseGPT Hessian ``2/n X^T X``
+* ``Stat.GRAM_SAMPLE``: ``xtx`` over every ``GRAM_SAMPLE_STRIDE``-th token only (``xtx_tokens``
+  says how many): a quarter of the cost, for a Gram matrix that only has to rank changes
+  (DSnoT's guard). When a reader of the same input wants ``GRAM``, the full one serves both.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ class Stat(enum.Enum):
     SQ_NORM = "sq_norm"
     MEAN_VAR = "mean_var"
     GRAM = "gram"
+    GRAM_SAMPLE = "gram_sample"
+
+
+GRAM_SAMPLE_STRIDE = 4
 
 
 @dataclass
@@ -34,6 +41,7 @@ class InputStats:
     sum: torch.Tensor | None = None
     sum_sq: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
+    xtx_tokens: int = 0  # tokens summed into xtx (= count unless only GRAM_SAMPLE was wanted)
     # Names of the Linears that read this very input (q/k/v share one, gate/up another).
     consumers: list[str] = field(default_factory=list)
     # Tokens per calibration window (set by the layer-wise calibrator; 0 if unknown).
@@ -62,10 +70,13 @@ class InputStats:
             self.sum_sq = sq if self.sum_sq is None else self.sum_sq.add_(sq)
             if want_sum:
                 self.sum = s if self.sum is None else self.sum.add_(s)
-        if Stat.GRAM in self.wanted:
+        if Stat.GRAM in self.wanted or Stat.GRAM_SAMPLE in self.wanted:
+            if Stat.GRAM not in self.wanted:
+                x = x[::GRAM_SAMPLE_STRIDE]
             xf = x if x.dtype == torch.float32 else x.float()
             g = xf.T @ xf
             self.xtx = g if self.xtx is None else self.xtx.add_(g)
+            self.xtx_tokens += x.shape[0]
 
     def merge(self, other: "InputStats") -> "InputStats":
         """Sum of two partial statistics over disjoint token sets (a new object)."""
@@ -84,6 +95,7 @@ class InputStats:
             add(self.sum, other.sum),
             add(self.sum_sq, other.sum_sq),
             add(self.xtx, other.xtx),
+            self.xtx_tokens + other.xtx_tokens,
             list(self.consumers),
         )
 
@@ -110,4 +122,6 @@ class InputStats:
     @property
     def hessian(self) -> torch.Tensor:
         """SparseGPT's ``H = 2/n X^T X``, shape ``(in_features, in_features)``."""
-        return self._need(self.xtx, "gram") * (2.0 / self.count)
+        if Stat.GRAM not in self.wanted:
+            raise RuntimeError("the Hessian needs the full Gram matrix (Stat.GRAM), not a sample")
+        return self._need(self.xtx, "gram") * (2.0 / self.xtx_tokens)

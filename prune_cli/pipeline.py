@@ -97,6 +97,20 @@ class CalibrationResult:
     layers: list[LayerRecord]
 
 
+def _prune_block(layer_plans: list[LayerPlan], linears: dict, stats: dict, backend) -> dict:
+    """Prune a block's planned Linears, handing those with the same method over together
+    (:meth:`WeightMethod.prune_group`); results by local name."""
+    by_method: dict[int, tuple] = {}  # by identity: options may hold dicts (unhashable)
+    for lp in layer_plans:
+        by_method.setdefault(id(lp.method), (lp.method, []))[1].append(lp)
+    results = {}
+    for method, group in by_method.values():
+        jobs = [(linears[lp.local_name].weight.data, stats.get(lp.local_name), lp.pattern) for lp in group]
+        for lp, result in zip(group, method.prune_group(jobs, backend)):
+            results[lp.local_name] = result
+    return results
+
+
 @torch.no_grad()
 def calibrate_and_prune(
     model, plan: Plan, windows: torch.Tensor, batch_size: int, device: torch.device, events: Events | None = None,
@@ -117,9 +131,10 @@ def calibrate_and_prune(
             linears = block_linears(block)
             wanted = {lp.local_name: lp.method.required_stats for lp in layer_plans}
             stats = layerwise.collect_input_stats(block, batches, linears, wanted, backend=backend)
+            results = _prune_block(layer_plans, linears, stats, backend)
             for lp in layer_plans:
                 linear = linears[lp.local_name]
-                result = lp.method.prune(linear.weight.data, stats.get(lp.local_name), lp.pattern, backend)
+                result = results[lp.local_name]
                 check_mask(result.mask, lp.pattern, lp.name)
                 linear.weight.data.copy_(result.weight)
                 zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()

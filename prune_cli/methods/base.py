@@ -36,6 +36,10 @@ def few_threads(device: torch.device):
         torch.set_num_threads(before)
 
 
+# One Linear to prune: its weight ``(out, in)``, its input statistics, its pattern.
+Job = tuple[torch.Tensor, "InputStats | None", SparsityPattern]
+
+
 @dataclass(frozen=True)
 class PruneResult:
     weight: torch.Tensor  # (out, in), the dtype of the input weight, zeros where ~mask
@@ -111,6 +115,12 @@ class WeightMethod(ABC):
     ) -> PruneResult:
         """Prune one Linear. ``weight``: ``(out, in)``; ``stats``: its input statistics;
         ``backend``: a :mod:`prune_cli.gpu.backend` backend for mask selection (None = torch)."""
+
+    def prune_group(self, jobs: list[Job], backend=None) -> list[PruneResult]:
+        """Prune several Linears of one block (same method); a method that can share work
+        between them (DSnoT's swap loop) overrides this. Results are in the order of ``jobs``
+        and equal to calling :meth:`prune` on each."""
+        return [self.prune(weight, stats, pattern, backend) for weight, stats, pattern in jobs]
 
 
 class ScoreMethod(WeightMethod):

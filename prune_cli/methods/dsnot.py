@@ -29,12 +29,23 @@ Modes:
   For a swap that changes ``d`` by ``a e_j + b e_k`` (``a = -W_ij``, ``b = What_ik``):
   ``dE = 2 (a (G d)_j + b (G d)_k) + a^2 G_jj + b^2 G_kk + 2 a b G_jk``; kept iff ``dE < 0``.
   A refused swap does not stop the row. So this mode never increases ``E``.
+  ``G`` costs about one more forward pass of the block; by default (``guard_gram: sampled``)
+  it is summed over every 4th calibration token only, so "never increases" holds on that
+  quarter of the tokens (held-out perplexity at 60/70% within 0.5% of the full Gram's, see
+  docs/benchmarks.md); ``guard_gram: full`` uses every token. With a SparseGPT base the full
+  ``G`` is there anyway and is used.
 
 Regrown weights take their dense value ``W_ij`` (with a SparseGPT base, its updated weights are
 kept everywhere else). Differences from the release: input variance is the population variance
 over all tokens (the release averages per-window variances); candidate lists hold only pruned
 (regrow) or kept (prune) weights, so a row whose list is exhausted stops instead of touching a
 weight of the other set.
+
+Batching: the Linears of one block that have the same ``in_features`` (on a Llama block q, k, v,
+o, gate and up; down on its own) run through one swap loop, their rows stacked, so the ~25 small
+tensor ops of a cycle run once per batch instead of once per Linear. Rows never interact, so the
+result is exactly that of one loop per Linear (tested); the calibrator hands the block's Linears
+over together through :meth:`WeightMethod.prune_group`.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.errors import RecipeError
-from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod, few_threads
+from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, few_threads
 from prune_cli.patterns import NM, SparsityPattern
 
 MODES = ("guarded", "reference")
@@ -81,6 +92,7 @@ class DSnoT(WeightMethod):
     var_power: float = 1.0
     sign_check: str = "auto"  # auto | on | off  (auto: reference -> N:M only, guarded -> on)
     skip: str | None = None  # regex over Linear names (relative to the block) left to the base
+    guard_gram: str = "sampled"  # sampled: X^T X over every 4th token | full: over all tokens
     base_options: dict | None = None
 
     def validate(self) -> None:
@@ -88,6 +100,8 @@ class DSnoT(WeightMethod):
             raise RecipeError(f"dsnot base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.mode not in MODES:
             raise RecipeError(f"dsnot mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.guard_gram not in ("sampled", "full"):
+            raise RecipeError(f"dsnot guard_gram must be sampled or full, got {self.guard_gram!r}")
         if self.sign_check not in ("auto", "on", "off"):
             raise RecipeError(f"dsnot sign_check must be auto, on or off, got {self.sign_check!r}")
         if not (isinstance(self.max_cycles, int) and self.max_cycles >= 0):
@@ -109,8 +123,8 @@ class DSnoT(WeightMethod):
     @property
     def required_stats(self) -> frozenset[Stat]:  # type: ignore[override]
         wanted = {Stat.SQ_NORM, Stat.MEAN_VAR} | set(self.base_method().required_stats)
-        if self.mode == "guarded":
-            wanted.add(Stat.GRAM)
+        if self.mode == "guarded" and Stat.GRAM not in wanted:
+            wanted.add(Stat.GRAM if self.guard_gram == "full" else Stat.GRAM_SAMPLE)
         return frozenset(wanted)
 
     def for_layer(self, local_name: str) -> WeightMethod:
@@ -123,38 +137,42 @@ class DSnoT(WeightMethod):
             return self.mode == "guarded" or isinstance(pattern, NM)
         return self.sign_check == "on"
 
-    @torch.no_grad()
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
-        if stats is None:
+        return self.prune_group([(weight, stats, pattern)], backend)[0]
+
+    @torch.no_grad()
+    def prune_group(self, jobs: list[Job], backend=None) -> list[PruneResult]:
+        """The base method on every job, then one prune-and-grow loop per batch of jobs with the
+        same ``in_features`` and swap kind (unstructured, or N:M with the same ``M``)."""
+        if any(stats is None for _, stats, _ in jobs):
             raise RuntimeError("dsnot needs input statistics")
         base = self.base_method()
-        initial = base.prune(weight, stats, pattern, backend)
+        results = [base.prune(weight, stats, pattern, backend) for weight, stats, pattern in jobs]
         if self.max_cycles == 0:
-            return initial
-        W = weight.detach().float()
-        What = initial.weight.float().clone()
-        keep = initial.mask.clone()
-        scale = float(stats.tokens_per_window or 1)
-        mu = stats.mean.to(W.device) * scale
-        var = stats.var.to(W.device).clamp_min(1e-12)
-        if isinstance(base, ScoreMethod):
-            base_score = base.score(weight, stats).float()
-        else:  # SparseGPT: rank kept weights by Wanda score of their updated values
-            base_score = What.abs() * stats.norm.to(W.device)
-        G = stats.xtx.to(W.device) if self.mode == "guarded" else None
-        swap = self._swap_nm if isinstance(pattern, NM) else self._swap_unstructured
-        with few_threads(W.device):
-            swap(W, What, keep, mu, var, stats.norm.to(W.device), base_score, G, pattern)
-        return PruneResult(What.to(weight.dtype), keep)
+            return results
+        batches: dict[tuple, list[int]] = {}
+        for i, (weight, _, pattern) in enumerate(jobs):
+            m = pattern.m if isinstance(pattern, NM) else 0
+            batches.setdefault((weight.shape[1], m, weight.device), []).append(i)
+        for (_, m, device), members in batches.items():
+            pattern = jobs[members[0]][2]
+            rows = _Rows.stack([(jobs[i], results[i]) for i in members], base, self.mode == "guarded", m)
+            state = _SwapState(self, rows, self._sign_check(pattern))
+            with few_threads(device):
+                if m:
+                    self._swap_nm(state, rows, m)
+                else:
+                    self._swap_unstructured(state, rows)
+            for i, (weight_hat, keep) in zip(members, rows.split()):
+                results[i] = PruneResult(weight_hat.to(jobs[i][0].dtype), keep)
+        return results
 
     # ------------------------------------------------------------------ the two swap loops
 
-    def _swap_unstructured(self, W, What, keep, mu, var, norm, base_score, G, pattern):
-        state = _SwapState(self, W, What, keep, mu, var, G, pattern)
+    def _swap_unstructured(self, state: "_SwapState", rows: "_Rows") -> None:
         limit = self.max_cycles
-        wanda = What.abs() * norm
-        prune_pos, n_pos = _ordered(wanda, keep & (state.prune_metric > 0), False, limit)
-        prune_neg, n_neg = _ordered(wanda, keep & (state.prune_metric < 0), False, limit)
+        prune_pos, n_pos = _ordered(rows.wanda, rows.keep & (state.prune_metric > 0), False, limit)
+        prune_neg, n_neg = _ordered(rows.wanda, rows.keep & (state.prune_metric < 0), False, limit)
         ptr_pos = torch.zeros_like(state.rows)
         ptr_neg = torch.zeros_like(state.rows)
         for _ in range(self.max_cycles):
@@ -172,49 +190,115 @@ class DSnoT(WeightMethod):
             ptr_pos += (prune_up & live).long()
             ptr_neg += (~prune_up & live).long()
 
-    def _swap_nm(self, W, What, keep, mu, var, norm, base_score, G, pattern: NM):
-        state = _SwapState(self, W, What, keep, mu, var, G, pattern)
-        m = pattern.m
-        rows = state.rows
+    def _swap_nm(self, state: "_SwapState", rows: "_Rows", m: int) -> None:
+        keep = rows.keep
+        row_ids = state.rows
         # a kept weight is a pruning candidate once: after it was considered it is marked used
         used = torch.zeros_like(keep)
-        offsets = torch.arange(m, device=W.device)
+        offsets = torch.arange(m, device=keep.device)
+        inf = torch.tensor(float("inf"), device=keep.device)
         for _ in range(self.max_cycles):
             if not bool(state.active.any()):
                 break
             grow_up, idx_grow, exhausted = state.next_grow()
-            group = (idx_grow - idx_grow % m).unsqueeze(1) + offsets  # (out, m)
+            group = (idx_grow - idx_grow % m).unsqueeze(1) + offsets  # (rows, m)
             cand = keep.gather(1, group) & ~used.gather(1, group)
             exhausted |= ~cand.any(dim=1)
-            scores = torch.where(cand, base_score.gather(1, group), torch.full_like(group, float("inf"), dtype=W.dtype))
+            scores = torch.where(cand, rows.base_score.gather(1, group), inf)
             idx_prune = group.gather(1, scores.argmin(dim=1, keepdim=True)).squeeze(1)
             live = ~exhausted
             take = state.step(idx_grow, idx_prune, exhausted)
             state.advance_grow(grow_up, live)
-            used[rows[live], idx_prune[live]] = True
-            used[rows[take], idx_grow[take]] = True  # a regrown weight is never pruned again
+            used[row_ids[live], idx_prune[live]] = True
+            used[row_ids[take], idx_grow[take]] = True  # a regrown weight is never pruned again
+
+
+class _Rows:
+    """The rows of one or more Linears with the same ``in_features``, stacked (``(R, in)``
+    each), with what the swap loops read: dense ``W``, current ``What`` and ``keep`` (updated
+    in place), the effects ``W * mu`` and ``What * mu`` (``mu`` scaled by tokens per window),
+    the regrow ranking ``W * mu / var^p``, the Wanda score of ``What`` (unstructured) or the
+    base score (N:M) and, guarded, the Gram matrices ``G`` (``(n_inputs, in, in)``: Linears
+    reading the same input share one) with each row's index ``gid`` into them and ``G d``."""
+
+    @classmethod
+    def stack(cls, items: list[tuple[Job, PruneResult]], base: WeightMethod, guarded: bool, m: int) -> "_Rows":
+        self = cls()
+        parts: dict[str, list] = {k: [] for k in ("W", "What", "keep", "err", "regrow", "prune", "ranked", "score", "Gd", "gid")}
+        grams: list[torch.Tensor] = []
+        gram_of: dict[int, int] = {}
+        self.sizes = []
+        for (weight, stats, _), initial in items:
+            W = weight.detach().float()
+            What = initial.weight.float()
+            device = W.device
+            mu = stats.mean.to(device) * float(stats.tokens_per_window or 1)
+            var = stats.var.to(device).clamp_min(1e-12)
+            norm = stats.norm.to(device)
+            regrow = W * mu
+            parts["W"].append(W)
+            parts["What"].append(What)
+            parts["keep"].append(initial.mask)
+            parts["err"].append(((W - What) * mu).sum(dim=1))
+            parts["regrow"].append(regrow)
+            parts["prune"].append(What * mu)
+            parts["ranked"].append((regrow, var))
+            if m and isinstance(base, ScoreMethod):
+                parts["score"].append(base.score(weight, stats).float())
+            else:  # unstructured: Wanda score of What; SparseGPT base: Wanda score of its updated values
+                parts["score"].append(What.abs() * norm)
+            if guarded:
+                key = id(stats)
+                if key not in gram_of:
+                    gram_of[key] = len(grams)
+                    grams.append(stats.xtx.to(device))
+                G = grams[gram_of[key]]
+                parts["Gd"].append((W - What) @ G)
+                parts["gid"].append(torch.full((W.shape[0],), gram_of[key], dtype=torch.long, device=device))
+            self.sizes.append(W.shape[0])
+        self.W = torch.cat(parts["W"])
+        self.What = torch.cat(parts["What"])
+        self.keep = torch.cat(parts["keep"])
+        self.regrow_metric = torch.cat(parts["regrow"])
+        self.prune_metric = torch.cat(parts["prune"])
+        self.err = torch.cat(parts["err"])
+        self._ranked_parts = parts["ranked"]
+        self.base_score = self.wanda = torch.cat(parts["score"])
+        self.G = torch.stack(grams) if guarded else None
+        self.Gd = torch.cat(parts["Gd"]) if guarded else None
+        self.gid = torch.cat(parts["gid"]) if guarded else None
+        return self
+
+    def ranked(self, var_power: float) -> torch.Tensor:
+        """Regrow ranking ``W_ij mu_j / var_j^p`` (``(R, in)``)."""
+        return torch.cat([regrow / var.pow(var_power) for regrow, var in self._ranked_parts])
+
+    def split(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(What, keep)`` per Linear, in the order they were stacked."""
+        return list(zip(self.What.split(self.sizes), self.keep.split(self.sizes)))
 
 
 class _SwapState:
     """What both swap loops share: the expected errors ``e``, the regrow candidate lists and
     their two pointers, the acceptance rule and, in guarded mode, ``G d`` for the exact ``dE``.
-    ``What`` and ``keep`` are updated in place."""
+    ``rows.What`` and ``rows.keep`` are updated in place."""
 
-    def __init__(self, method: DSnoT, W, What, keep, mu, var, G, pattern):
-        self.method, self.W, self.What, self.keep, self.G = method, W, What, keep, G
+    def __init__(self, method: DSnoT, rows: _Rows, check_sign: bool):
+        self.method, self.data = method, rows
+        W, What, keep = rows.W, rows.What, rows.keep
         self.rows = torch.arange(W.shape[0], device=W.device)
-        self.regrow_metric = W * mu  # effect on e of regrowing (pruned entries)
-        self.prune_metric = What * mu  # effect on e of pruning (kept entries)
-        self.err = ((W - What) * mu).sum(dim=1)
+        self.regrow_metric = rows.regrow_metric  # effect on e of regrowing (pruned entries)
+        self.prune_metric = rows.prune_metric  # effect on e of pruning (kept entries)
+        self.err = rows.err  # e_i = T sum_j (W_ij - What_ij) mu_j
         self.sign0 = torch.sign(self.err)
-        ranked = self.regrow_metric / var.pow(method.var_power)
+        ranked = rows.ranked(method.var_power)
         self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
         self.grow_lo, _ = _ordered(ranked, ~keep, False, method.max_cycles)
+        del ranked
         self.ptr_hi = torch.zeros_like(self.rows)
         self.ptr_lo = torch.zeros_like(self.rows)
-        self.Gd = (W - What) @ G if G is not None else None
         self.active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
-        self.check_sign = method._sign_check(pattern)
+        self.check_sign = check_sign
 
     def next_grow(self):
         """Per row: whether to regrow from the top (``e > 0``), which weight, and whether the
@@ -231,7 +315,8 @@ class _SwapState:
         """Decide and apply this cycle's swap (regrow ``j``, prune ``k``) per row; returns the
         rows that took it."""
         self.active &= ~exhausted
-        rows, W, What = self.rows, self.W, self.What
+        d = self.data
+        rows, W, What = self.rows, d.W, d.What
         err_after = self.err + self.prune_metric[rows, k] - self.regrow_metric[rows, j]
         over = self.err.abs() > self.method.update_threshold
         take = self.active & over
@@ -241,16 +326,17 @@ class _SwapState:
             self.active = take  # the first refused swap stops the row
         else:
             a, b = -W[rows, j], What[rows, k]
-            G, Gd = self.G, self.Gd
-            dE = 2 * (a * Gd[rows, j] + b * Gd[rows, k]) + a * a * G[j, j] + b * b * G[k, k] + 2 * a * b * G[j, k]
+            G, Gd, g = d.G, d.Gd, d.gid
+            dE = 2 * (a * Gd[rows, j] + b * Gd[rows, k]) + a * a * G[g, j, j] + b * b * G[g, k, k] + 2 * a * b * G[g, j, k]
             take &= dE < 0
             self.active = self.active & over
         self.err = torch.where(take, err_after, self.err)
         r, jj, kk = rows[take], j[take], k[take]
-        if self.Gd is not None and r.numel():
-            self.Gd[r] += (-W[r, jj]).unsqueeze(1) * self.G[jj] + What[r, kk].unsqueeze(1) * self.G[kk]
+        if d.Gd is not None and r.numel():
+            g = d.gid[r]
+            d.Gd[r] += (-W[r, jj]).unsqueeze(1) * d.G[g, jj] + What[r, kk].unsqueeze(1) * d.G[g, kk]
         What[r, jj] = W[r, jj]
         What[r, kk] = 0
-        self.keep[r, jj] = True
-        self.keep[r, kk] = False
+        d.keep[r, jj] = True
+        d.keep[r, kk] = False
         return take

@@ -90,3 +90,49 @@ def test_bad_options(options):
 
     with pytest.raises(RecipeError):
         build_method("dsnot", options)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4)])
+@pytest.mark.parametrize("mode", ["guarded", "reference"])
+@pytest.mark.parametrize("base", ["wanda", "sparsegpt"])
+def test_group_equals_one_loop_per_linear(pattern, mode, base):
+    """prune_group stacks Linears of the same width into one swap loop (two of them reading the
+    same input, like q/k, one with its own input, one of another width): rows never interact,
+    so every weight and mask must equal the per-Linear result exactly."""
+    w1, x, shared = layer(seed=0, out_f=48, in_f=64)
+    w2 = torch.randn(24, 64, generator=torch.Generator().manual_seed(7))
+    w3, _, own = layer(seed=3, out_f=40, in_f=64)
+    w4, _, wide = layer(seed=4, out_f=16, in_f=96)
+    jobs = [(w1, shared, pattern), (w4, wide, pattern), (w2, shared, pattern), (w3, own, pattern)]
+    method = build_method("dsnot", {"base": base, "mode": mode})
+    grouped = method.prune_group(jobs)
+    for (w, stats, p), res in zip(jobs, grouped):
+        alone = method.prune(w, stats, p)
+        assert torch.equal(res.mask, alone.mask)
+        assert torch.equal(res.weight, alone.weight)
+    assert any(not torch.equal(r.mask, build_method(base).prune(w, s, p).mask) for (w, s, p), r in zip(jobs, grouped))
+
+
+def test_guard_gram_default_is_sampled_full_on_request_and_free_with_sparsegpt():
+    from prune_cli.calibrators.stats import Stat
+
+    assert Stat.GRAM_SAMPLE in build_method("dsnot").required_stats
+    assert Stat.GRAM not in build_method("dsnot").required_stats
+    assert Stat.GRAM in build_method("dsnot", {"guard_gram": "full"}).required_stats
+    sgpt = build_method("dsnot", {"base": "sparsegpt"}).required_stats
+    assert Stat.GRAM in sgpt and Stat.GRAM_SAMPLE not in sgpt
+    assert not ({Stat.GRAM, Stat.GRAM_SAMPLE} & build_method("dsnot", {"mode": "reference"}).required_stats)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4)])
+def test_guarded_with_sampled_gram_never_increases_error_on_the_sample(pattern):
+    from prune_cli.calibrators.stats import GRAM_SAMPLE_STRIDE, InputStats, Stat
+
+    w, x, _ = layer(seed=5)
+    stats = InputStats(x.shape[1], frozenset({Stat.SQ_NORM, Stat.MEAN_VAR, Stat.GRAM_SAMPLE}), tokens_per_window=8)
+    stats.update(x)
+    sample = x[::GRAM_SAMPLE_STRIDE]
+    before = recon_error(w, build_method("wanda").prune(w, stats, pattern).weight, sample)
+    res = build_method("dsnot").prune(w, stats, pattern)
+    assert not torch.equal(res.mask, build_method("wanda").prune(w, stats, pattern).mask)
+    assert recon_error(w, res.weight, sample) <= before * (1 + 1e-6)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
@@ -41,3 +42,22 @@ def test_bf16_input_accumulates_in_fp32():
     s.update(torch.ones(1000, 4, dtype=torch.bfloat16))
     assert s.sum_sq.dtype == torch.float32
     assert s.sum_sq[0].item() == 1000.0
+
+
+def test_gram_sample_uses_every_fourth_token_and_full_gram_wins():
+    from prune_cli.calibrators.stats import GRAM_SAMPLE_STRIDE
+
+    x = torch.randn(3, 10, 5, generator=torch.Generator().manual_seed(0))
+    sampled = InputStats(5, frozenset({Stat.GRAM_SAMPLE}))
+    for part in x:  # batch by batch, as the calibrator does
+        sampled.update(part)
+    rows = torch.cat([part[::GRAM_SAMPLE_STRIDE] for part in x])
+    torch.testing.assert_close(sampled.xtx, rows.T @ rows)
+    assert sampled.xtx_tokens == rows.shape[0] == 9 and sampled.count == 30
+    with pytest.raises(RuntimeError, match="full Gram"):
+        sampled.hessian
+    both = InputStats(5, frozenset({Stat.GRAM_SAMPLE, Stat.GRAM}))
+    both.update(x.reshape(-1, 5))
+    flat = x.reshape(-1, 5)
+    torch.testing.assert_close(both.xtx, flat.T @ flat)
+    assert both.xtx_tokens == 30
