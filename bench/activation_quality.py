@@ -32,10 +32,10 @@ from prune_cli.model_io import bundled_source, load_model  # noqa: E402
 
 RUNS = [
     ("teal (uniform)", "teal", {}, "uniform"),
-    ("teal (greedy)", "teal", {}, "greedy"),
+    ("teal (greedy, Fisher-weighted)", "teal", {}, "greedy"),
     ("wina, every Linear (uniform)", "wina", {}, "uniform"),
     ("wina, as released (top-k, k/gate norms)", "wina", {"selection": "topk", "variant": "released"}, "uniform"),
-    ("wina, every Linear (greedy)", "wina", {}, "greedy"),
+    ("wina, every Linear (greedy, Fisher-weighted)", "wina", {}, "greedy"),
     ("rsparse (auto alpha, activation-aware SVD)", "rsparse", {}, "uniform"),
     ("rsparse (auto alpha, plain SVD)", "rsparse", {"svd": "weight"}, "uniform"),
 ]

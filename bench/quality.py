@@ -54,6 +54,7 @@ def runs() -> list[tuple[str, str, dict]]:
             ("dsnot-reference(sparsegpt, all layers)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt", "mode": "reference"}, **pat}),
             ("dsnot-guarded(sparsegpt)", level, {"method": "dsnot", "method_options": {"base": "sparsegpt"}, **pat}),
             ("dsnot-reference(wanda, all layers)", level, {"method": "dsnot", "method_options": {"base": "wanda", "mode": "reference"}, **pat}),
+            ("dsnot-guarded(wanda, full Gram)", level, {"method": "dsnot", "method_options": {"base": "wanda", "guard_gram": "full"}, **pat}),
         ]
     return out
 

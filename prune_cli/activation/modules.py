@@ -41,6 +41,8 @@ class SparseInputLinear(nn.Module):
         self.register_buffer("lowrank_u", None if lowrank_u is None else lowrank_u.detach().to(device, linear.weight.dtype))
         self.register_buffer("lowrank_v", None if lowrank_v is None else lowrank_v.detach().to(device, linear.weight.dtype))
         self.weight_t: torch.Tensor | None = None  # input-major copy for the decode path
+        self._bag_offsets: torch.Tensor | None = None
+        self._channel_threshold: torch.Tensor | None = None  # decode with thresholds: tau / c_i
         self.counting = False
         self.kept = 0
         self.seen = 0
@@ -75,15 +77,27 @@ class SparseInputLinear(nn.Module):
         return scores > self.threshold
 
     def prepare_decode(self) -> None:
-        """Make the input-major weight copy used by the one-token path."""
+        """Make what the one-token path reads: the input-major weight copy ``W^T`` (``(in,
+        out)``), the per-channel thresholds ``tau / c_i`` (``|x_i| c_i > tau`` iff
+        ``|x_i| > tau / c_i`` for ``c_i > 0``; a channel with ``c_i = 0`` is never kept unless
+        ``tau < 0``) and the one-bag offsets."""
         self.weight_t = self.linear.weight.detach().t().contiguous()
+        c, tau = self.channel_scale, self.threshold
+        never = torch.where(tau < 0, float("-inf"), float("inf"))
+        thresholds = torch.where(c > 0, tau / c.clamp_min(torch.finfo(c.dtype).tiny), never)
+        self._channel_threshold = thresholds.to(self.linear.weight.dtype) if int(self.keep_count) == 0 else None
+        self._bag_offsets = torch.zeros(1, dtype=torch.long, device=c.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.mask(x)
+        one_token = self.weight_t is not None and x.shape[:-1].numel() == 1 and self.lowrank_u is None
+        if one_token and self._channel_threshold is not None:
+            keep = x.abs() > self._channel_threshold  # the same mask, 2 small ops instead of 3
+        else:
+            keep = self.mask(x)
         if self.counting:
             self.kept += int(keep.sum())
             self.seen += keep.numel()
-        if self.weight_t is not None and x.shape[:-1].numel() == 1 and self.lowrank_u is None:
+        if one_token:
             return self._decode_one(x, keep)
         y = F.linear(x * keep, self.linear.weight, self.linear.bias)
         if self.lowrank_u is not None:
@@ -94,8 +108,7 @@ class SparseInputLinear(nn.Module):
     def _decode_one(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1)
         idx = keep.reshape(-1).nonzero().squeeze(1)
-        y = F.embedding_bag(idx, self.weight_t, torch.zeros(1, dtype=torch.long, device=x.device),
-                            per_sample_weights=flat[idx], mode="sum")
+        y = F.embedding_bag(idx, self.weight_t, self._bag_offsets, per_sample_weights=flat[idx], mode="sum")
         if self.linear.bias is not None:
             y = y + self.linear.bias
         return y.reshape(*x.shape[:-1], self.out_features)

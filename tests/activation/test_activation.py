@@ -161,3 +161,41 @@ def test_wina_released_uses_sibling_norms():
     assert torch.equal(method.channel_scale(q, ctx), column_norms(k))
     ctx["local"] = "self_attn.o_proj"
     assert torch.equal(method.channel_scale(q, ctx), torch.ones(64))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_decode_thresholds_give_the_calibrated_mask(sparsity):
+    """The one-token path compares |x_i| with tau / c_i; on many tokens it must keep exactly
+    the channels that |x_i| c_i > tau keeps, including a dead column (c_i = 0)."""
+    lin = linear(64, 48)
+    with torch.no_grad():
+        lin.weight[:, 5] = 0
+    module = build_activation_method("wina").fit(lin, correlated_inputs(2000, 64), sparsity)
+    module.prepare_decode()
+    tokens = correlated_inputs(500, 64, seed=11)
+    assert torch.equal(tokens.abs() > module._channel_threshold, module.mask(tokens))
+    outputs = torch.stack([module(t.reshape(1, 1, 64)).reshape(-1) for t in tokens[:20]])
+    torch.testing.assert_close(outputs, lin(tokens[:20] * module.mask(tokens[:20])), atol=1e-5, rtol=1e-5)
+
+
+def test_output_fisher_is_the_summed_squared_loss_gradient_of_each_output():
+    from prune_cli.activation.calibrate import activation_targets, output_fisher
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama").eval()
+    targets = activation_targets(model, lambda name: True)
+    windows = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    fisher = output_fisher(model, targets, windows, torch.device("cpu"), n_windows=2)
+    assert set(fisher) == {t.name for t in targets}
+    assert all(p.requires_grad for p in model.parameters())  # restored after the pass
+    name = next(t.name for t in targets if t.local.endswith("v_proj"))
+    expected = 0
+    for window in windows[:2]:  # by hand: keep the output, take d loss / d output
+        captured = {}
+        handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: captured.setdefault("y", out))
+        loss = model(input_ids=window.unsqueeze(0), labels=window.unsqueeze(0)).loss
+        handle.remove()
+        (grad,) = torch.autograd.grad(loss, captured["y"])
+        expected = expected + grad.reshape(-1, grad.shape[-1]).square().sum(0)
+    torch.testing.assert_close(fisher[name], expected, rtol=1e-4, atol=1e-12)
+    assert (fisher[name] > 0).all()
