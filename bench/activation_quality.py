@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from prune_cli.activation import build_activation_method  # noqa: E402
 from prune_cli.activation.calibrate import activation_targets, allocate, calibrate_activation  # noqa: E402
 from prune_cli.activation.modules import count_sparsity, unwrap_all  # noqa: E402
+from prune_cli.activation.transform import apply_transform, rotations_for, strip_transform  # noqa: E402
 from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize  # noqa: E402
 from prune_cli.calibrators.sources import bundled_text  # noqa: E402
 from prune_cli.evaluate import perplexity  # noqa: E402
@@ -38,6 +39,9 @@ RUNS = [
     ("wina, every Linear (greedy, Fisher-weighted)", "wina", {}, "greedy"),
     ("rsparse (auto alpha, activation-aware SVD)", "rsparse", {}, "uniform"),
     ("rsparse (auto alpha, plain SVD)", "rsparse", {"svd": "weight"}, "uniform"),
+    ("rsparse (auto alpha, activation-aware SVD, greedy, Fisher-weighted)", "rsparse", {}, "greedy"),
+    ("wina + transform (uniform)", "wina", {"transform": True}, "uniform"),
+    ("wina + transform (greedy, Fisher-weighted)", "wina", {"transform": True}, "greedy"),
 ]
 
 
@@ -58,6 +62,7 @@ def main() -> None:
     cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
     ev = evaluation_windows(tokenize(tokenizer, bundled_text("evaluation").text), args.eval_windows, args.seqlen)
     device = torch.device("cpu")
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}
     print(f"dense ppl {results['dense']:.3f}", flush=True)
     targets = activation_targets(model, lambda name: True)
@@ -67,6 +72,8 @@ def main() -> None:
         method = build_activation_method(name, options)
         for level in args.levels:
             start = time.perf_counter()
+            if method.options().get("transform"):
+                apply_transform(model, rotations_for(model))
             sparsity, _ = allocate(model, targets, method, allocation, level, cal, 8, device, 16384, 0)
             calibrate_activation(model, targets, method, sparsity, cal, 8, device, 16384, 0)
             seconds = time.perf_counter() - start
@@ -78,6 +85,8 @@ def main() -> None:
             print(f"{label:45s} {level:.2f} ppl {ppl:8.3f} achieved {row['achieved']:.4f} "
                   f"(input {row['input_sparsity']:.4f}) {seconds:.0f} s", flush=True)
             unwrap_all(model)
+            strip_transform(model)
+            model.load_state_dict(dense_state)  # every run starts from the same dense weights
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print("tables: python bench/make_tables.py > docs/quality.md")

@@ -48,7 +48,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
     def gbps(self, us):
-        return None if not us else self.bytes / (us * 1e-6) / 1e9
+        return None if not us or not self.bytes else self.bytes / (us * 1e-6) / 1e9
 
 
 def median_ms(fn, warmup: int, reps: int) -> float:
@@ -258,6 +258,26 @@ def main(argv=None) -> int:
             )
         del weight_t
 
+    # --- DSnoT prune-and-grow cycles: one kernel launch vs the torch loop (~25 small ops a cycle)
+    dsnot_speedups = []
+    for pattern in (Unstructured(0.6), NM(2, 4)):
+        for width, batch in dsnot_block(dev, g, scale):
+            try:
+                row, speed = bench_dsnot(cupy, pattern, width, batch, reps)
+            except Exception as exc:  # keep the other rows
+                row, speed = Row("dsnot_swap", f"{width} wide, {pattern.describe()}", 0), None
+                row.notes.append(f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            rows.append(row)
+            print(format_row(row, copy_bw), flush=True)
+            if speed is not None:
+                dsnot_speedups.append(speed)
+    if args.smoke:
+        print("dsnot_swap: smoke run (the torch loop on both sides); no speedup to read", flush=True)
+    elif dsnot_speedups:
+        worst = min(dsnot_speedups)
+        print(f"dsnot_swap: speedup over the torch loop {worst:.1f}x at worst (goal >= 10x): "
+              f"{'met' if worst >= 10 else 'NOT met'}", flush=True)
+
     table = markdown(rows, device_name, copy_bw, compile_s)
     if args.markdown:
         args.markdown.write_text(table)
@@ -267,6 +287,107 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - t0:.1f} s", flush=True)
     bad = [r for r in rows if r.notes and any(n.startswith("failed") for n in r.notes) or "DIFFERENT" in r.check]
     return 1 if bad else 0
+
+
+def dsnot_block(dev, g, scale: int):
+    """A Llama-like block (SmolLM2-135M shapes: hidden 576, MLP 1536, 9 query / 3 KV heads of 64):
+    per width, the Linears DSnoT stacks into one swap loop, as ``(weight, stats)`` pairs. q, k, v
+    share one input (one Gram matrix), gate and up another; o and down read their own."""
+    from prune_cli.calibrators.stats import InputStats, Stat
+
+    hidden, mlp, kv = 576 // scale, 1536 // scale, 192 // scale
+
+    def stats(width):
+        x = torch.randn(2048 // scale, width, generator=g, device=dev)
+        x = x @ (torch.eye(width, device=dev) + torch.randn(width, width, generator=g, device=dev) / width**0.5)
+        x = x + torch.randn(width, generator=g, device=dev)
+        s = InputStats(width, frozenset({Stat.SQ_NORM, Stat.MEAN_VAR, Stat.GRAM}), tokens_per_window=256 // scale)
+        s.update(x)
+        return s
+
+    def weight(out_f, in_f):
+        return torch.randn(out_f, in_f, generator=g, device=dev) * 0.02
+
+    attn, o_in, mlp_in, down_in = stats(hidden), stats(hidden), stats(hidden), stats(mlp)
+    narrow = [(weight(hidden, hidden), attn), (weight(kv, hidden), attn), (weight(kv, hidden), attn),
+              (weight(hidden, hidden), o_in), (weight(mlp, hidden), mlp_in), (weight(mlp, hidden), mlp_in)]
+    return [(hidden, narrow), (mlp, [(weight(hidden, mlp), down_in)])]
+
+
+def bench_dsnot(backend, pattern, width: int, batch, reps: int):
+    """Time the guarded swap loop (50 cycles) of one stacked batch: the backend's ``dsnot_swap``
+    kernel vs ``DSnoT._swap_unstructured`` / ``_swap_nm``, both from the same state (restored
+    before every timed call, outside the timed region), and check the results are bit-identical."""
+    from prune_cli.methods import build_method
+    from prune_cli.methods.dsnot import _Rows, _SwapState
+
+    dsnot = build_method("dsnot", {"mode": "guarded"})
+    m = pattern.m if isinstance(pattern, NM) else 0
+    base = dsnot.base_method()
+    jobs = [(w, s, pattern) for w, s in batch]
+    rows = _Rows.stack([(job, base.prune(*job)) for job in jobs], base, True, m)
+    state = _SwapState(dsnot, rows, dsnot._sign_check(pattern))
+    lists = None if m else dsnot._prune_lists(state, rows)
+    pristine = {name: t.clone() for name, t in (("What", rows.What), ("keep", rows.keep), ("Gd", rows.Gd))}
+    err0 = state.err.clone()
+    kernel = getattr(backend, "dsnot_swap", None)
+
+    def restore():
+        for name, t in pristine.items():
+            getattr(rows, name).copy_(t)
+        state.err = rows.err = err0.clone()
+        state.active = torch.ones_like(state.active)
+        state.ptr_hi.zero_()
+        state.ptr_lo.zero_()
+
+    def torch_loop():
+        if m:
+            dsnot._swap_nm(state, rows, m)
+        else:
+            dsnot._swap_unstructured(state, lists)
+
+    def on_kernel():
+        if kernel is None:  # --smoke: the torch backend has no kernel; time the loop twice
+            return torch_loop()
+        dsnot._swap_kernel(kernel, state, rows, lists, m)
+
+    def snapshot():
+        return [t.clone() for t in (rows.What, rows.keep, rows.Gd, state.err)]
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            restore()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t))
+        return 1e3 * statistics.median(times)
+
+    restore()
+    torch_loop()
+    want = snapshot()
+    restore()
+    on_kernel()
+    got = snapshot()
+    same = all(torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                           b.view(torch.int32) if b.is_floating_point() else b) for a, b in zip(got, want))
+    changed = int((want[1] != pristine["keep"]).sum())
+    timed(on_kernel, 2)  # warm-up
+    row = Row("dsnot_swap", f"{rows.W.shape[0]}x{width} {pattern.describe()} guarded", 0, timing="eager")
+    row.cupy_us = timed(on_kernel, reps)
+    row.torch_us = timed(torch_loop, max(3, reps // 6))
+    row.check = "equal" if same else "DIFFERENT"
+    row.notes.append(f"{changed} mask entries changed")
+    return row, row.torch_us / row.cupy_us
 
 
 HEADER = (f"{'kernel':<13} {'case':<38} {'cupy µs':>9} {'torch µs':>9} {'speedup':>8} {'GB/s':>7} {'% copy':>7} "

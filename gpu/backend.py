@@ -9,6 +9,16 @@ Two implementations answer the same questions with the same answers:
 Masks are bit-identical between the two (ties broken by index, as
 :func:`prune_cli.methods.base.select`); statistics and GEMVs agree within float tolerance.
 
+Optional capability (not part of :class:`Backend`, looked up with ``getattr``):
+``dsnot_swap(W, What, keep, regrow_metric, prune_metric, err, grow_hi, grow_lo, n_grow, *,
+max_cycles, update_threshold, guarded, check_sign, prune_lists=None, m=0, base_score=None,
+G=None, Gd=None, gid=None)`` runs all of DSnoT's prune-and-grow cycles for all stacked rows in
+one CUDA launch, updating ``What``, ``keep``, ``err`` (and ``Gd``) in place, bit-identical to
+the torch loop of :mod:`prune_cli.methods.dsnot` (see
+:meth:`prune_cli.gpu.cupy_backend.CupyBackend.dsnot_swap` for shapes and the formula). Only the
+CuPy backend offers it; ``DSnoT.prune_group`` calls it when the tensors are on the backend's
+device and otherwise runs the torch loop (the torch backend, no backend, CPU).
+
 Nothing here imports CuPy: :func:`resolve_backend` imports it only when the CuPy backend is
 asked for (``cupy``) or may be chosen (``auto`` with a CUDA device).
 """

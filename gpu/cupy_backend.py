@@ -33,6 +33,9 @@ from prune_cli.patterns import NM, SparsityPattern, Unstructured
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2}
 
+_DSNOT_THREADS = 128  # PC_DSNOT_THREADS in dsnot.cu: one warp per row
+_DSNOT_ROWS_PER_BLOCK = _DSNOT_THREADS // 32
+
 _lock = threading.Lock()
 _instances: dict[int, "CupyBackend"] = {}
 
@@ -361,6 +364,101 @@ class CupyBackend:
                 (part_c, _i32(chunks), _i32(out_features), u_c, z_c, _i32(rank), self._view(y)),
             )
         return y
+
+
+    # ---------------------------------------------------------------- DSnoT
+    def dsnot_swap(
+        self,
+        W: torch.Tensor,
+        What: torch.Tensor,
+        keep: torch.Tensor,
+        regrow_metric: torch.Tensor,
+        prune_metric: torch.Tensor,
+        err: torch.Tensor,
+        grow_hi: torch.Tensor,
+        grow_lo: torch.Tensor,
+        n_grow: torch.Tensor,
+        *,
+        max_cycles: int,
+        update_threshold: float,
+        guarded: bool,
+        check_sign: bool,
+        prune_lists: tuple | None = None,
+        m: int = 0,
+        base_score: torch.Tensor | None = None,
+        G: torch.Tensor | None = None,
+        Gd: torch.Tensor | None = None,
+        gid: torch.Tensor | None = None,
+    ) -> None:
+        """All of DSnoT's prune-and-grow cycles for all rows in one launch (dsnot.cu), bit-identical
+        to ``DSnoT._swap_unstructured`` / ``DSnoT._swap_nm`` on the same inputs.
+
+        ``R`` stacked rows of width ``n``, ``L = max(1, min(max_cycles, n))``: ``W``, ``What``,
+        ``regrow_metric`` (``W mu``), ``prune_metric`` (``What mu``) ``(R, n)`` fp32; ``keep``
+        ``(R, n)`` bool; ``err`` ``(R,)`` fp32; ``grow_hi`` / ``grow_lo`` ``(R, L)`` and ``n_grow``
+        ``(R,)`` integer. Unstructured: ``prune_lists = (prune_pos, n_pos, prune_neg, n_neg)``
+        (lists ``(R, L)``); N:M: ``m`` and ``base_score`` ``(R, n)``. Guarded: ``G``
+        ``(n_g, n, n)``, ``gid`` ``(R,)``, ``Gd = (W - What) G`` ``(R, n)``; a swap (regrow ``j``,
+        prune ``k``, ``a = -W_j``, ``b = What_k``) is kept iff
+        ``dE = 2 (a Gd_j + b Gd_k) + a^2 G_jj + b^2 G_kk + 2 a b G_jk < 0``.
+        ``What``, ``keep``, ``err`` (and ``Gd``) are updated in place.
+        """
+        if (m > 0) == (prune_lists is not None) or (m > 0 and base_score is None):
+            raise ValueError("dsnot_swap needs prune_lists (unstructured) or m > 0 with base_score (N:M)")
+        if guarded and (G is None or Gd is None or gid is None):
+            raise ValueError("guarded dsnot_swap needs G, Gd and gid")
+        rows, n = W.shape
+        if rows == 0 or n == 0 or max_cycles <= 0:
+            return
+        self._check_device(W, What, keep, regrow_metric, prune_metric, err, grow_hi, grow_lo, n_grow)
+        list_len = grow_hi.shape[1]
+        lists = [grow_hi, grow_lo, *(prune_lists[0::2] if prune_lists is not None else ())]
+        if any(t.shape != (rows, list_len) for t in lists):
+            raise ValueError("dsnot_swap: every candidate list must have shape (rows, L) with the same L")
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (given, buffer) pairs to copy back
+
+        def inout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            if t.dtype == dtype and t.is_contiguous():
+                return t
+            buf = t.to(dtype).contiguous()
+            outputs.append((t, buf))
+            return buf
+
+        def const(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return t.to(dtype).contiguous()
+
+        f32, i64 = torch.float32, torch.int64
+        What_b, err_b = inout(What, f32), inout(err, f32)
+        keep_b = keep if keep.dtype in (torch.bool, torch.uint8) and keep.is_contiguous() else inout(keep, torch.bool)
+        args_head = [const(W, f32), What_b, keep_b, const(regrow_metric, f32), const(prune_metric, f32), err_b,
+                     const(grow_hi, i64), const(grow_lo, i64), const(n_grow, i64)]
+        if guarded:
+            self._check_device(G, Gd, gid)
+            G_b, Gd_b, gid_b = const(G, f32), inout(Gd, f32), const(gid, i64)
+        else:  # unused by the kernel: any valid buffers
+            G_b, Gd_b, gid_b = args_head[0], args_head[1], args_head[8]
+        tail = [_i64(rows), _i32(n), _i32(max_cycles), np.float32(update_threshold), _i32(bool(guarded)),
+                _i32(bool(check_sign))]
+        grid = (math.ceil(rows / _DSNOT_ROWS_PER_BLOCK),)
+        with self._run():
+            head = [self._view(t) for t in args_head]
+            gram = [self._view(G_b), self._view(Gd_b), self._view(gid_b)]
+            if m:
+                self._check_device(base_score)
+                used = torch.zeros((rows, n), dtype=torch.uint8, device=self.device)
+                self.fn["dsnot_swap_nm"](
+                    grid, (_DSNOT_THREADS,),
+                    (*head, _i32(list_len), self._view(const(base_score, f32)), self._view(used), _i32(m), *gram, *tail),
+                )
+            else:
+                prune_pos, n_pos, prune_neg, n_neg = (const(t, i64) for t in prune_lists)
+                self._check_device(prune_pos, n_pos, prune_neg, n_neg)
+                self.fn["dsnot_swap_unstructured"](
+                    grid, (_DSNOT_THREADS,),
+                    (*head, *[self._view(t) for t in (prune_pos, n_pos, prune_neg, n_neg)], _i32(list_len), *gram, *tail),
+                )
+        for given, buf in outputs:
+            given.copy_(buf)
 
 
 class _OnTorchStream:

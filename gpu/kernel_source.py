@@ -29,7 +29,8 @@ def _names() -> dict[str, tuple[str, ...]]:
     gemv = [f"gemv_partial_{w}_{x}_v{v}" for w, x in GEMV_PAIRS for v in (1, VEC[w])]
     gemv += [f"lowrank_z_{w}_{x}" for w, x in GEMV_PAIRS]
     gemv += [f"gemv_reduce_{d}" for d in DTYPES]
-    return {"stats": tuple(stats), "select": tuple(select), "gemv": tuple(gemv)}
+    dsnot = ["dsnot_swap_unstructured", "dsnot_swap_nm"]
+    return {"stats": tuple(stats), "select": tuple(select), "gemv": tuple(gemv), "dsnot": tuple(dsnot)}
 
 
 # module name -> the extern "C" kernels it defines

@@ -1,4 +1,7 @@
-"""The torch backend: the reference every kernel is checked against (CPU and CUDA)."""
+"""The torch backend: the reference every kernel is checked against (CPU and CUDA).
+
+It has no ``dsnot_swap``: with this backend DSnoT runs its own torch swap loop
+(:mod:`prune_cli.methods.dsnot`), which is the reference for the CuPy kernel."""
 
 from __future__ import annotations
 

@@ -330,6 +330,10 @@ def _activation_stage(model, config: RunConfig, targets, cal_windows, cal, devic
     act = config.activation
     method = build_activation_method(act.method, act.options)
     with _timed(timings, "activation"):
+        if getattr(method, "transform", False):
+            from prune_cli.activation.transform import apply_transform, rotations_for
+
+            apply_transform(model, rotations_for(model))
         sparsity, _ = allocate(
             model, targets, method, act.allocation, act.sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed
         )
@@ -353,10 +357,13 @@ def _export(model, tokenizer, output: Path, report: dict, overwrite: bool) -> No
     from prune_cli.activation.modules import rewrap_all, unwrap_all
     from prune_cli.runtime import save_activation
 
+    from prune_cli.activation.transform import plain_norms
+
     wrappers = unwrap_all(model)
     try:
-        extra = (lambda folder: save_activation(wrappers, folder)) if wrappers else None
-        export_checkpoint(model, tokenizer, output, report, overwrite, extra)
+        with plain_norms(model) as rotations:
+            extra = (lambda folder: save_activation(wrappers, folder, rotations)) if wrappers else None
+            export_checkpoint(model, tokenizer, output, report, overwrite, extra)
     finally:
         rewrap_all(model, wrappers)
 

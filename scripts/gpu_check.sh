@@ -5,7 +5,8 @@
 #      extra's packages if needed: from wheels in .whl/ when present, else with pip);
 #   2. pytest -m gpu tests/gpu          (CuPy kernels vs the torch backend, bit for bit / in tolerance)
 #   3. pytest -m 'not gpu' tests/gpu    (compile check with this machine's NVRTC, host-code tests)
-#   4. python bench/gpu_kernels.py      (timings, bytes/s vs copy bandwidth, speedups)
+#   4. python bench/gpu_kernels.py      (timings, bytes/s vs copy bandwidth, speedups; the DSnoT
+#      swap kernel vs the torch loop on a Llama-like block, goal >= 10x)
 #   5. writes a short markdown summary to $OUT/gpu_results.md (logs beside it).
 #
 # Each step has its own time limit; the whole script stays well under 8 minutes on an H200.
@@ -101,6 +102,7 @@ rc_bench=${PIPESTATUS[0]}
   echo "- pytest -m gpu tests/gpu (exit $rc_gpu): $(tail -n 1 "$OUT/pytest_gpu.log")"
   echo "- pytest -m 'not gpu' tests/gpu (exit $rc_cpu): $(tail -n 1 "$OUT/pytest_cpu.log")"
   echo "- bench/gpu_kernels.py (exit $rc_bench), total script time $(($(date +%s) - START)) s"
+  echo "- $(grep -m1 '^dsnot_swap: speedup' "$OUT/bench.log" || echo 'dsnot_swap: no speedup line (see bench.log)')"
   echo
   if [ -s "$OUT/bench.md" ]; then cat "$OUT/bench.md"; else echo '(no benchmark table; see bench.log)'; fi
   if [ "$rc_gpu" != 0 ]; then

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prune_cli.activation.methods import ActivationMethod, RSparse
+from prune_cli.activation.methods import ActivationMethod
 from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.calibrators import layerwise
 from prune_cli.errors import RecipeError
@@ -226,8 +226,8 @@ def uniform_allocation(targets: list[Target], target: float) -> dict[str, float]
 def allocate(model, targets, method, allocation: str, target: float, windows, batch_size, device, max_tokens, seed):
     if allocation == "uniform":
         return uniform_allocation(targets, target), None
-    if isinstance(method, RSparse):
-        raise RecipeError("greedy allocation is for threshold methods (teal, wina); rsparse uses a uniform budget")
+    # R-Sparse: the curves are those of its sparse path alone (alpha = 1); each layer's alpha is
+    # then chosen at the allocated s by RSparse.fit (the low rank can only lower that error).
     fisher = output_fisher(model, targets, windows, device)
     curves = error_curves(model, targets, method, windows, batch_size, device, max_tokens, seed, fisher)
     return greedy_allocation(curves, {t.name: t.params for t in targets}, target), curves

@@ -7,7 +7,10 @@ sample of its calibration inputs ``X`` (``(n, in)`` fp32).
   target, e.g. 51% achieved at 50% here).
 * **WINA** (Chen et al. 2025, "Weight Informed Neuron Activation"): ``m_i = 1[|x_i| * ||W_:,i||_2 > tau]``
   with ``tau`` the ``s``-quantile of ``|X| * ||W_:,i||`` — on every targeted Linear (the release
-  applies the weight-norm criterion only to k_proj and gate_proj).
+  applies the weight-norm criterion only to k_proj and gate_proj). ``transform: true`` first
+  applies the paper's tensor transform (:mod:`prune_cli.activation.transform`: norm weights
+  folded into q/k/v and gate/up, inputs rotated so k_proj's and gate_proj's columns are
+  orthogonal; the dense function is unchanged).
 * **R-Sparse** (Zhang et al. 2025, "Rank-Aware Activation Sparsity"):
   ``y = W (x * m) + L (x * (1 - m))`` where ``L = U V`` is a rank-``r`` approximation of ``W``.
   Under a compute budget of ``(1 - s)`` of the dense product, a fraction ``k = (1 - s) alpha``
@@ -16,7 +19,10 @@ sample of its calibration inputs ``X`` (``(n, in)`` fp32).
   ``L = [W C^{1/2}]_r C^{-1/2}`` with ``C = X^T X / n`` (so ``E||(W - L) x||^2`` is minimised,
   not ``||W - L||_F``; ``svd: weight`` gives the plain SVD of the paper). ``alpha`` per layer
   is chosen from a grid by the output error on the calibration sample (the paper's search was
-  never released), with ``alpha = 1`` (no low rank) always a candidate.
+  never released), with ``alpha = 1`` (no low rank) always a candidate. The per-layer budget
+  ``s`` is uniform, or with ``allocation: greedy`` comes from the Fisher-weighted greedy
+  allocation of :mod:`prune_cli.activation.calibrate` (on the curves of the sparse path), so
+  the search is: greedy over layers for ``s``, then a grid over ``alpha`` per layer.
 """
 
 from __future__ import annotations
@@ -99,8 +105,11 @@ class Wina(ActivationMethod):
     name = "wina"
     selection: str = "threshold"  # threshold (calibrated) | topk (per token, as released)
     variant: str = "all"  # all: the criterion on every Linear | released: only k_proj/gate_proj norms
+    transform: bool = False  # the paper's tensor transform (prune_cli.activation.transform)
 
     def validate(self):
+        if not isinstance(self.transform, bool):
+            raise RecipeError(f"wina transform must be true or false, got {self.transform!r}")
         if self.selection not in ("threshold", "topk"):
             raise RecipeError(f"wina selection must be threshold or topk, got {self.selection!r}")
         if self.variant not in ("all", "released"):

@@ -158,16 +158,33 @@ class DSnoT(WeightMethod):
             rows = _Rows.stack([(jobs[i], results[i]) for i in members], base, self.mode == "guarded", m)
             state = _SwapState(self, rows, self._sign_check(pattern))
             lists = None if m else self._prune_lists(state, rows)  # big ops: all threads
-            with few_threads(device):  # the cycles: long chains of tiny ops
-                if m:
-                    self._swap_nm(state, rows, m)
-                else:
-                    self._swap_unstructured(state, lists)
+            swap = getattr(backend, "dsnot_swap", None)  # the CuPy backend's kernel: same result
+            if swap is not None and device == getattr(backend, "device", None):
+                self._swap_kernel(swap, state, rows, lists, m)
+            else:
+                with few_threads(device):  # the cycles: long chains of tiny ops
+                    if m:
+                        self._swap_nm(state, rows, m)
+                    else:
+                        self._swap_unstructured(state, lists)
             for i, (weight_hat, keep) in zip(members, rows.split()):
                 results[i] = PruneResult(weight_hat.to(jobs[i][0].dtype), keep)
         return results
 
     # ------------------------------------------------------------------ the two swap loops
+
+    def _swap_kernel(self, swap, state: "_SwapState", rows: "_Rows", lists, m: int) -> None:
+        """The cycles of :meth:`_swap_unstructured` / :meth:`_swap_nm` in one launch of the
+        backend's ``dsnot_swap`` (one warp per row, bit-identical); updates ``rows.What``,
+        ``rows.keep``, ``state.err`` and, guarded, ``rows.Gd`` in place."""
+        swap(
+            rows.W, rows.What, rows.keep, state.regrow_metric, state.prune_metric, state.err,
+            state.grow_hi, state.grow_lo, state.n_grow,
+            max_cycles=self.max_cycles, update_threshold=self.update_threshold,
+            guarded=self.mode == "guarded", check_sign=state.check_sign,
+            prune_lists=None if m else lists, m=m, base_score=rows.base_score if m else None,
+            G=rows.G, Gd=rows.Gd, gid=rows.gid,
+        )
 
     def _prune_lists(self, state: "_SwapState", rows: "_Rows"):
         """Unstructured pruning candidates per row, lowest Wanda score first: kept weights whose

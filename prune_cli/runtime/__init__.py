@@ -6,7 +6,9 @@
 
 The checkpoint's weights are plain safetensors (``transformers`` loads them alone, dense
 activations); the activation sparsifiers' buffers live in ``activation_sparsity.safetensors``
-and are described in ``sparsity.json`` under ``"activation"``.
+and are described in ``sparsity.json`` under ``"activation"``. With WINA's transform the
+weights are saved folded (norm weights 1, same dense function) and the file also holds the
+rotations, which :func:`load` applies before wrapping the Linears.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ ACTIVATION_FILE = "activation_sparsity.safetensors"
 REPORT_FILE = "sparsity.json"
 
 
-def save_activation(wrappers: dict, folder: Path) -> None:
-    """Write the buffers of ``wrappers`` (name -> SparseInputLinear) to ``folder``."""
+ROTATION_PREFIX = "wina_rotation."  # + norm name: WINA's transform (prune_cli.activation.transform)
+
+
+def save_activation(wrappers: dict, folder: Path, rotations: dict | None = None) -> None:
+    """Write the buffers of ``wrappers`` (name -> SparseInputLinear) to ``folder``, and the
+    rotations ``Q`` of WINA's transform (norm name -> ``(hidden, hidden)``) when there are any."""
     from safetensors.torch import save_file
 
-    tensors = {}
+    tensors = {f"{ROTATION_PREFIX}{name}": q.detach().cpu().contiguous() for name, q in (rotations or {}).items()}
     for name, module in wrappers.items():
         tensors[f"{name}.threshold"] = module.threshold.detach().cpu().reshape(1)
         tensors[f"{name}.channel_scale"] = module.channel_scale.detach().cpu().contiguous()
@@ -45,6 +51,11 @@ def apply_activation(model: nn.Module, folder: Path) -> int:
 
     path = Path(folder) / ACTIVATION_FILE
     tensors = load_file(str(path))
+    rotations = {k[len(ROTATION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(ROTATION_PREFIX)}
+    if rotations:  # the checkpoint holds F_r with weight-1 norms: rotate them again (bit-identical W'_r)
+        from prune_cli.activation.transform import apply_transform
+
+        apply_transform(model, rotations)
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     for name in names:
         try:

@@ -199,3 +199,66 @@ def test_output_fisher_is_the_summed_squared_loss_gradient_of_each_output():
         expected = expected + grad.reshape(-1, grad.shape[-1]).square().sum(0)
     torch.testing.assert_close(fisher[name], expected, rtol=1e-4, atol=1e-12)
     assert (fisher[name] > 0).all()
+
+
+def test_cli_shipped_activation_recipe(tmp_path, tiny_llama_dir):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "wina-greedy-50.yaml"
+    r = CliRunner().invoke(app, ["compress", str(tiny_llama_dir), "--recipe", str(recipe), *SMALL, "-o", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    act = report["activation"]
+    assert act["method"] == "wina" and act["allocation"] == "greedy"
+    assert len({layer["target_sparsity"] for layer in act["layers"]}) > 1  # per-layer allocation
+    assert abs(act["achieved_sparsity"] - 0.5) < 0.15  # 4 x 32 calibration tokens, 2 x 32 held out
+
+
+def test_wina_transform_keeps_the_dense_function_and_orthogonalizes_key_columns():
+    from prune_cli.activation.transform import RotatedNorm, apply_transform, plain_norms, rotations_for
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama").eval()
+    with torch.no_grad():  # non-trivial norm weights, so folding matters
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    dense = model(input_ids=ids).logits
+    assert apply_transform(model, rotations_for(model)) == 2 * len(model.model.layers)
+    torch.testing.assert_close(model(input_ids=ids).logits, dense, atol=1e-4, rtol=1e-4)
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, RotatedNorm)
+    for key in (layer.self_attn.k_proj, layer.mlp.gate_proj):
+        gram = key.weight.double().T @ key.weight.double()
+        off = gram - torch.diag(torch.diagonal(gram))
+        assert off.abs().max() < 1e-4 * gram.diagonal().max()
+    with plain_norms(model) as rotations:  # the exported form: plain modules, same function
+        assert not any(isinstance(m, RotatedNorm) for m in model.modules()) and len(rotations) == 4
+        torch.testing.assert_close(model(input_ids=ids).logits, dense, atol=1e-4, rtol=1e-4)
+    assert isinstance(layer.input_layernorm, RotatedNorm)
+    with pytest.raises(Exception, match="already"):
+        apply_transform(model, rotations_for(model))
+
+
+def test_wina_transform_export_load_is_bit_identical(tmp_path, tiny_llama_dir):
+    from prune_cli.runtime import load
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["compress", str(tiny_llama_dir), "--method", "wina", "--sparsity", "0.4", "-O", "transform=true",
+                                 *SMALL, "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["activation"]["options"]["transform"] is True
+    r = CliRunner().invoke(app, ["eval", str(out), "--eval-windows", "2", "--eval-seqlen", "32", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ppl"] == pytest.approx(report["ppl"]["compressed"], rel=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers: the dense function
+    model, _ = load(out)
+    ids = torch.randint(0, plain.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    from prune_cli.activation.modules import unwrap_all
+
+    unwrap_all(model)  # the loaded, transformed model without sparsifiers equals the plain one
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -152,6 +152,49 @@ class Kernel:
             y.view(FLOAT[suffix]).copy_(acc.to(FLOAT[suffix]))
 
 
+    # dsnot_swap_unstructured(W, What, keep, regrow, prune, err, grow_hi, grow_lo, n_grow,
+    #     prune_pos, n_pos, prune_neg, n_neg, list_len, G, Gd, gid, rows, n, max_cycles, threshold, guarded, check_sign)
+    # dsnot_swap_nm(W, What, keep, regrow, prune, err, grow_hi, grow_lo, n_grow,
+    #     list_len, score, used, m, G, Gd, gid, rows, n, max_cycles, threshold, guarded, check_sign)
+    def _dsnot_swap(self, grid, block, args, shared_mem):
+        nm = self.name == "dsnot_swap_nm"
+        head, rest = args[:9], args[9:]
+        if nm:
+            (list_len, score, used, m), rest = rest[:4], rest[4:]
+        else:
+            (prune_pos, n_pos, prune_neg, n_neg, list_len), rest = rest[:5], rest[5:]
+        G, Gd, gid, rows, n, max_cycles, threshold, guarded, check_sign = rest
+        rows, n, list_len = int(rows), int(n), int(list_len)
+        assert block[0] == 128 and grid[0] * 4 >= rows > (grid[0] - 1) * 4 and shared_mem == 0
+        assert isinstance(threshold, np.float32)
+        W, What, keep, regrow, prune, err, grow_hi, grow_lo, n_grow = head
+        for t in (W, What, regrow, prune, err, G, Gd):
+            assert t.dtype == torch.float32 and t.is_contiguous()
+        for t in (grow_hi, grow_lo, n_grow, gid, *(() if nm else (prune_pos, n_pos, prune_neg, n_neg))):
+            assert t.dtype == torch.int64 and t.is_contiguous()
+        assert keep.dtype == torch.uint8 and keep.shape == (rows, n) and grow_hi.shape == (rows, list_len)
+
+        def mat(t, shape=(rows, n)):
+            return t.numpy().reshape(shape)  # shares memory: in-place updates reach the tensors
+
+        kw = {}
+        if int(guarded):
+            kw = {"G": mat(G, (-1, n, n)), "Gd": mat(Gd), "gid": gid.numpy()}
+        if nm:
+            assert used.dtype == torch.uint8 and not used.any()
+            kw.update(m=int(m), score=mat(score), used=mat(used))
+        else:
+            lists = (rows, list_len)
+            kw.update(prune_pos=mat(prune_pos, lists), n_pos=n_pos.numpy(), prune_neg=mat(prune_neg, lists),
+                      n_neg=n_neg.numpy())
+        with np.errstate(all="ignore"):
+            km.dsnot_swap(
+                mat(W), mat(What), mat(keep), mat(regrow), mat(prune), err.numpy(), mat(grow_hi, (rows, list_len)),
+                mat(grow_lo, (rows, list_len)), n_grow.numpy(), max_cycles=int(max_cycles), threshold=threshold,
+                guarded=bool(int(guarded)), check_sign=bool(int(check_sign)), **kw,
+            )
+
+
 class _Ctx:
     def __init__(self, *a, **k):
         pass

@@ -126,3 +126,133 @@ def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     return np.where(nan, np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------- dsnot.cu
+def _sign_code(x: np.float32) -> int:
+    """pc_sign_code: torch.sign as 1, -1, 0 (either zero) or 2 (NaN), from the bits."""
+    u = int(np.float32(x).view(np.uint32))
+    mag = u & 0x7FFFFFFF
+    if mag > 0x7F800000:
+        return 2
+    if mag == 0:
+        return 0
+    return -1 if u & 0x80000000 else 1
+
+
+def dsnot_delta_e(a, b, gd_j, gd_k, g_jj, g_kk, g_jk):
+    """pc_dsnot_step's dE, fp32, one rounding per operation in the kernel's (= torch's) order:
+    ``((2 (a gd_j + b gd_k) + (a a) g_jj) + (b b) g_kk) + ((2 a) b) g_jk``. Scalars or arrays."""
+    f32 = np.float32
+    lin = f32(a * gd_j) + f32(b * gd_k)
+    dE = f32(2) * lin
+    dE = dE + f32(a * a) * g_jj
+    dE = dE + f32(b * b) * g_kk
+    return dE + f32(f32(f32(2) * a) * b) * g_jk
+
+
+def dsnot_gd_delta(a, b, g_j, g_k):
+    """The guarded row update ``(a G[j, :]) + (b G[k, :])`` (fp32, two products then one add)."""
+    return a * g_j + b * g_k
+
+
+def _dsnot_step(c: dict, r: int, j: int, k: int, sign0: int, e: np.float32, gram: int | None):
+    """pc_dsnot_step for row ``r``: returns ``(take, e, active)``; applies a taken swap.
+
+    Every fp32 operation is one NumPy float32 scalar operation in the kernel's order (IEEE
+    round to nearest even, subnormals kept, never fused). The ``G d`` row update is a plain
+    fp32 add here (torch's CPU index_add_); the kernel's atomicAdd is torch's CUDA index_add_.
+    """
+    f32 = np.float32
+    w_j = c["W"][r, j]
+    what_k = c["What"][r, k]
+    err_after = f32(f32(e + c["prune"][r, k]) - c["regrow"][r, j])
+    over = bool(c["threshold"] < abs(e))
+    take = over
+    if c["check_sign"]:
+        s = _sign_code(err_after)
+        take = take and s == sign0 and s != 2
+    if not c["guarded"]:
+        active = take
+    else:
+        active = over
+        a, b = -w_j, what_k
+        G, gd = c["G"][gram], c["Gd"][r]
+        if take:
+            take = bool(dsnot_delta_e(a, b, gd[j], gd[k], G[j, j], G[k, k], G[j, k]) < 0)
+        if take:
+            gd += dsnot_gd_delta(a, b, G[j], G[k])
+    if take:
+        e = err_after
+        c["What"][r, j] = w_j
+        c["What"][r, k] = 0.0
+        c["keep"][r, j] = 1
+        c["keep"][r, k] = 0
+    return take, e, active
+
+
+def dsnot_swap(
+    W, What, keep, regrow, prune, err, grow_hi, grow_lo, n_grow, *, max_cycles: int, threshold,
+    guarded: bool, check_sign: bool, prune_pos=None, n_pos=None, prune_neg=None, n_neg=None,
+    m: int = 0, score=None, used=None, G=None, Gd=None, gid=None,
+) -> None:
+    """dsnot_swap_unstructured (``m == 0``) / dsnot_swap_nm (``m > 0``), one warp's row at a time.
+
+    NumPy arrays with the kernels' shapes and dtypes (fp32 ``(R, n)``, uint8 ``keep``/``used``,
+    int64 lists ``(R, L)`` and counts ``(R,)``, ``G`` ``(n_g, n, n)``); ``What``, ``keep``,
+    ``err``, ``Gd`` and ``used`` are updated in place. Returns, per row, how many cycles ran and
+    whether the row stopped on an exhausted list (for the tests; the kernel returns nothing).
+    """
+    f32 = np.float32
+    c = {"W": W, "What": What, "keep": keep, "regrow": regrow, "prune": prune, "G": G, "Gd": Gd,
+         "threshold": f32(threshold), "guarded": guarded, "check_sign": check_sign}
+    rows = W.shape[0]
+    last = grow_hi.shape[1] - 1
+    cycles_run = np.zeros(rows, dtype=np.int64)
+    exhausted = np.zeros(rows, dtype=bool)
+    for r in range(rows):
+        gram = int(gid[r]) if guarded else None
+        e = f32(err[r])
+        sign0 = _sign_code(e)
+        ng = int(n_grow[r])
+        p_hi = p_lo = p_pos = p_neg = 0
+        active = True
+        if not m:
+            lim_pos, lim_neg = min(int(n_pos[r]), max_cycles), min(int(n_neg[r]), max_cycles)
+        cycle = 0
+        while cycle < max_cycles and active:
+            s = _sign_code(e)
+            grow_up = s == 1
+            j = int(grow_hi[r, min(p_hi, last)] if grow_up else grow_lo[r, min(p_lo, last)])
+            if not m:
+                prune_up = s == -1
+                k = int(prune_pos[r, min(p_pos, last)] if prune_up else prune_neg[r, min(p_neg, last)])
+                if p_hi + p_lo >= ng or (p_pos >= lim_pos if prune_up else p_neg >= lim_neg):
+                    exhausted[r] = True
+                    break
+                _, e, active = _dsnot_step(c, r, j, k, sign0, e, gram)
+                p_pos += 1 if prune_up else 0
+                p_neg += 0 if prune_up else 1
+            else:
+                g0 = j - j % m
+                any_cand, best, best_s = False, 0, f32(np.inf)
+                for q in range(m):
+                    cand = keep[r, g0 + q] != 0 and used[r, g0 + q] == 0
+                    any_cand = any_cand or cand
+                    sq = score[r, g0 + q] if cand else f32(np.inf)
+                    if q == 0 or (not np.isnan(best_s) and (np.isnan(sq) or sq < best_s)):
+                        best, best_s = q, sq
+                if p_hi + p_lo >= ng or not any_cand:
+                    exhausted[r] = True
+                    break
+                k = g0 + best
+                take, e, active = _dsnot_step(c, r, j, k, sign0, e, gram)
+                used[r, k] = 1
+                if take:
+                    used[r, j] = 1
+            p_hi += 1 if grow_up else 0
+            p_lo += 0 if grow_up else 1
+            cycle += 1
+        err[r] = e
+        cycles_run[r] = cycle
+    return cycles_run, exhausted

@@ -16,6 +16,7 @@ import torch
 import prune_cli.gpu
 from prune_cli.methods.base import select
 from prune_cli.patterns import NM, Unstructured
+from tests.gpu import dsnot_cases as dc
 from tests.gpu.fake_cupy import FakeTorchStream, make_fake_cupy
 from prune_cli.gpu.torch_backend import TorchBackend
 
@@ -155,3 +156,49 @@ def test_gemv_rejects_strided_weights_and_foreign_devices(emulated):
     backend.device = torch.device("cuda", 0)
     with pytest.raises(ValueError, match="got a tensor on cpu"):
         backend.sparse_gemv(torch.randn(8), torch.randn(8, 4), torch.ones(8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("case", ["unstructured", "unstructured-exhausting", "2:4", "3:4-exhausting"])
+@pytest.mark.parametrize("mode", ["guarded", "reference"])
+def test_dsnot_swap(emulated, case, mode):
+    """DSnoT.prune_group through CupyBackend.dsnot_swap (argument lists checked against the PTX
+    signature) gives the torch loop's weights and masks exactly; a direct call also updates e
+    and G d as the torch loop does."""
+    backend, log = emulated
+    pattern, width = dc.CASES[case]
+    dsnot = dc.method(mode, 0.0 if "exhausting" in case else 0.1, sign_check="off" if "exhausting" in case else "auto")
+    job_list = dc.jobs(pattern, width, seed=2)
+    want = dsnot.prune_group(job_list)
+    log.clear()
+    got = dsnot.prune_group(job_list, backend)
+    kernel = "dsnot_swap_nm" if isinstance(pattern, NM) else "dsnot_swap_unstructured"
+    assert log.count(kernel) == 1
+    for a, b in zip(got, want):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight.view(torch.int32), b.weight.view(torch.int32))
+
+    rows, state, lists, m = dc.swap_state(dsnot, job_list)
+    dc.run_torch_loop(dsnot, rows, state, lists, m)
+    ref = dc.outputs(rows, state)
+    rows, state, lists, m = dc.swap_state(dsnot, job_list)
+    dsnot._swap_kernel(backend.dsnot_swap, state, rows, lists, m)
+    dc.assert_bit_identical(dc.outputs(rows, state), ref)
+
+
+def test_dsnot_swap_copies_back_non_contiguous_outputs(emulated):
+    backend, _ = emulated
+    dsnot = dc.method("guarded")
+    rows, state, lists, m = dc.swap_state(dsnot, dc.jobs(Unstructured(0.6), 37))
+    dc.run_torch_loop(dsnot, rows, state, lists, m)
+    ref = dc.outputs(rows, state)
+    rows, state, lists, m = dc.swap_state(dsnot, dc.jobs(Unstructured(0.6), 37))
+    rows.What = rows.What.t().contiguous().t()  # same values, column-major
+    rows.keep = rows.keep.to(torch.uint8)
+    dsnot._swap_kernel(backend.dsnot_swap, state, rows, lists, m)
+    assert not rows.What.is_contiguous()
+    out = dc.outputs(rows, state)
+    out["keep"] = out["keep"].bool()
+    dc.assert_bit_identical(out, ref)
+    with pytest.raises(ValueError, match="prune_lists"):
+        backend.dsnot_swap(rows.W, rows.What, rows.keep, state.regrow_metric, state.prune_metric, state.err,
+                           state.grow_hi, state.grow_lo, state.n_grow, max_cycles=5, update_threshold=0.1,
+                           guarded=False, check_sign=True)

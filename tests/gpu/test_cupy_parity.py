@@ -13,6 +13,7 @@ import torch
 
 from prune_cli.methods.base import select
 from prune_cli.patterns import NM, Unstructured
+from tests.gpu import dsnot_cases as dc
 
 pytestmark = [
     pytest.mark.gpu,
@@ -251,3 +252,43 @@ def test_kernels_run_on_torchs_current_stream(cupy_backend):
     ref = x.double().square().sum(0)
     assert ((sq.double() - ref).abs() <= 2e-5 * ref + 1e-30).all()
     assert torch.equal(keep.cpu(), select(score.cpu(), Unstructured(0.5)))
+
+
+# ------------------------------------------------------------------ DSnoT swap loop
+@pytest.mark.parametrize("case", sorted(dc.CASES))
+@pytest.mark.parametrize("mode", dc.MODES)
+@pytest.mark.parametrize("threshold,sign_check", [(0.1, "auto"), (0.0, "off"), (0.0, "on")])
+def test_dsnot_swap_bit_identical(cupy_backend, case, mode, threshold, sign_check):
+    """dsnot.cu vs the torch loop on the same GPU: What, keep, e and G d equal bit for bit."""
+    pattern, width = dc.CASES[case]
+    dsnot = dc.method(mode, threshold, sign_check=sign_check)
+    job_list = dc.jobs(pattern, width, device=DEV)
+    rows, state, lists, m = dc.swap_state(dsnot, job_list)
+    before = rows.keep.clone()
+    dc.run_torch_loop(dsnot, rows, state, lists, m)
+    want = dc.outputs(rows, state)
+    rows, state, lists, m = dc.swap_state(dsnot, job_list)
+    dsnot._swap_kernel(cupy_backend.dsnot_swap, state, rows, lists, m)
+    dc.assert_bit_identical(dc.outputs(rows, state), want)
+    if sign_check == "off":
+        assert not torch.equal(want["keep"], before.cpu())
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4)])
+@pytest.mark.parametrize("mode", dc.MODES)
+@pytest.mark.parametrize("width", [576, 1000])
+def test_dsnot_swap_wide_rows(cupy_backend, pattern, mode, width):
+    """Llama-like widths (and one that is no multiple of 32), random weights, through prune_group:
+    the CuPy backend (kernel) and the torch loop give the same weights and masks."""
+    g = gen(width)
+    x = torch.randn(1024, width, generator=g, device=DEV) @ (torch.eye(width, device=DEV) + 0.05 * torch.randn(
+        width, width, generator=g, device=DEV)) + torch.randn(width, generator=g, device=DEV)
+    shared, own = dc.stats_of(x), dc.stats_of(x[::2] * 1.5)
+    job_list = [(torch.randn(r, width, generator=g, device=DEV) * 0.02, s, pattern)
+                for r, s in ((300, shared), (77, own), (129, shared))]
+    dsnot = dc.method(mode)
+    want = dsnot.prune_group(job_list)
+    got = dsnot.prune_group(job_list, cupy_backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a.mask, b.mask)
+        assert torch.equal(a.weight.view(torch.int32), b.weight.view(torch.int32))

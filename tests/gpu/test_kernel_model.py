@@ -10,6 +10,7 @@ import torch
 from prune_cli.gpu import launch
 from prune_cli.methods.base import select
 from prune_cli.patterns import NM, Unstructured
+from tests.gpu import dsnot_cases as dc
 from tests.gpu import kernel_model as km
 
 
@@ -135,3 +136,87 @@ def test_vector_width():
     assert launch.vector_width(4096, 0x1002, 2) == 1  # misaligned base
     assert launch.vector_width(4095, 0x1000, 2) == 1  # rows would be misaligned
     assert launch.vector_width(4096, 0x1000, 4) == 4
+
+
+# ------------------------------------------------------------------ DSnoT (dsnot.cu)
+@pytest.mark.parametrize("case", sorted(dc.CASES))
+@pytest.mark.parametrize("mode", dc.MODES)
+@pytest.mark.parametrize("threshold,sign_check", [(0.1, "auto"), (0.0, "off"), (0.0, "on")])
+def test_dsnot_model_matches_torch_loop(case, mode, threshold, sign_check):
+    """The model of dsnot.cu leaves What, keep, e and G d bit-identical to the torch loop."""
+    pattern, width = dc.CASES[case]
+    dsnot = dc.method(mode, threshold, sign_check=sign_check)
+    rows, state, lists, m = dc.swap_state(dsnot, dc.jobs(pattern, width))
+    before = rows.keep.clone()
+    dc.run_torch_loop(dsnot, rows, state, lists, m)
+    want = dc.outputs(rows, state)
+
+    backend = dc.ModelBackend()
+    rows, state, lists, m = dc.swap_state(dsnot, dc.jobs(pattern, width))
+    dsnot._swap_kernel(backend.dsnot_swap, state, rows, lists, m)
+    assert backend.calls == 1
+    dc.assert_bit_identical(dc.outputs(rows, state), want)
+    if sign_check == "off" or "exhausting" not in case:
+        assert not torch.equal(want["keep"], before)  # swaps happened
+    if "exhausting" in case and sign_check == "off":
+        assert backend.exhausted.sum() >= 5  # rows that ran out of candidates
+
+
+@pytest.mark.parametrize("case", ["unstructured", "2:4"])
+@pytest.mark.parametrize("mode", dc.MODES)
+def test_dsnot_dispatch_in_prune_group(case, mode):
+    """prune_group calls the backend's dsnot_swap (same device) and gets the torch loop's result."""
+    pattern, width = dc.CASES[case]
+    dsnot = dc.method(mode)
+    job_list = dc.jobs(pattern, width, seed=5)
+    want = dsnot.prune_group(job_list)
+    backend = dc.ModelBackend()
+    got = dsnot.prune_group(job_list, backend)
+    assert backend.calls == 1  # one batch: every job has the same width
+    for a, b in zip(got, want):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight.view(torch.int32), b.weight.view(torch.int32))
+    backend.device = torch.device("meta")  # the kernel's device differs from the tensors': torch loop
+    got = dsnot.prune_group(job_list, backend)
+    assert backend.calls == 1 and all(torch.equal(a.mask, b.mask) for a, b in zip(got, want))
+
+
+def test_dsnot_model_special_values():
+    """Exact zeros in e (neither list side), +-0 and subnormal effects, ties everywhere."""
+    pattern, width = dc.CASES["unstructured"]
+    for mode in dc.MODES:
+        dsnot = dc.method(mode, 0.0, sign_check="on")
+        results = []
+        for use_model in (False, True):
+            rows, state, lists, m = dc.swap_state(dsnot, dc.jobs(pattern, width, seed=9))
+            state.err[::3] = 0.0
+            state.err[1::7] = -0.0
+            state.err[2::5] = 1e-42
+            state.sign0 = torch.sign(state.err)
+            rows.regrow_metric[:, ::4] = 1e-41
+            if use_model:
+                dsnot._swap_kernel(dc.ModelBackend().dsnot_swap, state, rows, lists, m)
+            else:
+                dc.run_torch_loop(dsnot, rows, state, lists, m)
+            results.append(dc.outputs(rows, state))
+        dc.assert_bit_identical(results[1], results[0])
+
+
+def test_dsnot_delta_e_rounds_like_torch():
+    """dE and the G d update, bit for bit against the expressions of _SwapState.step, on values
+    whose sums cancel (where a fused or reordered operation would show)."""
+    g = torch.Generator().manual_seed(11)
+    n = 20000
+    a, b, gdj, gdk, gjj, gkk, gjk = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)
+                                     for _ in range(7))
+    gdk = -gdj * a / b * (1 + torch.randn(n, generator=g) * 1e-6)  # a gd_j + b gd_k close to 0
+    want = 2 * (a * gdj + b * gdk) + a * a * gjj + b * b * gkk + 2 * a * b * gjk
+    with np.errstate(all="ignore"):
+        got = km.dsnot_delta_e(*(t.numpy() for t in (a, b, gdj, gdk, gjj, gkk, gjk)))
+        delta = km.dsnot_gd_delta(a[:1].numpy(), b[:1].numpy(), gjj.numpy(), gkk.numpy())
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.int32), want.numpy().view(np.int32))
+    torch_delta = a[:1] * gjj + b[:1] * gkk
+    assert np.array_equal(delta.view(np.int32), torch_delta.numpy().view(np.int32))
+    # and the scalar path the per-row model takes
+    for i in range(0, n, 997):
+        s = km.dsnot_delta_e(*(np.float32(t[i].item()) for t in (a, b, gdj, gdk, gjj, gkk, gjk)))
+        assert np.float32(s).view(np.int32) == want[i:i + 1].numpy().view(np.int32)[0]

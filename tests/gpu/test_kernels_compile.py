@@ -45,6 +45,10 @@ def test_module_compiles_to_ptx_with_all_kernels(compiler, module, arch):
     if module == "select":
         # mask-deciding multiplies must not flush subnormals, whatever -ftz says
         assert "mul.rn.f32" in ptx and "mul.rn.ftz.f32" not in ptx
+    if module == "dsnot":
+        # bit-identical to torch's separate fp32 ops: explicit .rn, no flush to zero, no fusion
+        assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx and "sub.rn.f32" in ptx
+        assert ".ftz" not in ptx and "fma" not in ptx and "mad." not in ptx
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -19,13 +19,21 @@ def write(tmp_path, data):
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
     config = resolve(load_recipe(recipe), {})
-    assert config.method
+    assert config.method or config.activation
     assert config.to_recipe()["version"] == 1
 
 
 def test_expected_recipes_shipped():
     names = {p.name for p in RECIPES.glob("*.yaml")}
     assert {"wanda-50.yaml", "wanda-2of4.yaml", "magnitude-50.yaml"} <= names
+
+
+def test_shipped_activation_recipes():
+    c = resolve(load_recipe(RECIPES / "wina-greedy-50.yaml"), {})
+    assert c.method is None and c.activation.method == "wina" and c.activation.allocation == "greedy"
+    assert c.activation.sparsity == 0.5
+    c = resolve(load_recipe(RECIPES / "wanda-2of4-wina-40.yaml"), {})
+    assert c.method == "wanda" and c.pattern == NM(2, 4) and c.activation.sparsity == 0.4
 
 
 def test_shipped_recipe_values():
