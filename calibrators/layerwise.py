@@ -31,6 +31,30 @@ class _InputsSeen(Exception):
     statistics pass skips the rest of the block (e.g. the down_proj product)."""
 
 
+class _SharedInputs:
+    """Within one batch: which Linears read the very same input tensor (q/k/v, gate/up). Each
+    tensor is held until :meth:`clear`, so its ``id`` cannot be reused by another tensor."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    def add(self, x: torch.Tensor, name: str) -> str | None:
+        """Record that ``name`` reads ``x``; returns the first reader of ``x`` in this batch, or
+        None when ``name`` is the first (it leads the group)."""
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            hit[1].append(name)
+            return hit[1][0]
+        self._seen[id(x)] = (x, [name])
+        return None
+
+    def readers(self, x: torch.Tensor) -> list[str]:
+        return self._seen[id(x)][1]
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
 @dataclass
 class BlockBatch:
     """One batch of block inputs: ``hidden`` is ``(batch, seqlen, hidden_size)``."""
@@ -136,8 +160,7 @@ def collect_input_stats(
         if update_hidden:
             propagate(block, batches)
         return {}
-    # Per batch: id(input tensor) -> (tensor, names). Holding the tensor keeps its id unique.
-    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    shared = _SharedInputs()
     readers: dict[str, tuple[str, ...]] = {}  # leader name -> names sharing its input (first batch)
     pending: list[tuple[str, torch.Tensor]] = []
 
@@ -146,11 +169,7 @@ def collect_input_stats(
     def make_hook(name: str):
         def hook(module, args):
             x = args[0]
-            entry = seen.get(id(x))
-            if entry is not None and entry[0] is x:
-                entry[1].append(name)
-            else:
-                seen[id(x)] = (x, [name])
+            if shared.add(x, name) is None:
                 pending.append((name, x))
             called.add(name)
             if not update_hidden and len(called) == len(wanted):
@@ -169,7 +188,7 @@ def collect_input_stats(
             except _InputsSeen:
                 output = None
             for leader, x in pending:
-                names = seen[id(x)][1]
+                names = shared.readers(x)
                 if leader not in groups:
                     union = frozenset().union(*(wanted[n] for n in names))
                     groups[leader] = InputStats(
@@ -182,7 +201,7 @@ def collect_input_stats(
                     raise RuntimeError(f"input sharing of {leader} changed between batches")
                 groups[leader].update(x, backend)
             pending.clear()
-            seen.clear()
+            shared.clear()
             if update_hidden:
                 batch.hidden = _block_output(output)
     finally:
@@ -206,22 +225,21 @@ def collect_inputs(
     total = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
     chosen = torch.randperm(total, generator=generator)[:max_tokens].sort().values if total > max_tokens else None
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
-    shared: dict[str, str] = {}
+    shared: dict[str, str] = {}  # reader -> the first reader of the same input
     offset = 0
     for batch in batches:
         tokens = batch.hidden.shape[0] * batch.hidden.shape[1]
         if chosen is not None:
             local = chosen[(chosen >= offset) & (chosen < offset + tokens)] - offset
-        seen: dict[int, tuple[torch.Tensor, str]] = {}
+        same = _SharedInputs()
 
         def make_hook(name: str):
             def hook(module, args):
                 x = args[0]
-                hit = seen.get(id(x))
-                if hit is not None and hit[0] is x:
-                    shared[name] = hit[1]
+                leader = same.add(x, name)
+                if leader is not None:
+                    shared[name] = leader
                     return
-                seen[id(x)] = (x, name)
                 flat = x.reshape(-1, x.shape[-1])
                 if chosen is not None:
                     flat = flat.index_select(0, local.to(flat.device))

@@ -220,6 +220,20 @@ def test_owl_auto_from_the_command_line(tmp_path, tiny_opt_dir):
     assert "allocation" in report["timings"]
 
 
+def test_owl_with_dsnot_on_sparsegpt(tmp_path, tiny_llama_dir):
+    """OWL gives every block its own sparsity; DSnoT's grouped swap loop keeps each exact."""
+    result = run("compress", tiny_llama_dir, "--method", "dsnot", "--base", "sparsegpt", "--sparsity", "0.6",
+                 "--layerwise", "owl", "--owl-m", "3", "--owl-lambda", "0.1", *SMALL, "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    targets = {layer["target_sparsity"] for layer in report["layers"]}
+    assert len(targets) > 1
+    for layer in report["layers"]:
+        assert layer["method"] == "dsnot"
+        assert abs(layer["achieved_sparsity"] - layer["target_sparsity"]) < 0.02
+    assert report["sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
 def test_bad_method_option(tmp_path, tiny_llama_dir):
     result = run("compress", tiny_llama_dir, "--method", "dsnot", "-O", "mod=reference", "--sparsity", "0.5", "-o", tmp_path / "o")
     assert_one_line_error(result)
