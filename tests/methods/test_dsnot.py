@@ -136,3 +136,62 @@ def test_guarded_with_sampled_gram_never_increases_error_on_the_sample(pattern):
     res = build_method("dsnot").prune(w, stats, pattern)
     assert not torch.equal(res.mask, build_method("wanda").prune(w, stats, pattern).mask)
     assert recon_error(w, res.weight, sample) <= before * (1 + 1e-6)
+
+
+def _released_dsnot_unstructured(w, mu, var, wanda, sparsity, threshold, cycles, power=1.0):
+    """A slow, row-by-row rendering of the released DSnoT loop for unstructured sparsity
+    (zyxxmu/DSnoT lib/prune.py, Wanda initial mask, same-sign check off as its flag leaves it):
+    one regrow list (the error metric of pruned weights / var^p, kept ones at 0, ascending; read
+    from the top when e > 0, else from the bottom), one prune list (kept weights by ascending
+    Wanda score: negative-effect ones first in that order, positive-effect ones after, reversed;
+    read from the end when e < 0, else from the start); a row stops at its first refused swap.
+    Returns the KEEP mask."""
+    out_f, in_f = w.shape
+    k = int(in_f * sparsity)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for r in range(out_f):
+        order = torch.sort(wanda[r], stable=True).indices
+        pruned, kept = order[:k], order[k:]
+        keep[r, pruned] = False
+        metric = w[r] * mu
+        regrow = metric.clone()
+        regrow[kept] = 0
+        e = regrow.sum()
+        regrow = regrow / var.pow(power)
+        regrow_order = torch.sort(regrow, stable=True).indices.tolist()
+        masked = wanda[r].clone()
+        masked[pruned] = float("inf")
+        kept_sorted = torch.sort(masked, stable=True).indices[: in_f - k]
+        effect = metric[kept_sorted]
+        prune_list = kept_sorted[effect < 0].tolist() + kept_sorted[effect > 0].flip(0).tolist()
+        lo, hi, plo, phi = 0, len(regrow_order) - 1, 0, len(prune_list) - 1
+        for _ in range(cycles):
+            if e > 0:
+                j, hi = regrow_order[hi], hi - 1
+            else:
+                j, lo = regrow_order[lo], lo + 1
+            if e < 0:
+                kk, phi = prune_list[phi], phi - 1
+            else:
+                kk, plo = prune_list[plo], plo + 1
+            if not abs(e) > threshold:
+                break
+            e = e + metric[kk] - metric[j]
+            keep[r, kk], keep[r, j] = False, True
+    return keep
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.6])
+def test_reference_mode_equals_the_released_loop(sparsity):
+    """Where the release's lists do not run into the other sign class (wide rows, few cycles),
+    reference mode must pick exactly the swaps the released loop picks."""
+    w, x, stats = layer(seed=4, out_f=40, in_f=256)
+    cycles = 8
+    method = build_method("dsnot", {"mode": "reference", "max_cycles": cycles})
+    res = method.prune(w, stats, Unstructured(sparsity))
+    mu = stats.mean * stats.tokens_per_window
+    expected = _released_dsnot_unstructured(
+        w, mu, stats.var.clamp_min(1e-12), w.abs() * stats.norm, sparsity, method.update_threshold, cycles
+    )
+    assert torch.equal(res.mask, expected)
+    assert (res.mask != build_method("wanda").prune(w, stats, Unstructured(sparsity)).mask).any(dim=1).sum() >= 10
