@@ -218,6 +218,10 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
             from prune_cli.activation.calibrate import activation_targets
 
             act_targets = activation_targets(model, config.targets.selects)
+            if config.activation.options.get("transform"):
+                from prune_cli.activation.transform import check_supported
+
+                check_supported(model)  # fail before the dense evaluation, not after
         cal = config.calibration
         cal_text = calibration_text(cal, offline)
         cal_ids = tokenize(tokenizer, cal_text.text)

@@ -83,6 +83,12 @@ def _sites(model: nn.Module):
             yield f"{blocks.path}.{index}.{attr}", block, attr, norm, readers, reader_names.index(key)
 
 
+def check_supported(model: nn.Module) -> int:
+    """Raise :class:`RecipeError` (before any work) unless every block has the norms and
+    readers the transform needs; returns the number of norms it would transform."""
+    return sum(1 for _ in _sites(model))
+
+
 def rotations_for(model: nn.Module) -> dict[str, torch.Tensor]:
     """``Q`` per norm (full name -> ``(hidden, hidden)`` float64): the right singular vectors of
     the key reader's folded weight ``F_k = W_k diag(gamma)``."""

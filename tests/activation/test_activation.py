@@ -262,3 +262,11 @@ def test_wina_transform_export_load_is_bit_identical(tmp_path, tiny_llama_dir):
 
     unwrap_all(model)  # the loaded, transformed model without sparsifiers equals the plain one
     torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_wina_transform_refuses_layernorm_models_with_one_line(tmp_path, tiny_opt_dir):
+    r = CliRunner().invoke(app, ["compress", str(tiny_opt_dir), "--method", "wina", "--sparsity", "0.4", "-O", "transform=true",
+                                 *SMALL, "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert "Llama-style blocks" in r.output
+    assert not (tmp_path / "o").exists()
