@@ -42,8 +42,9 @@ SITES = {
 
 class RotatedNorm(nn.Module):
     """``norm(x) @ Q``: a weight-1 RMS norm followed by the orthogonal ``rotation`` ``(hidden,
-    hidden)`` (float32, whatever the model's dtype). Keeps references to its readers and their folded weights ``F_r`` (on the CPU) so
-    the plain form can be restored for export (:func:`plain_norms`)."""
+    hidden)`` (float32, whatever the model's dtype). Keeps references to its readers and their
+    folded weights ``F_r`` (on the CPU) so the plain form can be restored for export
+    (:func:`plain_norms`)."""
 
     def __init__(self, norm: nn.Module, rotation: torch.Tensor, readers: list[nn.Linear], folded: list[torch.Tensor]):
         super().__init__()
@@ -128,41 +129,30 @@ def rotated_norms(model: nn.Module) -> dict[str, RotatedNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, RotatedNorm)}
 
 
+@torch.no_grad()
+def strip_transform(model: nn.Module) -> dict[str, RotatedNorm]:
+    """Put the plain form in place for good (weight-1 norms, readers ``F_r``: the dense
+    function); returns the :class:`RotatedNorm` modules taken out, by name."""
+    found = rotated_norms(model)
+    for name, module in found.items():
+        model.set_submodule(name, module.norm)
+        for reader, f in zip(module._readers, module._folded):
+            reader.weight.copy_(f.to(reader.weight.device))
+    return found
+
+
 @contextmanager
 def plain_norms(model: nn.Module):
     """For export: the plain form (weight-1 norms, readers ``F_r``) inside the block, the
     transformed form again after it. Yields ``Q`` per norm name."""
     with torch.no_grad():
-        yield from _plain_norms(model)
-
-
-def _plain_norms(model: nn.Module):
-    found = rotated_norms(model)
-    rotated_weights = {}
-    for name, module in found.items():
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, module.norm)
-        rotated_weights[name] = [r.weight.detach().clone() for r in module._readers]
-        for reader, f in zip(module._readers, module._folded):
-            reader.weight.copy_(f.to(reader.weight.device))
+        rotated = {name: [r.weight.detach().clone() for r in m._readers] for name, m in rotated_norms(model).items()}
+        found = strip_transform(model)
     try:
         yield {name: module.rotation for name, module in found.items()}
     finally:
-        for name, module in found.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module)
-            for reader, w in zip(module._readers, rotated_weights[name]):
-                reader.weight.copy_(w)
-
-
-@torch.no_grad()
-def strip_transform(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Leave the plain form for good (weight-1 norms, readers ``F_r``: the dense function);
-    returns the rotations that were removed."""
-    found = rotated_norms(model)
-    for name, module in found.items():
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, module.norm)
-        for reader, f in zip(module._readers, module._folded):
-            reader.weight.copy_(f.to(reader.weight.device))
-    return {name: module.rotation for name, module in found.items()}
+        with torch.no_grad():
+            for name, module in found.items():
+                model.set_submodule(name, module)
+                for reader, w in zip(module._readers, rotated[name]):
+                    reader.weight.copy_(w)

@@ -191,8 +191,8 @@ class DSnoT(WeightMethod):
         pruning raises ``e`` (``What_ik mu_k > 0``) and those that lower it; with their counts."""
         limit = self.max_cycles
         return (
-            *_ordered(rows.wanda, rows.keep & (state.prune_metric > 0), False, limit),
-            *_ordered(rows.wanda, rows.keep & (state.prune_metric < 0), False, limit),
+            *_ordered(rows.base_score, rows.keep & (state.prune_metric > 0), False, limit),
+            *_ordered(rows.base_score, rows.keep & (state.prune_metric < 0), False, limit),
         )
 
     def _swap_unstructured(self, state: "_SwapState", lists) -> None:
@@ -288,7 +288,7 @@ class _Rows:
         self.prune_metric = torch.cat(parts["prune"])
         self.err = torch.cat(parts["err"])
         self._ranked_parts = parts["ranked"]
-        self.base_score = self.wanda = torch.cat(parts["score"])
+        self.base_score = torch.cat(parts["score"])
         self.G = torch.stack(grams) if guarded else None
         self.Gd = torch.cat(parts["Gd"]) if guarded else None
         self.gid = torch.cat(parts["gid"]) if guarded else None
