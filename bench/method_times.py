@@ -2,13 +2,15 @@
 ``calibrate_and_prune`` (capturing inputs, statistics, pruning, propagation) per method, and
 each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%).
 
-    python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...]
+    python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...] [--exclude reference]
+        [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,23 +39,40 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--sparsity", type=float, default=0.6)
-    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--only", nargs="*", help="runs whose name contains one of these")
+    parser.add_argument("--exclude", nargs="*", default=[], help="runs whose name contains one of these")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all selected runs, interleaved")
     args = parser.parse_args()
     model, tokenizer = load_model(bundled_source())
     cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    seconds: dict[str, float] = {}
-    for name, overrides, base in RUNS:
-        if args.only and not any(o in name for o in args.only):
-            continue
-        model.load_state_dict(dense)
-        plan = build_plan(model, resolve(None, {**overrides, "sparsity": args.sparsity}))
-        start = time.perf_counter()
-        calibrate_and_prune(model, plan, cal, 8, torch.device("cpu"))
-        seconds[name] = time.perf_counter() - start
-        extra = f"  {seconds[name] / seconds[base]:.3f}x its base ({base})" if base in seconds else ""
-        print(f"{name:28s} {seconds[name]:7.1f} s{extra}", flush=True)
-    print(f"windows {args.samples}x{args.seqlen}, sparsity {args.sparsity}, threads {torch.get_num_threads()}")
+    selected = [
+        run for run in RUNS
+        if (not args.only or any(o in run[0] for o in args.only)) and not any(x in run[0] for x in args.exclude)
+    ]
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in selected}
+    ratios: dict[str, list[float]] = {name: [] for name, _, base in selected if base in seconds}
+    for r in range(args.repeats):
+        for name, overrides, base in selected:
+            model.load_state_dict(dense)
+            plan = build_plan(model, resolve(None, {**overrides, "sparsity": args.sparsity}))
+            start = time.perf_counter()
+            calibrate_and_prune(model, plan, cal, 8, torch.device("cpu"))
+            seconds[name].append(time.perf_counter() - start)
+            extra = ""
+            if name in ratios:  # against its base measured in the same round
+                ratios[name].append(seconds[name][-1] / seconds[base][-1])
+                extra = f"  {ratios[name][-1]:.3f}x its base ({base})"
+            print(f"[{r + 1}/{args.repeats}] {name:28s} {seconds[name][-1]:7.1f} s{extra}", flush=True)
+    print("summary: median (min-max)")
+    for name, _, base in selected:
+        t = seconds[name]
+        line = f"{name:28s} {statistics.median(t):7.1f} s ({min(t):.1f}-{max(t):.1f})"
+        if name in ratios:
+            q = ratios[name]
+            line += f"  {statistics.median(q):.3f}x its base ({min(q):.3f}-{max(q):.3f})"
+        print(line)
+    print(f"windows {args.samples}x{args.seqlen}, sparsity {args.sparsity}, threads {torch.get_num_threads()}, repeats {args.repeats}")
 
 
 if __name__ == "__main__":

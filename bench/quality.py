@@ -1,7 +1,7 @@
 """Held-out perplexity of the weight methods on the bundled model, measured in one process.
 
     python bench/quality.py [--samples 32] [--seqlen 512] [--eval-windows 16] [--only NAME ...]
-        [--out docs/quality.json]
+        [--exact] [--levels 50% 60% 70% 2:4] [--out docs/quality.json]
 
 Calibration: 32 x 512 tokens from the calibration part of the bundled CPython pydoc topics
 (seed 0); evaluation: 16 x 512 tokens from the disjoint evaluation part; fp32 on the CPU.
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--only", nargs="*", help="substrings of run names to keep")
+    parser.add_argument("--exact", action="store_true", help="--only names must match whole run names")
+    parser.add_argument("--levels", nargs="*", help="levels to keep (50%% 60%% 70%% 2:4)")
     parser.add_argument("--out", default="docs/quality.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
@@ -81,7 +83,9 @@ def main() -> None:
     results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}
     print(f"dense ppl {results['dense']:.3f}", flush=True)
     for name, level, overrides in runs():
-        if args.only and not any(o in name for o in args.only):
+        if args.only and not any((o == name) if args.exact else (o in name) for o in args.only):
+            continue
+        if args.levels and level not in args.levels:
             continue
         model.load_state_dict(dense_state)
         config = resolve(None, overrides)

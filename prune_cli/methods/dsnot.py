@@ -29,10 +29,11 @@ Modes:
   For a swap that changes ``d`` by ``a e_j + b e_k`` (``a = -W_ij``, ``b = What_ik``):
   ``dE = 2 (a (G d)_j + b (G d)_k) + a^2 G_jj + b^2 G_kk + 2 a b G_jk``; kept iff ``dE < 0``.
   A refused swap does not stop the row. So this mode never increases ``E``.
-  ``G`` costs about one more forward pass of the block; by default (``guard_gram: sampled``)
-  it is summed over every 4th calibration token only, so "never increases" holds on that
-  quarter of the tokens (held-out perplexity on the bundled model, Wanda base, 60% / 70%:
-  66.92 / 299.34 sampled vs 66.57 / 303.27 full); ``guard_gram: full`` uses every token. With a SparseGPT base the full
+  Over every token ``G`` would cost about one more forward pass of the block; by default
+  (``guard_gram: sampled``) it is summed over every 8th calibration token only, so "never
+  increases" holds on that eighth of the tokens (held-out perplexity on the bundled model,
+  Wanda base, 50 / 60 / 70% / 2:4: 29.27 / 66.81 / 291.04 / 69.17 sampled vs 29.41 / 66.57 /
+  303.27 / 68.99 full); ``guard_gram: full`` uses every token. With a SparseGPT base the full
   ``G`` is there anyway and is used.
 
 Regrown weights take their dense value ``W_ij`` (with a SparseGPT base, its updated weights are
@@ -46,6 +47,13 @@ o, gate and up; down on its own) run through one swap loop, their rows stacked, 
 tensor ops of a cycle run once per batch instead of once per Linear. Rows never interact, so the
 result is exactly that of one loop per Linear (tested); the calibrator hands the block's Linears
 over together through :meth:`WeightMethod.prune_group`.
+
+Loops: with the sign check on (guarded, or N:M) a taken swap never changes ``sign(e_i)``, so a
+row reads one regrow list and one pruning list only, and only those are built. Unstructured and
+on the torch path, the row's pointers then advance together, which :meth:`DSnoT._swap_in_list_order`
+exploits (cycle ``c`` reads column ``c`` of every list; ``G d`` is tracked only at list entries);
+otherwise :meth:`DSnoT._swap_unstructured` / :meth:`DSnoT._swap_nm` walk per-row pointers, and
+the CuPy backend runs the same cycles in one kernel. All give the same result bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -64,11 +72,15 @@ MODES = ("guarded", "reference")
 BASES = ("magnitude", "wanda", "sparsegpt")
 
 
-def _ordered(values: torch.Tensor, eligible: torch.Tensor, descending: bool, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ordered(
+    values: torch.Tensor, eligible: torch.Tensor, descending: bool, limit: int, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the indices of the first ``limit`` ``eligible`` entries ordered by ``values``
     (``(out, limit)``; a pointer never moves further than the number of cycles, so a top-k
-    suffices instead of a full sort), and how many eligible entries each row has."""
-    keyed = values.masked_fill(~eligible, float("-inf") if descending else float("inf"))
+    suffices instead of a full sort), and how many eligible entries each row has.
+    ``overwrite``: ``values`` is scratch and may be overwritten (saves a copy)."""
+    fill = float("-inf") if descending else float("inf")
+    keyed = values.masked_fill_(~eligible, fill) if overwrite else values.masked_fill(~eligible, fill)
     k = max(1, min(limit, values.shape[1]))
     order = torch.topk(keyed, k, dim=1, largest=descending, sorted=True).indices
     return order, eligible.sum(dim=1)
@@ -91,7 +103,7 @@ class DSnoT(WeightMethod):
     var_power: float = 1.0
     sign_check: str = "auto"  # auto | on | off  (auto: reference -> N:M only, guarded -> on)
     skip: str | None = None  # regex over Linear names (relative to the block) left to the base
-    guard_gram: str = "sampled"  # sampled: X^T X over every 4th token | full: over all tokens
+    guard_gram: str = "sampled"  # sampled: X^T X over every 8th token | full: over all tokens
     base_options: dict | None = None
 
     def validate(self) -> None:
@@ -155,11 +167,19 @@ class DSnoT(WeightMethod):
             batches.setdefault((weight.shape[1], m, weight.device), []).append(i)
         for (_, m, device), members in batches.items():
             pattern = jobs[members[0]][2]
-            rows = _Rows.stack([(jobs[i], results[i]) for i in members], base, self.mode == "guarded", m)
-            state = _SwapState(self, rows, self._sign_check(pattern))
-            lists = None if m else self._prune_lists(state, rows)  # big ops: all threads
+            parts = [_Part(jobs[i], results[i], base, m) for i in members]
+            check_sign = self._sign_check(pattern)
             swap = getattr(backend, "dsnot_swap", None)  # the CuPy backend's kernel: same result
-            if swap is not None and device == getattr(backend, "device", None):
+            kernel = swap is not None and device == getattr(backend, "device", None)
+            if self._walks_lists_in_order(m, check_sign, kernel):
+                self._swap_in_list_order(parts)
+                for i, part in zip(members, parts):
+                    results[i] = PruneResult(part.What.to(jobs[i][0].dtype), part.keep)
+                continue
+            rows = _Rows.stack(parts, self.mode == "guarded")
+            state = _SwapState(self, rows, check_sign)
+            lists = None if m else self._prune_lists(state, rows)  # big ops: all threads
+            if kernel:
                 self._swap_kernel(swap, state, rows, lists, m)
             else:
                 with few_threads(device):  # the cycles: long chains of tiny ops
@@ -170,6 +190,11 @@ class DSnoT(WeightMethod):
             for i, (weight_hat, keep) in zip(members, rows.split()):
                 results[i] = PruneResult(weight_hat.to(jobs[i][0].dtype), keep)
         return results
+
+    @staticmethod
+    def _walks_lists_in_order(m: int, check_sign: bool, kernel: bool) -> bool:
+        """Whether :meth:`_swap_in_list_order` applies: unstructured, sign check on, no kernel."""
+        return not m and check_sign and not kernel
 
     # ------------------------------------------------------------------ the two swap loops
 
@@ -190,6 +215,10 @@ class DSnoT(WeightMethod):
         """Unstructured pruning candidates per row, lowest Wanda score first: kept weights whose
         pruning raises ``e`` (``What_ik mu_k > 0``) and those that lower it; with their counts."""
         limit = self.max_cycles
+        if state.sign_fixed:  # a row only ever reads the list of its own sign: build that one
+            eligible = rows.keep & torch.where((state.err < 0).unsqueeze(1), state.prune_metric > 0, state.prune_metric < 0)
+            order, count = _ordered(rows.base_score, eligible, False, limit)
+            return order, count, order, count
         return (
             *_ordered(rows.base_score, rows.keep & (state.prune_metric > 0), False, limit),
             *_ordered(rows.base_score, rows.keep & (state.prune_metric < 0), False, limit),
@@ -215,6 +244,106 @@ class DSnoT(WeightMethod):
             ptr_pos += (prune_up & live).long()
             ptr_neg += (~prune_up & live).long()
 
+    def _swap_in_list_order(self, parts: list["_Part"]) -> None:
+        """:meth:`_swap_unstructured` when each row reads one regrow and one pruning list (the
+        sign check is on: a taken swap never changes ``sign(e)``): a row's two pointers then
+        advance together every cycle until the row stops, so cycle ``c`` considers column ``c``
+        of both lists.
+
+        Everything a swap reads is then known per list entry up front (regrown and pruned weights
+        are disjoint sets), so it is gathered per Linear into ``(R, L)`` tensors, which are
+        stacked and laid out as ``(L, R)``: a cycle reads row ``c`` of each, and no ``(R, in)``
+        tensor is stacked. ``G d`` changes with every taken swap, but only its entries at the
+        row's later list columns are ever read: those are kept and a taken swap adds
+        ``a G[j, x] + b G[k, x]`` at them, instead of updating a whole row of ``G d``. The taken
+        swaps are written into each Linear's ``What`` / ``keep`` once at the end. Same
+        candidates, same arithmetic in the same order as :meth:`_SwapState.step`: the same
+        result bit for bit (tested)."""
+        guarded = self.mode == "guarded"
+        if guarded:
+            grams, gids = _grams(parts)
+            n = grams.shape[-1]
+            G_flat = grams.reshape(-1)
+        names = ("j", "k", "n_valid", "w_j", "regrow_j", "what_k", "prune_k", "gd_j", "gd_k", "offset")
+        cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for i, part in enumerate(parts):
+            ranked = part.ranked(self.var_power)
+            ranked.mul_(torch.where(part.err > 0, 1.0, -1.0).unsqueeze(1))  # descending iff e > 0
+            grow, n_grow = _ordered(ranked, ~part.keep, True, self.max_cycles, overwrite=True)
+            del ranked
+            prune, n_prune = _ordered(part.score, part.prune_eligible(), False, self.max_cycles, overwrite=True)
+            cols["j"].append(grow)
+            cols["k"].append(prune)
+            cols["n_valid"].append(torch.minimum(n_grow, n_prune))
+            cols["w_j"].append(part.W.gather(1, grow))
+            cols["regrow_j"].append(part.regrow.gather(1, grow))
+            cols["what_k"].append(part.What.gather(1, prune))
+            cols["prune_k"].append(part.prune.gather(1, prune))
+            if guarded:
+                Gd = part.d @ grams[gids[i]]
+                cols["gd_j"].append(Gd.gather(1, grow))
+                cols["gd_k"].append(Gd.gather(1, prune))
+                cols["offset"].append(torch.full((1, grow.shape[0]), gids[i] * n * n, dtype=torch.long, device=grow.device))
+                del Gd
+        length = min(self.max_cycles, cols["j"][0].shape[1])
+        if length == 0:
+            return
+
+        def stacked(name: str) -> torch.Tensor:  # (L, R)
+            return torch.cat(cols.pop(name)).T.contiguous()
+
+        j_cols, k_cols = stacked("j"), stacked("k")
+        n_valid = torch.cat(cols.pop("n_valid")).clamp_max(length)
+        w_j, regrow_j, what_k, prune_k = stacked("w_j"), stacked("regrow_j"), stacked("what_k"), stacked("prune_k")
+        err = torch.cat([part.err for part in parts])
+        sign0 = torch.sign(err)
+        active = torch.ones_like(err, dtype=torch.bool)
+        if guarded:  # the static terms of dE, evaluated as step() does: ((a*a)*G_jj), ((2*a)*b)
+            gd_j, gd_k = stacked("gd_j"), stacked("gd_k")
+            offset = torch.cat(cols.pop("offset"), dim=1)  # (1, R): where each row's Gram starts
+            a_all, b_all = -w_j, what_k
+            grow_at, prune_at = offset + j_cols, offset + k_cols  # (L, R): G[0, x] of each entry
+            aa_gjj = a_all * a_all * G_flat.take(grow_at + j_cols * n)
+            bb_gkk = b_all * b_all * G_flat.take(prune_at + k_cols * n)
+            ab2 = 2 * a_all * b_all
+            jk_at = grow_at + (j_cols * (n - 1) + k_cols)  # G[j, k]
+        taken = torch.zeros(length, err.shape[0], dtype=torch.bool, device=err.device)
+        with few_threads(err.device):  # the cycles: long chains of tiny ops
+            for c in range(length):
+                active &= n_valid > c
+                if not bool(active.any()):
+                    break
+                err_after = err + prune_k[c] - regrow_j[c]
+                over = err.abs() > self.update_threshold
+                take = active & over & (torch.sign(err_after) == sign0)
+                if guarded:
+                    a, b = a_all[c], b_all[c]
+                    dE = 2 * (a * gd_j[c] + b * gd_k[c]) + aa_gjj[c] + bb_gkk[c] + ab2[c] * G_flat.take(jk_at[c])
+                    take &= dE < 0
+                    active &= over
+                    r = take.nonzero().squeeze(1)
+                    if r.numel() and c + 1 < length:
+                        ar, br = a[r], b[r]
+                        jn, kn = j_cols[c, r] * n, k_cols[c, r] * n
+                        for gd, at in ((gd_j, grow_at), (gd_k, prune_at)):
+                            later = at[c + 1 :, r]  # (L - c - 1, |r|)
+                            delta = ar * G_flat.take(later + jn) + br * G_flat.take(later + kn)
+                            gd[c + 1 :].index_add_(1, r, delta)
+                else:
+                    active.copy_(take)  # reference: the first refused swap stops the row
+                err = torch.where(take, err_after, err)
+                taken[c] = take
+        first = 0
+        for part in parts:  # write the taken swaps into each Linear's What / keep
+            rows_here = part.W.shape[0]
+            c, r = taken[:, first : first + rows_here].nonzero(as_tuple=True)
+            j, k = j_cols[c, first + r], k_cols[c, first + r]
+            part.What[r, j] = w_j[c, first + r]
+            part.What[r, k] = 0
+            part.keep[r, j] = True
+            part.keep[r, k] = False
+            first += rows_here
+
     def _swap_nm(self, state: "_SwapState", rows: "_Rows", m: int) -> None:
         keep = rows.keep
         row_ids = state.rows
@@ -238,68 +367,85 @@ class DSnoT(WeightMethod):
             used[row_ids[take], idx_grow[take]] = True  # a regrown weight is never pruned again
 
 
+class _Part:
+    """One Linear of a batch, with what the swap loops read: dense ``W``, the base's ``What`` and
+    ``keep`` (``(out, in)``; updated in place), ``mu`` (scaled by tokens per window) and ``var``
+    (``(in,)``), the effects ``regrow = W * mu`` and ``prune = What * mu``, ``d = W - What``,
+    ``e = sum_j d_ij mu_j`` (``(out,)``) and the score that orders pruning candidates: the
+    Wanda score of ``What`` (unstructured; with a SparseGPT base, of its updated values) or the
+    base score (N:M)."""
+
+    def __init__(self, job: Job, initial: PruneResult, base: WeightMethod, m: int):
+        weight, stats, _ = job
+        self.stats = stats
+        self.W = weight.detach().float()
+        self.What = initial.weight.float()
+        self.keep = initial.mask
+        device = self.W.device
+        self.mu = stats.mean.to(device) * float(stats.tokens_per_window or 1)
+        self.var = stats.var.to(device).clamp_min(1e-12)
+        self.regrow = self.W * self.mu
+        self.prune = self.What * self.mu
+        self.d = self.W - self.What
+        self.err = (self.d * self.mu).sum(dim=1)
+        if m and isinstance(base, ScoreMethod):
+            self.score = base.score(weight, stats).float()
+        else:
+            self.score = self.What.abs() * stats.norm.to(device)
+
+    def ranked(self, var_power: float) -> torch.Tensor:
+        """Regrow ranking ``W_ij mu_j / var_j^p`` (``(out, in)``, a new tensor)."""
+        return self.regrow / self.var.pow(var_power)
+
+    def prune_eligible(self) -> torch.Tensor:
+        """Kept weights whose pruning moves ``e`` towards 0: ``What_ik mu_k > 0`` where ``e < 0``,
+        ``< 0`` elsewhere (``(out, in)`` bool; the one list a row reads under the sign check)."""
+        return self.keep & torch.where((self.err < 0).unsqueeze(1), self.prune > 0, self.prune < 0)
+
+
+def _grams(parts: list[_Part]) -> tuple[torch.Tensor, list[int]]:
+    """The distinct Gram matrices ``X^T X`` of the parts' inputs, stacked (``(n_inputs, in, in)``;
+    Linears reading the same input share one), and each part's index into them."""
+    index: dict[int, int] = {}
+    grams: list[torch.Tensor] = []
+    for part in parts:
+        if id(part.stats) not in index:
+            index[id(part.stats)] = len(grams)
+            grams.append(part.stats.xtx.to(part.W.device))
+    return torch.stack(grams), [index[id(part.stats)] for part in parts]
+
+
 class _Rows:
-    """The rows of one or more Linears with the same ``in_features``, stacked (``(R, in)``
-    each), with what the swap loops read: dense ``W``, current ``What`` and ``keep`` (updated
-    in place), the effects ``W * mu`` and ``What * mu`` (``mu`` scaled by tokens per window),
-    the regrow ranking ``W * mu / var^p``, the Wanda score of ``What`` (unstructured) or the
-    base score (N:M) and, guarded, the Gram matrices ``G`` (``(n_inputs, in, in)``: Linears
-    reading the same input share one) with each row's index ``gid`` into them and ``G d``."""
+    """The rows of one or more Linears (:class:`_Part`) with the same ``in_features``, stacked
+    (``(R, in)`` each): ``W``, ``What``, ``keep`` (updated in place), ``regrow_metric``,
+    ``prune_metric``, ``base_score``, ``err`` (``(R,)``) and, guarded, the Gram matrices ``G``
+    (``(n_inputs, in, in)``) with each row's index ``gid`` into them and ``Gd = d G``."""
 
     @classmethod
-    def stack(cls, items: list[tuple[Job, PruneResult]], base: WeightMethod, guarded: bool, m: int) -> "_Rows":
+    def stack(cls, parts: list[_Part], guarded: bool) -> "_Rows":
         self = cls()
-        parts: dict[str, list] = {k: [] for k in ("W", "What", "keep", "err", "regrow", "prune", "ranked", "score", "Gd", "gid")}
-        grams: list[torch.Tensor] = []
-        gram_of: dict[int, int] = {}
-        self.sizes = []
-        for (weight, stats, _), initial in items:
-            W = weight.detach().float()
-            What = initial.weight.float()
-            device = W.device
-            mu = stats.mean.to(device) * float(stats.tokens_per_window or 1)
-            var = stats.var.to(device).clamp_min(1e-12)
-            norm = stats.norm.to(device)
-            regrow = W * mu
-            parts["W"].append(W)
-            parts["What"].append(What)
-            parts["keep"].append(initial.mask)
-            parts["err"].append(((W - What) * mu).sum(dim=1))
-            parts["regrow"].append(regrow)
-            parts["prune"].append(What * mu)
-            parts["ranked"].append((regrow, var))
-            if m and isinstance(base, ScoreMethod):
-                parts["score"].append(base.score(weight, stats).float())
-            else:  # unstructured: Wanda score of What; SparseGPT base: Wanda score of its updated values
-                parts["score"].append(What.abs() * norm)
-            if guarded:
-                key = id(stats)
-                if key not in gram_of:
-                    gram_of[key] = len(grams)
-                    grams.append(stats.xtx.to(device))
-                G = grams[gram_of[key]]
-                parts["Gd"].append((W - What) @ G)
-                parts["gid"].append(torch.full((W.shape[0],), gram_of[key], dtype=torch.long, device=device))
-            self.sizes.append(W.shape[0])
-        self.W = torch.cat(parts["W"])
-        self.What = torch.cat(parts["What"])
-        self.keep = torch.cat(parts["keep"])
-        self.regrow_metric = torch.cat(parts["regrow"])
-        self.prune_metric = torch.cat(parts["prune"])
-        self.err = torch.cat(parts["err"])
-        self._ranked_parts = parts["ranked"]
-        self.base_score = torch.cat(parts["score"])
-        self.G = torch.stack(grams) if guarded else None
-        self.Gd = torch.cat(parts["Gd"]) if guarded else None
-        self.gid = torch.cat(parts["gid"]) if guarded else None
-        if guarded:  # flat views for one-entry-per-row reads of G[gid, j, k]
+        self.sizes = [part.W.shape[0] for part in parts]
+        self._parts = parts
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(part, name) for part in parts])
+
+        self.W, self.What, self.keep = cat("W"), cat("What"), cat("keep")
+        self.regrow_metric, self.prune_metric = cat("regrow"), cat("prune")
+        self.err, self.base_score = cat("err"), cat("score")
+        self.G = self.Gd = self.gid = None
+        if guarded:
+            self.G, gids = _grams(parts)
+            self.Gd = torch.cat([part.d @ self.G[g] for part, g in zip(parts, gids)])
+            self.gid = torch.cat([torch.full((size,), g, dtype=torch.long, device=self.W.device) for size, g in zip(self.sizes, gids)])
+            # flat views for one-entry-per-row reads of G[gid, j, k]
             self.G_flat = self.G.reshape(-1)
             self.gram_offset = self.gid * self.G.shape[-1] ** 2
         return self
 
     def ranked(self, var_power: float) -> torch.Tensor:
         """Regrow ranking ``W_ij mu_j / var_j^p`` (``(R, in)``)."""
-        return torch.cat([regrow / var.pow(var_power) for regrow, var in self._ranked_parts])
+        return torch.cat([part.ranked(var_power) for part in self._parts])
 
     def split(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(What, keep)`` per Linear, in the order they were stacked."""
@@ -319,9 +465,18 @@ class _SwapState:
         self.prune_metric = rows.prune_metric  # effect on e of pruning (kept entries)
         self.err = rows.err  # e_i = T sum_j (W_ij - What_ij) mu_j
         self.sign0 = torch.sign(self.err)
+        # With the sign check a taken swap never changes sign(e), so each row reads only one
+        # regrow list (descending when e > 0, ascending otherwise) and one pruning list: one
+        # top-k per list instead of two, the same candidates in the same order.
+        self.sign_fixed = check_sign
         ranked = rows.ranked(method.var_power)
-        self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
-        self.grow_lo, _ = _ordered(ranked, ~keep, False, method.max_cycles)
+        if self.sign_fixed:
+            ranked.mul_(torch.where(self.err > 0, 1.0, -1.0).unsqueeze(1))
+            self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
+            self.grow_lo = self.grow_hi
+        else:
+            self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
+            self.grow_lo, _ = _ordered(ranked, ~keep, False, method.max_cycles)
         del ranked
         self.ptr_hi = torch.zeros_like(self.rows)
         self.ptr_lo = torch.zeros_like(self.rows)

@@ -15,7 +15,7 @@ import torch
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.gpu.torch_backend import TorchBackend
 from prune_cli.methods import build_method
-from prune_cli.methods.dsnot import _Rows, _SwapState
+from prune_cli.methods.dsnot import _Part, _Rows, _SwapState
 from prune_cli.patterns import NM, Unstructured
 from tests.gpu import kernel_model as km
 
@@ -72,7 +72,7 @@ def swap_state(dsnot, job_list):
     m = pattern.m if isinstance(pattern, NM) else 0
     base = dsnot.base_method()
     results = [base.prune(w, s, p) for w, s, p in job_list]
-    rows = _Rows.stack(list(zip(job_list, results)), base, dsnot.mode == "guarded", m)
+    rows = _Rows.stack([_Part(job, res, base, m) for job, res in zip(job_list, results)], dsnot.mode == "guarded")
     state = _SwapState(dsnot, rows, dsnot._sign_check(pattern))
     lists = None if m else dsnot._prune_lists(state, rows)
     return rows, state, lists, m

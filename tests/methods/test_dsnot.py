@@ -195,3 +195,33 @@ def test_reference_mode_equals_the_released_loop(sparsity):
     )
     assert torch.equal(res.mask, expected)
     assert (res.mask != build_method("wanda").prune(w, stats, Unstructured(sparsity)).mask).any(dim=1).sum() >= 10
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), Unstructured(0.95), Unstructured(0.1), NM(2, 4)])
+@pytest.mark.parametrize("mode", ["guarded", "reference"])
+@pytest.mark.parametrize("base", ["wanda", "sparsegpt"])
+def test_one_list_per_sign_equals_both_lists(monkeypatch, pattern, mode, base):
+    """With the sign check on, each row builds only the candidate lists of its own sign of ``e``
+    and unstructured rows walk them column by column (``_swap_in_list_order``); the result must
+    equal that of the general loop over both lists with per-row pointers."""
+    from prune_cli.methods import dsnot
+
+    w, x, stats = layer(seed=6)
+    method = build_method("dsnot", {"mode": mode, "sign_check": "on", "base": base})
+    fast = method.prune(w, stats, pattern)
+    init = dsnot._SwapState.__init__
+
+    def both_lists(self, method, rows, check_sign):
+        init(self, method, rows, check_sign)
+        if self.sign_fixed:  # rebuild the two lists and let every row read its own
+            ranked = rows.ranked(method.var_power)
+            self.grow_hi, self.n_grow = dsnot._ordered(ranked, ~rows.keep, True, method.max_cycles)
+            self.grow_lo, _ = dsnot._ordered(ranked, ~rows.keep, False, method.max_cycles)
+            self.sign_fixed = False
+
+    monkeypatch.setattr(dsnot._SwapState, "__init__", both_lists)
+    monkeypatch.setattr(dsnot.DSnoT, "_walks_lists_in_order", staticmethod(lambda m, check_sign, kernel: False))
+    slow = method.prune(w, stats, pattern)
+    assert torch.equal(fast.mask, slow.mask) and torch.equal(fast.weight, slow.weight)
+    if base == "wanda" or pattern == Unstructured(0.6):  # swaps happened (SparseGPT at 10% needs none)
+        assert not torch.equal(fast.mask, build_method(base).prune(w, stats, pattern).mask)

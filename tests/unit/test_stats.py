@@ -44,7 +44,7 @@ def test_bf16_input_accumulates_in_fp32():
     assert s.sum_sq[0].item() == 1000.0
 
 
-def test_gram_sample_uses_every_fourth_token_and_full_gram_wins():
+def test_gram_sample_uses_every_stride_th_token_and_full_gram_wins():
     from prune_cli.calibrators.stats import GRAM_SAMPLE_STRIDE
 
     x = torch.randn(3, 10, 5, generator=torch.Generator().manual_seed(0))
@@ -53,7 +53,7 @@ def test_gram_sample_uses_every_fourth_token_and_full_gram_wins():
         sampled.update(part)
     rows = torch.cat([part[::GRAM_SAMPLE_STRIDE] for part in x])
     torch.testing.assert_close(sampled.xtx, rows.T @ rows)
-    assert sampled.xtx_tokens == rows.shape[0] == 9 and sampled.count == 30
+    assert sampled.xtx_tokens == rows.shape[0] == 3 * len(range(0, 10, GRAM_SAMPLE_STRIDE)) and sampled.count == 30
     with pytest.raises(RuntimeError, match="full Gram"):
         sampled.hessian
     both = InputStats(5, frozenset({Stat.GRAM_SAMPLE, Stat.GRAM}))
@@ -61,3 +61,15 @@ def test_gram_sample_uses_every_fourth_token_and_full_gram_wins():
     flat = x.reshape(-1, 5)
     torch.testing.assert_close(both.xtx, flat.T @ flat)
     assert both.xtx_tokens == 30
+
+
+@pytest.mark.parametrize("d", [1, 5, 64, 97])
+@pytest.mark.parametrize("blocks", [1, 3, 4, 200])
+def test_symmetric_gram_is_x_t_x_and_exactly_symmetric(d, blocks):
+    from prune_cli.calibrators.stats import symmetric_gram
+
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d)) * torch.linspace(0.1, 10, d)
+    g = symmetric_gram(x, blocks)
+    assert g.shape == (d, d) and torch.equal(g, g.T)
+    exact = x.double().T @ x.double()
+    assert (g.double() - exact).abs().max() <= 1e-6 * exact.abs().max()  # fp32 rounding only
