@@ -4,8 +4,10 @@ For every kernel: the time per call (CUDA events, median of many runs after warm
 bytes it must move divided by that time, that rate as a share of this device's measured
 device-to-device copy bandwidth (bytes read + written per second by ``dst.copy_(src)``), and
 the speedup over the torch backend. The GEMVs are also compared with the dense cuBLAS GEMV
-(``x @ W^T``). Each result is checked against the torch backend (masks equal, GEMV/statistics
-within tolerance) and the check is shown in the table.
+(``x @ W^T``); the activation threshold (TEAL / WINA calibration, ``act_threshold``) with the
+torch path it replaces (scores materialised, then ``kthvalue``). Each result is checked against
+the torch backend (masks equal, thresholds equal, GEMV/statistics within tolerance) and the
+check is shown in the table.
 
 Timing: ``eager`` times one Python call per CUDA-event pair (launch overhead included when
 the GPU waits on the CPU); ``graph`` replays the calls captured in a CUDA graph, which is the
@@ -214,6 +216,17 @@ def main(argv=None) -> int:
         )
         del weight
 
+    # --- activation thresholds (TEAL / WINA calibration): exact k-th value of |x| (* scale)
+    for shape, dtype, scaled in threshold_cases(args.quick):
+        shape = (shape[0] // scale, shape[1] // scale)
+        try:
+            row = bench_threshold(cupy, ref, shape, dtype, scaled, g, dev, reps)
+        except Exception as exc:  # keep the other rows
+            row = Row("act_threshold", f"{shape[0]}x{shape[1]} {str(dtype)[6:]}", 0)
+            row.notes.append(f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        rows.append(row)
+        print(format_row(row, copy_bw), flush=True)
+
     # --- decode GEMVs (batch 1), 50% of the input channels kept
     gemv_cases = [(4096, 4096), (4096, 11008), (11008, 4096)]
     if args.quick:
@@ -289,6 +302,36 @@ def main(argv=None) -> int:
     return 1 if bad else 0
 
 
+def threshold_cases(quick: bool):
+    """(tokens x in, dtype, scaled): calibration inputs as the activation stage sees them (fp32,
+    16384 tokens: the default max_tokens), TEAL on a 4096-wide input, WINA (``|x| * ||W_:,j||``)
+    on an 11008-wide one, and a bf16 input."""
+    cases = [((16384, 4096), torch.float32, False), ((16384, 11008), torch.float32, True),
+             ((16384, 4096), torch.bfloat16, True)]
+    return cases[:1] if quick else cases
+
+
+def bench_threshold(backend, ref, shape, dtype, scaled: bool, g, dev, reps: int) -> Row:
+    """Time ``activation_threshold`` (threshold.cu: 3 histogram passes over ``x``, the select state
+    kept on the GPU, one host sync for the result) against the torch reference (``|x| (* c)``
+    materialised, then ``kthvalue``: what ``quantile_threshold`` does with the torch backend), at
+    k = 50% of the entries, and check both give the same float. Bytes: the 3 reads of ``x`` (and
+    the scale). Torch's single-slice ``kthvalue`` takes up to seconds here, so it gets fewer
+    repetitions (median of at least 3)."""
+    x = (torch.randn(shape, generator=g, device=dev) * torch.rand(shape[1], generator=g, device=dev)).to(dtype)
+    col = torch.rand(shape[1], generator=g, device=dev) * 10 if scaled else None
+    k = round(0.5 * x.numel())
+    nbytes = 3 * x.numel() * x.element_size() + (shape[1] * 4 if scaled else 0)
+    row = Row("act_threshold", f"{shape[0]}x{shape[1]} {str(dtype)[6:]} {'|x|*c' if scaled else '|x|'}, k=50%", nbytes)
+    got, want = backend.activation_threshold(x, col, k), ref.activation_threshold(x, col, k)
+    same = torch.tensor(got).view(torch.int32) == torch.tensor(want).view(torch.int32)
+    row.cupy_us = 1e3 * median_ms(lambda: backend.activation_threshold(x, col, k), 3, reps)
+    row.torch_us = 1e3 * median_ms(lambda: ref.activation_threshold(x, col, k), 1, max(3, reps // 10))
+    row.check = "equal" if bool(same) else "DIFFERENT"
+    row.notes.append("3 passes over x, counted 3x; times include the one host sync")
+    return row
+
+
 def dsnot_block(dev, g, scale: int):
     """A Llama-like block (SmolLM2-135M shapes: hidden 576, MLP 1536, 9 query / 3 KV heads of 64):
     per width, the Linears DSnoT stacks into one swap loop, as ``(weight, stats)`` pairs. q, k, v
@@ -317,15 +360,17 @@ def dsnot_block(dev, g, scale: int):
 def bench_dsnot(backend, pattern, width: int, batch, reps: int):
     """Time the guarded swap loop (50 cycles) of one stacked batch: the backend's ``dsnot_swap``
     kernel vs ``DSnoT._swap_unstructured`` / ``_swap_nm``, both from the same state (restored
-    before every timed call, outside the timed region), and check the results are bit-identical."""
+    before every timed call, outside the timed region), and check the results are bit-identical.
+    Unstructured, the torch backend really runs ``DSnoT._swap_in_list_order``: it is timed too
+    (with its list building) and the speedup returned is against the faster torch path."""
     from prune_cli.methods import build_method
-    from prune_cli.methods.dsnot import _Rows, _SwapState
+    from prune_cli.methods.dsnot import _Part, _Rows, _SwapState
 
     dsnot = build_method("dsnot", {"mode": "guarded"})
     m = pattern.m if isinstance(pattern, NM) else 0
     base = dsnot.base_method()
     jobs = [(w, s, pattern) for w, s in batch]
-    rows = _Rows.stack([(job, base.prune(*job)) for job in jobs], base, True, m)
+    rows = _Rows.stack([_Part(job, base.prune(*job), base, m) for job in jobs], True)
     state = _SwapState(dsnot, rows, dsnot._sign_check(pattern))
     lists = None if m else dsnot._prune_lists(state, rows)
     pristine = {name: t.clone() for name, t in (("What", rows.What), ("keep", rows.keep), ("Gd", rows.Gd))}
@@ -387,7 +432,37 @@ def bench_dsnot(backend, pattern, width: int, batch, reps: int):
     row.torch_us = timed(torch_loop, max(3, reps // 6))
     row.check = "equal" if same else "DIFFERENT"
     row.notes.append(f"{changed} mask entries changed")
-    return row, row.torch_us / row.cupy_us
+    best_torch = row.torch_us
+    if dsnot._walks_lists_in_order(m, state.check_sign, False):
+        # the torch backend's actual unstructured path: DSnoT._swap_in_list_order, timed with its
+        # own list building (the kernel row above excludes list building: a conservative baseline)
+        from prune_cli.methods.base import PruneResult
+
+        initial = [base.prune(*job) for job in jobs]
+
+        def fresh_parts():
+            return [_Part(job, PruneResult(r.weight.clone(), r.mask.clone()), base, m) for job, r in zip(jobs, initial)]
+
+        parts = fresh_parts()
+        dsnot._swap_in_list_order(parts)
+        list_same = torch.equal(torch.cat([p.keep for p in parts]), want[1]) and torch.equal(
+            torch.cat([p.What for p in parts]).view(torch.int32), want[0].view(torch.int32))
+        times = []
+        for _ in range(max(3, reps // 6)):
+            parts = fresh_parts()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            dsnot._swap_in_list_order(parts)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(1e6 * (time.perf_counter() - t))
+        list_us = statistics.median(times)
+        best_torch = min(best_torch, list_us)
+        row.notes.append(f"torch list-order path {list_us:.0f} µs incl. list building ({'equal' if list_same else 'DIFFERENT'})")
+        if not list_same:
+            row.check = "DIFFERENT"
+    return row, best_torch / row.cupy_us
 
 
 HEADER = (f"{'kernel':<13} {'case':<38} {'cupy µs':>9} {'torch µs':>9} {'speedup':>8} {'GB/s':>7} {'% copy':>7} "

@@ -7,7 +7,8 @@ Two implementations answer the same questions with the same answers:
   with ``cupy.RawModule``, fed through DLPack on torch's current stream (no copies).
 
 Masks are bit-identical between the two (ties broken by index, as
-:func:`prune_cli.methods.base.select`); statistics and GEMVs agree within float tolerance.
+:func:`prune_cli.methods.base.select`), and so are activation thresholds (the same float);
+statistics and GEMVs agree within float tolerance.
 
 Optional capability (not part of :class:`Backend`, looked up with ``getattr``):
 ``dsnot_swap(W, What, keep, regrow_metric, prune_metric, err, grow_hi, grow_lo, n_grow, *,
@@ -94,6 +95,18 @@ class Backend(Protocol):
 
         ``x``: ``(in,)``; ``weight_t``: ``(in, out)`` = ``W^T``; ``keep`` as in :meth:`sparse_gemv`;
         ``u``: ``(out, r)``; ``sv``: ``(r, in)``. Returns ``y`` ``(out,)`` in ``weight_t.dtype``.
+        """
+        ...
+
+    def activation_threshold(self, x: torch.Tensor, scale: torch.Tensor | None, k: int) -> float:
+        """Exact ``k``-th smallest (1-based) activation score: the TEAL / WINA threshold.
+
+        ``x``: ``(n, in)`` (or ``(..., in)``), fp32 / bf16 / fp16; ``scale``: ``(in,)`` fp32 or
+        ``None``. Scores ``S[t, j] = |x[t, j]| * scale[j]`` (exact widening of ``|x|`` to fp32, one
+        fp32 multiply, as ``x.abs() * scale``), or ``|x[t, j]|`` without a scale. Returns
+        ``float(S.flatten().kthvalue(k).values)`` (NaN sorts last); ``1 <= k <= numel``, else
+        ``ValueError``. The same float on every backend (NaN when the k-th score is NaN; a
+        ``-0.0``, possible only with negative scales, may come back as ``+0.0``).
         """
         ...
 

@@ -11,12 +11,14 @@ scratch) is allocated by torch's caching allocator.
 Kernel-by-kernel descriptions live at the top of each ``.cu`` file. A few inputs go to the
 torch reference instead of a kernel (same results by construction): ``scope="matrix"``,
 float64 scores, non-fp32 Wanda norms, N:M with M > 256, low-rank factors whose dtype differs
-from the weight's, ranks above 1024.
+from the weight's, ranks above 1024, float64 activations or non-fp32 scales for the activation
+threshold.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import warnings
 
@@ -366,6 +368,55 @@ class CupyBackend:
         return y
 
 
+    # ---------------------------------------------------------------- activation thresholds
+    def activation_threshold(self, x: torch.Tensor, scale: torch.Tensor | None, k: int) -> float:
+        """Exact ``k``-th smallest (1-based) of ``S[t, j] = |x[t, j]| * scale[j]`` (threshold.cu).
+
+        ``x``: ``(n, in)`` (or ``(..., in)``) fp32/bf16/fp16; ``scale``: ``(in,)`` fp32 or ``None``
+        (then ``S = |x|``). The score is computed inside the kernels (never stored): exact widening
+        of ``|x|`` to fp32 and one IEEE fp32 multiply, as ``x.abs() * scale``. Radix select on the
+        order key in 3 passes of 11/11/10 bits, each a histogram launch and a one-warp pick
+        launch that keeps ``{prefix, k remaining}`` on the device; one host sync at the end to
+        read the key, decoded back to the float. Equals ``TorchBackend.activation_threshold``
+        (``S.flatten().kthvalue(k)``, NaN last); a float64 ``x`` or a scale that is not fp32
+        ``(in,)`` goes to that reference. ``k`` outside ``[1, numel]`` -> ``ValueError``.
+        """
+        self._check_device(x)
+        k = operator.index(k)
+        numel = x.numel()
+        if not 1 <= k <= numel:
+            raise ValueError(f"activation_threshold: k = {k} is outside [1, {numel}]")
+        in_features = x.shape[-1]
+        if scale is not None:
+            scale = scale.to(self.device)
+            if scale.dtype != torch.float32 or scale.shape != (in_features,):
+                return self._reference.activation_threshold(x, scale, k)
+        suffix = _SUFFIX.get(x.dtype)
+        if suffix is None:  # float64: |x| * scale in float64 is not what the fp32 kernels compute
+            return self._reference.activation_threshold(x, scale, k)
+        x2 = x.reshape(-1, in_features).contiguous()
+        # a vector must not cross a row when the column picks the scale
+        vec = launch.vector_width(in_features if scale is not None else numel, x2.data_ptr(), _ITEMSIZE[suffix])
+        plan = launch.threshold_plan(numel, vec, self.sm_count)
+        bins, passes = launch.THRESHOLD_BINS, len(launch.THRESHOLD_PASSES)
+        # hist (passes, bins) zeroed for the atomics, then state {prefix, k remaining}: one buffer
+        work = torch.zeros(passes * bins + 2, dtype=torch.int64, device=self.device)
+        scale_t = scale.contiguous() if scale is not None else torch.empty(1, dtype=torch.float32, device=self.device)
+        with self._run():
+            x_c, scale_c = self._view(x2), self._view(scale_t)
+            hist_c, state_c = self._view(work[: passes * bins]), self._view(work[passes * bins :])
+            for p in range(passes):
+                self.fn[f"threshold_hist_{suffix}"](
+                    (plan.blocks,),
+                    (launch.THRESHOLD_THREADS,),
+                    (x_c, scale_c, _i64(numel), _i32(in_features), _i32(scale is not None), _i32(plan.vec), _i32(p),
+                     state_c, hist_c),
+                )
+                self.fn["threshold_pick"](
+                    (1,), (launch.THRESHOLD_PICK_THREADS,), (hist_c, state_c, _i32(p), _i64(k))
+                )
+        return key_to_float(int(work[passes * bins]))  # the one synchronisation
+
     # ---------------------------------------------------------------- DSnoT
     def dsnot_swap(
         self,
@@ -490,9 +541,17 @@ def _wrap_stream(torch_stream: torch.cuda.Stream, index: int):
         return cp.cuda.ExternalStream(torch_stream.cuda_stream, index)
 
 
+def key_to_float(key: int) -> float:
+    """The float whose ``pc_order_key`` is ``key`` (the inverse on non-NaN floats; ``+0.0`` for
+    the key both zeros share, a NaN for the NaN key ``0xffffffff``)."""
+    key &= 0xFFFFFFFF
+    bits = key & 0x7FFFFFFF if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return float(np.array(bits, dtype=np.uint32).view(np.float32))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
 
 
-__all__ = ["CupyBackend", "get_cupy_backend"]
+__all__ = ["CupyBackend", "get_cupy_backend", "key_to_float"]

@@ -30,7 +30,9 @@ def _names() -> dict[str, tuple[str, ...]]:
     gemv += [f"lowrank_z_{w}_{x}" for w, x in GEMV_PAIRS]
     gemv += [f"gemv_reduce_{d}" for d in DTYPES]
     dsnot = ["dsnot_swap_unstructured", "dsnot_swap_nm"]
-    return {"stats": tuple(stats), "select": tuple(select), "gemv": tuple(gemv), "dsnot": tuple(dsnot)}
+    threshold = [f"threshold_hist_{d}" for d in DTYPES] + ["threshold_pick"]
+    return {"stats": tuple(stats), "select": tuple(select), "gemv": tuple(gemv), "dsnot": tuple(dsnot),
+            "threshold": tuple(threshold)}
 
 
 # module name -> the extern "C" kernels it defines

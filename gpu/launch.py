@@ -18,6 +18,11 @@ LOWRANK_THREADS = 256  # lowrank_z_* blockDim
 MAX_RANK = 1024  # s_z[1024] in gemv_reduce
 MAX_NM_M = NM_THREADS  # one group must fit a block
 MAX_GRID_Y = 65535
+THRESHOLD_THREADS = 256  # PC_THRESHOLD_THREADS in threshold.cu (threshold_hist_* blockDim)
+THRESHOLD_BINS = 2048  # PC_THRESHOLD_BINS: one 11-bit digit
+THRESHOLD_PASSES = ((21, 11), (10, 11), (0, 10))  # (lowest bit, width) of each radix digit of the key
+THRESHOLD_PICK_THREADS = 32  # threshold_pick: one warp, 64 bins per lane
+MAX_BLOCK_COUNT = (1 << 32) - 1  # a block's shared-memory counters are 32-bit
 
 
 @dataclass(frozen=True)
@@ -77,3 +82,24 @@ def vector_width(count: int, data_ptr: int, itemsize: int) -> int:
     """Elements per 16-byte vector access when ``count`` and the base address allow it, else 1."""
     vec = 16 // itemsize
     return vec if count % vec == 0 and data_ptr % 16 == 0 else 1
+
+
+@dataclass(frozen=True)
+class ThresholdPlan:
+    vec: int  # entries per thread and iteration (one 16-byte load when > 1)
+    blocks: int  # grid.x of threshold_hist_*: a grid-stride loop over numel / vec vectors
+
+
+def threshold_plan(numel: int, vec: int, sm_count: int) -> ThresholdPlan:
+    """Blocks of ``THRESHOLD_THREADS`` for the grid-stride histogram over ``numel`` entries: about
+    8 blocks per multiprocessor (each block merges up to 2048 counters into the global
+    histogram, so no more than that), never more than there are vectors, and enough that no
+    block counts ``2^32`` entries or more (its shared counters are 32-bit)."""
+    if numel <= 0 or vec <= 0 or numel % vec:
+        raise ValueError(f"threshold_plan: {numel} entries do not split into vectors of {vec}")
+    nvec = numel // vec
+    blocks = max(1, min(math.ceil(nvec / THRESHOLD_THREADS), 8 * max(1, sm_count)))
+    # entries per block <= ceil(nvec / (blocks * threads)) * threads * vec
+    while math.ceil(nvec / (blocks * THRESHOLD_THREADS)) * THRESHOLD_THREADS * vec > MAX_BLOCK_COUNT:
+        blocks *= 2
+    return ThresholdPlan(vec, blocks)

@@ -104,6 +104,21 @@ class TorchBackend:
         y = xs.float() @ ws.float() + u.float() @ (sv.float() @ dropped.float())
         return y.to(weight_t.dtype)
 
+    def activation_threshold(self, x: torch.Tensor, scale: torch.Tensor | None, k: int) -> float:
+        """The ``k``-th smallest (1-based) activation score over all entries, as a float.
+
+        ``x``: ``(n, in)`` (or ``(..., in)``), any float dtype; ``scale``: ``(in,)`` or ``None``.
+        Scores ``S[t, j] = |x[t, j]| * scale[j]`` (``|x[t, j]|`` without a scale; torch's type
+        promotion, so fp32 for a bf16/fp16 ``x`` and an fp32 ``scale``); returns
+        ``float(S.flatten().kthvalue(k).values)`` (NaN sorts last). ``1 <= k <= numel``, else
+        ``ValueError``. The threshold of :func:`prune_cli.activation.methods.quantile_threshold`.
+        """
+        numel = x.numel()
+        if not 1 <= k <= numel:
+            raise ValueError(f"activation_threshold: k = {k} is outside [1, {numel}]")
+        scores = x.abs() if scale is None else x.abs() * scale.to(x.device)
+        return float(scores.reshape(-1).kthvalue(k).values)
+
     @staticmethod
     def _gemv(xs: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if xs.dtype == ws.dtype:

@@ -262,7 +262,7 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
 
     activation_report = None
     if config.activation is not None:
-        activation_report = _activation_stage(model, config, act_targets, cal_windows, cal, device, timings, events)
+        activation_report = _activation_stage(model, config, act_targets, cal_windows, cal, device, timings, events, backend)
 
     if eval_windows is not None:
         from prune_cli.activation.modules import count_sparsity
@@ -326,8 +326,9 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     return report
 
 
-def _activation_stage(model, config: RunConfig, targets, cal_windows, cal, device, timings, events) -> dict:
-    """Calibrate and install activation sparsifiers (on the pruned model, if a weight method ran)."""
+def _activation_stage(model, config: RunConfig, targets, cal_windows, cal, device, timings, events, backend=None) -> dict:
+    """Calibrate and install activation sparsifiers (on the pruned model, if a weight method ran);
+    ``backend`` computes the thresholds."""
     from prune_cli.activation import build_activation_method
     from prune_cli.activation.calibrate import allocate, calibrate_activation
 
@@ -342,7 +343,8 @@ def _activation_stage(model, config: RunConfig, targets, cal_windows, cal, devic
             model, targets, method, act.allocation, act.sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed
         )
         records = calibrate_activation(
-            model, targets, method, sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed, events
+            model, targets, method, sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed, events,
+            backend=backend,
         )
     return {**act.to_dict(), "target_sparsity": act.sparsity, "tokens": "all", "layers": records}
 

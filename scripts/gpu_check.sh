@@ -6,7 +6,8 @@
 #   2. pytest -m gpu tests/gpu          (CuPy kernels vs the torch backend, bit for bit / in tolerance)
 #   3. pytest -m 'not gpu' tests/gpu    (compile check with this machine's NVRTC, host-code tests)
 #   4. python bench/gpu_kernels.py      (timings, bytes/s vs copy bandwidth, speedups; the DSnoT
-#      swap kernel vs the torch loop on a Llama-like block, goal >= 10x)
+#      swap kernel vs the torch loop on a Llama-like block, goal >= 10x; the activation-threshold
+#      radix select, rows act_threshold, vs torch kthvalue)
 #   5. writes a short markdown summary to $OUT/gpu_results.md (logs beside it).
 #
 # Each step has its own time limit; the whole script stays well under 8 minutes on an H200.

@@ -183,9 +183,12 @@ def greedy_allocation(curves: dict[str, list[float]], params: dict[str, int], ta
 @torch.no_grad()
 def calibrate_activation(
     model, targets: list[Target], method: ActivationMethod, sparsity: dict[str, float], windows, batch_size,
-    device, max_tokens: int, seed: int, events=None,
+    device, max_tokens: int, seed: int, events=None, backend=None,
 ) -> list[dict]:
-    """Fit and install a sparsifier on every target, block by block; returns per-layer records."""
+    """Fit and install a sparsifier on every target, block by block; returns per-layer records.
+
+    ``backend`` (:class:`prune_cli.gpu.backend.Backend` or ``None``: torch) reaches each
+    ``method.fit`` and computes the TEAL / WINA thresholds (the same numbers on every backend)."""
     blocks = decoder_blocks(model).modules
     batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
     generator = torch.Generator().manual_seed(seed)
@@ -202,7 +205,7 @@ def calibrate_activation(
             cache: dict = {"linears": dict(linears)}
             for t in mine:
                 cache["local"] = t.local
-                module = method.fit(linears[t.local], inputs[t.local].to(device), sparsity[t.name], cache)
+                module = method.fit(linears[t.local], inputs[t.local].to(device), sparsity[t.name], cache, backend=backend)
                 _install(block, t.local, module)
                 records.append({
                     "name": t.name, "target_sparsity": round(sparsity[t.name], 6), "threshold": float(module.threshold),

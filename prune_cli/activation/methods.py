@@ -40,14 +40,33 @@ from prune_cli.errors import RecipeError
 from prune_cli.options import build_from_options
 
 
-def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
-    """``tau`` such that a fraction ``sparsity`` of ``scores`` is ``<= tau`` (exact, by k-th value).
-    ``sparsity == 0`` gives ``-1`` so that every channel is kept."""
-    flat = scores.reshape(-1)
-    k = int(round(sparsity * flat.numel()))
+def quantile_threshold(
+    x: torch.Tensor, sparsity: float, scale: torch.Tensor | None = None, backend: Any = None
+) -> float:
+    """``tau`` such that a fraction ``sparsity`` of the scores is ``<= tau`` (exact, by k-th value).
+
+    Scores ``S[t, j] = |x[t, j]| * scale[j]`` over all entries, or ``|x[t, j]|`` when ``scale``
+    is ``None``; ``x``: ``(n, in)`` (or ``(..., in)``), ``scale``: ``(in,)``. With
+    ``k = round(sparsity * numel)``: ``tau`` is the ``min(k, numel)``-th smallest score, and
+    ``k <= 0`` (e.g. ``sparsity == 0``) gives ``-1`` so that every channel is kept.
+
+    A backend whose ``device`` is ``x``'s (the CuPy backend) computes it with
+    ``backend.activation_threshold(x, scale, k)`` (scores fused, radix select; see
+    :class:`prune_cli.gpu.backend.Backend`). Otherwise (``None``, the torch backend, which has no
+    device of its own, or a backend on another device): torch's ``kthvalue`` on the
+    materialised scores, here. Both give the same number.
+    """
+    numel = x.numel()
+    k = min(int(round(sparsity * numel)), numel)
     if k <= 0:
         return -1.0
-    return float(flat.kthvalue(min(k, flat.numel())).values)
+    if scale is not None:
+        scale = scale.to(x.device)
+    kernel = getattr(backend, "activation_threshold", None)
+    if kernel is not None and getattr(backend, "device", None) == x.device:
+        return float(kernel(x, scale, k))
+    scores = x.abs() if scale is None else x.abs() * scale
+    return float(scores.reshape(-1).kthvalue(k).values)
 
 
 def column_norms(linear: nn.Linear) -> torch.Tensor:
@@ -77,10 +96,14 @@ class ActivationMethod(ABC):
         return x.abs() * self.channel_scale(linear).to(x.device)
 
     @abstractmethod
-    def fit(self, linear: nn.Linear, x: torch.Tensor, sparsity: float, cache: dict | None = None) -> SparseInputLinear:
+    def fit(
+        self, linear: nn.Linear, x: torch.Tensor, sparsity: float, cache: dict | None = None, backend: Any = None
+    ) -> SparseInputLinear:
         """A sparsifier for ``linear`` skipping about ``sparsity`` of the inputs ``x`` ``(n, in)``.
         ``cache`` is shared by the Linears of one block: ``local`` (this Linear's name in the
-        block) and ``linears`` (the block's Linears by name) are set by the calibrator."""
+        block) and ``linears`` (the block's Linears by name) are set by the calibrator.
+        ``backend`` (:class:`prune_cli.gpu.backend.Backend` or ``None``) computes the threshold
+        (:func:`quantile_threshold`); every backend gives the same threshold."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +112,9 @@ class Teal(ActivationMethod):
 
     name = "teal"
 
-    def fit(self, linear, x, sparsity, cache=None):
-        return SparseInputLinear(linear, quantile_threshold(x.abs(), sparsity))
+    def fit(self, linear, x, sparsity, cache=None, backend=None):
+        """``tau`` = the ``sparsity``-quantile of ``|x|`` over all ``(n, in)`` entries."""
+        return SparseInputLinear(linear, quantile_threshold(x, sparsity, backend=backend))
 
 
 # The release computes one mask per hidden state from a single reader's column norms.
@@ -127,12 +151,14 @@ class Wina(ActivationMethod):
     def scores(self, linear, x, context=None):
         return x.abs() * self.channel_scale(linear, context).to(x.device)
 
-    def fit(self, linear, x, sparsity, cache=None):
+    def fit(self, linear, x, sparsity, cache=None, backend=None):
+        """``threshold``: ``tau`` = the ``sparsity``-quantile of ``|x[t, j]| * c_j`` over all
+        ``(n, in)`` entries, ``c = channel_scale`` ``(in,)`` fp32; ``topk``: no threshold."""
         scale = self.channel_scale(linear, cache)
         if self.selection == "topk":
             keep = max(1, int(round((1 - sparsity) * linear.in_features)))
             return SparseInputLinear(linear, -1.0, scale, keep_count=keep if sparsity > 0 else 0)
-        return SparseInputLinear(linear, quantile_threshold(x.abs() * scale, sparsity), scale)
+        return SparseInputLinear(linear, quantile_threshold(x, sparsity, scale, backend), scale)
 
 
 @dataclass(frozen=True)
@@ -180,7 +206,11 @@ class RSparse(ActivationMethod):
         U, S, Vh = torch.linalg.svd(W @ root, full_matrices=False)
         return U * S, Vh @ inv_root
 
-    def fit(self, linear, x, sparsity, cache=None):
+    def fit(self, linear, x, sparsity, cache=None, backend=None):
+        """Picks ``alpha`` on the error of the calibration sample. R-Sparse keeps its sort-based
+        thresholds: one torch sort of the scores ``|x| * ||W_:,i||`` serves the quantile of every
+        ``alpha`` of the grid. ``backend`` is accepted (same signature as the other methods) and
+        not used."""
         scale = self.channel_scale(linear)
         scores = x.abs() * scale
         in_f, out_f = linear.in_features, linear.out_features

@@ -195,6 +195,37 @@ class Kernel:
             )
 
 
+    # threshold_hist_<d>(x, scale, numel, in, use_scale, vec, pass, state, hist)
+    def _threshold_hist(self, grid, block, args, shared_mem):
+        suffix = self.name.split("_")[-1]
+        x, scale, numel, in_f, use_scale, vec, p, state, hist = args
+        numel, in_f, use_scale, vec, p = map(int, (numel, in_f, use_scale, vec, p))
+        assert block == (256,) and shared_mem == 0 and len(grid) == 1 and grid[0] >= 1
+        assert x.dtype == (torch.float32 if suffix == "f32" else torch.int16) and x.is_contiguous()
+        assert x.numel() == numel and numel % in_f == 0 and 0 <= p < 3
+        assert vec in (1, 16 // x.element_size()) and numel % vec == 0
+        if vec > 1:
+            assert x.data_ptr() % 16 == 0 and (not use_scale or in_f % vec == 0)
+        assert hist.dtype == torch.int64 and hist.shape == (3 * 2048,) and state.dtype == torch.int64 and state.shape == (2,)
+        if use_scale:
+            assert scale.dtype == torch.float32 and scale.shape == (in_f,) and scale.is_contiguous()
+        xf = _floats(x, suffix).reshape(-1, in_f).numpy()
+        keys = km.threshold_keys(xf, scale.numpy() if use_scale else None)
+        prefix = 0 if p == 0 else int(state[0])  # pass 0 reads no state
+        counts = km.threshold_hist(keys, p, prefix, grid[0], vec)
+        hist.view(3, 2048)[p] += torch.from_numpy(counts.astype(np.int64))  # atomicAdd into what is there
+
+    # threshold_pick(hist, state, pass, k)
+    def _threshold_pick(self, grid, block, args, shared_mem):
+        hist, state, p, k = args
+        p = int(p)
+        assert grid == (1,) and block == (32,) and shared_mem == 0
+        assert isinstance(k, np.int64) and int(k) >= 1
+        prefix, need = (0, int(k)) if p == 0 else (int(state[0]), int(state[1]))
+        prefix, need = km.threshold_pick(hist.view(3, 2048)[p].numpy(), p, prefix, need)
+        state[0], state[1] = prefix, need
+
+
 class _Ctx:
     def __init__(self, *a, **k):
         pass

@@ -256,3 +256,87 @@ def dsnot_swap(
         err[r] = e
         cycles_run[r] = cycle
     return cycles_run, exhausted
+
+
+# ---------------------------------------------------------------------------- threshold.cu
+THRESHOLD_THREADS = 256  # PC_THRESHOLD_THREADS
+THRESHOLD_BINS = 2048  # PC_THRESHOLD_BINS
+THRESHOLD_PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, digit bits): pc_threshold_shift / _digit_mask
+_THRESHOLD_HIGHER = (0x00000000, 0xFFE00000, 0xFFFFFC00)  # pc_threshold_higher
+
+
+def threshold_keys(x_f32: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """pc_threshold_key for every entry of ``x`` ``(n, in)`` (already widened exactly to fp32):
+    ``key(|x[t, j]| * scale[j])``, ``|x|`` by clearing the sign bit (pc_abs), the product one
+    IEEE fp32 multiply (NumPy float32: round to nearest even, subnormals kept, as pc_mul_rn)."""
+    bits = np.ascontiguousarray(x_f32, dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
+    mag = bits.view(np.float32)
+    if scale is not None:
+        with np.errstate(all="ignore"):
+            mag = mag * np.ascontiguousarray(scale, dtype=np.float32)  # broadcast over the last axis
+    return order_key(mag)
+
+
+def threshold_hist(keys: np.ndarray, pass_index: int, prefix: int, blocks: int, vec: int,
+                   threads: int = THRESHOLD_THREADS) -> np.ndarray:
+    """threshold_hist_* for one pass over the flat uint32 ``keys``: returns the 2048 counts the
+    pass adds into ``hist[pass, :]``.
+
+    Entry ``i`` belongs to vector ``i // vec``; the grid-stride loop gives vector ``v`` to thread
+    ``v % threads`` of block ``(v // threads) % blocks``. Each block counts the entries whose
+    higher digits equal ``prefix`` into its own 32-bit shared histogram (checked not to
+    overflow), and the blocks' histograms are then added (the 64-bit atomicAdd merge)."""
+    shift, bits = THRESHOLD_PASSES[pass_index]
+    flat = keys.reshape(-1).astype(np.int64)
+    assert flat.size % vec == 0
+    block = (np.arange(flat.size, dtype=np.int64) // vec // threads) % blocks
+    match = (flat & _THRESHOLD_HIGHER[pass_index]) == prefix
+    digit = (flat[match] >> shift) & ((1 << bits) - 1)
+    per_block = np.bincount(block[match] * THRESHOLD_BINS + digit, minlength=blocks * THRESHOLD_BINS)
+    per_block = per_block.reshape(blocks, THRESHOLD_BINS)
+    assert per_block.max(initial=0) < 2**32, "a block's shared counter would overflow"
+    return per_block.sum(axis=0).astype(np.uint64)
+
+
+def threshold_pick(hist: np.ndarray, pass_index: int, prefix: int, need: int) -> tuple[int, int]:
+    """threshold_pick: one warp, lane ``l`` owns bins ``[64 l, 64 l + 64)``; the lane whose
+    exclusive..inclusive prefix sum holds ``need`` walks its bins to the bin ``b`` holding it.
+    Returns the new state ``(prefix | b << shift, need - entries in lower bins)``."""
+    shift, _ = THRESHOLD_PASSES[pass_index]
+    lanes = hist.astype(np.int64).reshape(32, 64)
+    local = lanes.sum(axis=1)
+    incl = np.cumsum(local)
+    excl = incl - local
+    hits = [lane for lane in range(32) if excl[lane] < need <= incl[lane]]
+    assert len(hits) == 1, "exactly one lane holds the need-th entry"
+    lane = hits[0]
+    run = int(excl[lane])
+    found = None
+    for q in range(64):
+        c = int(lanes[lane, q])
+        if run < need <= run + c:
+            assert found is None
+            found = (prefix | ((lane * 64 + q) << shift), need - run)
+        run += c
+    assert found is not None
+    return found
+
+
+def threshold_select(keys: np.ndarray, k: int, blocks: int = 1, vec: int = 1) -> int:
+    """The 3-pass radix select of threshold.cu: the key of the ``k``-th smallest (1-based) entry,
+    with the device state ``{prefix, need}`` carried from pass to pass (pass 0 starts from k)."""
+    assert 1 <= k <= keys.size
+    prefix, need = 0, k
+    for p in range(len(THRESHOLD_PASSES)):
+        hist = threshold_hist(keys, p, 0 if p == 0 else prefix, blocks, vec)
+        prefix, need = threshold_pick(hist, p, prefix if p else 0, need)
+    # the key found is present, and `need` of the entries equal to it are within the first k
+    assert 1 <= need <= int((keys.reshape(-1).astype(np.int64) == prefix).sum())
+    return prefix
+
+
+def key_to_float(key: int) -> np.float32:
+    """Inverse of order_key on non-NaN floats (the shared zero key gives +0; the NaN key a NaN)."""
+    key = np.uint32(key)
+    bits = key & np.uint32(0x7FFFFFFF) if key & np.uint32(0x80000000) else ~key
+    return np.array(bits, dtype=np.uint32).view(np.float32)[()]

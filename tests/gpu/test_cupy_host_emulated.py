@@ -202,3 +202,105 @@ def test_dsnot_swap_copies_back_non_contiguous_outputs(emulated):
         backend.dsnot_swap(rows.W, rows.What, rows.keep, state.regrow_metric, state.prune_metric, state.err,
                            state.grow_hi, state.grow_lo, state.n_grow, max_cycles=5, update_threshold=0.1,
                            guarded=False, check_sign=True)
+
+
+# ------------------------------------------------------------------ activation threshold
+def _same_float(a: float, b: float) -> bool:
+    a32, b32 = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    return bool(a32.isnan() and b32.isnan()) or a32.view(torch.int32) == b32.view(torch.int32)
+
+
+def threshold_launches(suffix: str) -> list[str]:
+    """The launches of one activation_threshold call: (histogram, pick) per radix pass."""
+    return [f"threshold_hist_{suffix}", "threshold_pick"] * 3
+
+
+@pytest.mark.parametrize("dtype,suffix", [(torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16")])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 1024), (300, 77), (2, 5, 96)])
+def test_activation_threshold(emulated, dtype, suffix, scaled, shape):
+    """CupyBackend.activation_threshold (argument lists checked against the PTX, 3 x (histogram,
+    pick) launches, the key decoded on the host) equals the torch reference bit for bit."""
+    backend, log = emulated
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randint(-4, 5, shape, generator=g).float() * 0.5 + (torch.rand(shape, generator=g) < 0.5) * 0.125)
+    x = x.to(dtype)
+    scale = None
+    if scaled:
+        scale = torch.rand(shape[-1], generator=g) * 3
+        scale[::5] = 0.0
+    numel = x.numel()
+    for k in sorted({1, numel, max(1, numel // 2), max(1, numel // 3)}):
+        log.clear()
+        got = backend.activation_threshold(x, scale, k)
+        want = REF.activation_threshold(x, scale, k)
+        assert isinstance(got, float) and _same_float(got, want), (k, got, want)
+        assert log == threshold_launches(suffix)
+
+
+def test_activation_threshold_layouts_and_special_values(emulated):
+    backend, log = emulated
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan"), 1e-45, 3.5])
+    base = pool[torch.randint(0, len(pool), (65, 130), generator=torch.Generator().manual_seed(1))]
+    scale = torch.rand(129) + 0.5
+    scale[7] = float("inf")
+    for x in (base[:, 1:], base.t().contiguous().t()[:, :129], base.view(-1)[1:1 + 64 * 129].view(64, 129)):
+        for s in (None, scale):
+            for k in (1, 100, x.numel() // 2, x.numel() - 3, x.numel()):
+                assert _same_float(backend.activation_threshold(x, s, k), REF.activation_threshold(x, s, k)), k
+    assert log and all(name.startswith("threshold_") for name in log)
+
+
+def test_activation_threshold_fallbacks_and_errors(emulated):
+    backend, log = emulated
+    x = torch.randn(20, 33)
+    scale = torch.rand(33)
+    for args in ((x.double(), scale), (x, scale.double()), (x.double(), None)):
+        assert _same_float(backend.activation_threshold(*args, 100), REF.activation_threshold(*args, 100))
+    assert log == []  # float64 goes to the torch reference
+    for k in (0, -1, x.numel() + 1):
+        with pytest.raises(ValueError, match="outside"):
+            backend.activation_threshold(x, scale, k)
+    with pytest.raises(ValueError, match="outside"):
+        backend.activation_threshold(torch.empty(0, 33), None, 1)
+    with pytest.raises(TypeError):
+        backend.activation_threshold(x, None, 3.0)
+    assert log == []
+
+
+def test_key_to_float_inverts_the_order_key(emulated):
+    from prune_cli.gpu.cupy_backend import key_to_float
+
+    from tests.gpu import kernel_model as km
+
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 3e38, -3e38, float("inf"), float("-inf"), 0.1])
+    keys = km.order_key(values.numpy())
+    back = torch.tensor([key_to_float(int(k)) for k in keys])
+    assert torch.equal(back.view(torch.int32)[2:], values.view(torch.int32)[2:])
+    assert back.view(torch.int32)[:2].tolist() == [0, 0]  # -0 shares +0's key and comes back as +0
+    assert torch.isnan(torch.tensor(key_to_float(0xFFFFFFFF)))
+
+
+@pytest.mark.parametrize("name,options", [("teal", {}), ("wina", {}), ("wina", {"variant": "released"})])
+def test_activation_fit_uses_the_kernel(emulated, name, options):
+    """TEAL / WINA fit with the (emulated) CuPy backend: the threshold comes from the kernels and
+    equals the torch path's; R-Sparse keeps its sort (no kernel launch)."""
+    from torch import nn
+
+    from prune_cli.activation import build_activation_method
+
+    backend, log = emulated
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = torch.randn(300, 64) * torch.rand(64) * 3
+    method = build_activation_method(name, options)
+    cache = {"local": "self_attn.o_proj", "linears": {"self_attn.o_proj": lin}}
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        log.clear()
+        got = method.fit(lin, x, sparsity, cache, backend=backend)
+        want = method.fit(lin, x, sparsity, cache)
+        assert got.threshold == want.threshold
+        assert log == ([] if sparsity == 0 else threshold_launches("f32")), sparsity
+    log.clear()
+    build_activation_method("rsparse").fit(lin, x, 0.5, backend=backend)
+    assert log == []

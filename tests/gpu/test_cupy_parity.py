@@ -292,3 +292,81 @@ def test_dsnot_swap_wide_rows(cupy_backend, pattern, mode, width):
     for a, b in zip(got, want):
         assert torch.equal(a.mask, b.mask)
         assert torch.equal(a.weight.view(torch.int32), b.weight.view(torch.int32))
+
+
+# ------------------------------------------------------------------ activation threshold
+def same_float(a: float, b: float) -> bool:
+    a32, b32 = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    return bool(a32.isnan() and b32.isnan()) or a32.view(torch.int32) == b32.view(torch.int32)
+
+
+def activation_cases(shape, dtype, seed):
+    g = gen(seed)
+    yield "randn", (torch.randn(shape, generator=g, device=DEV) * 3).to(dtype)
+    yield "ties", (torch.randint(-4, 5, shape, generator=g, device=DEV).float() * 0.5).to(dtype)
+    sparse = torch.randn(shape, generator=g, device=DEV) * (torch.rand(shape, generator=g, device=DEV) < 0.3)
+    yield "mostly zeros", sparse.to(dtype)
+    yield "constant", torch.full(shape, -1.5, device=DEV).to(dtype)
+    yield "special", special_scores(shape, seed).to(dtype)
+
+
+def activation_scale(in_features, seed):
+    scale = torch.rand(in_features, generator=gen(seed), device=DEV) * 4 + 0.1
+    scale[::7] = 0.0  # dead columns
+    scale[3::11] = 1e-38  # subnormal products: never flushed
+    return scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 1000), (2048, 577), (4099, 768), (20000, 64)])
+def test_activation_threshold_bit_identical(cupy_backend, torch_backend, dtype, scaled, shape):
+    """threshold.cu vs kthvalue of |x| (* scale): the same float as the torch backend on the GPU
+    and on the CPU, for k = 1, numel and in between."""
+    scale = activation_scale(shape[1], shape[1]) if scaled else None
+    for name, x in activation_cases(shape, dtype, sum(shape)):
+        x_cpu, scale_cpu = x.cpu(), None if scale is None else scale.cpu()
+        numel = x.numel()
+        for k in sorted({1, numel, max(1, numel // 2), max(1, round(0.37 * numel)), max(1, numel - 1)}):
+            got = cupy_backend.activation_threshold(x, scale, k)
+            want = torch_backend.activation_threshold(x, scale, k)
+            cpu = torch_backend.activation_threshold(x_cpu, scale_cpu, k)
+            assert isinstance(got, float)
+            assert same_float(got, want) and same_float(got, cpu), (name, k, got, want, cpu)
+
+
+def test_activation_threshold_layouts_and_determinism(cupy_backend, torch_backend):
+    base = torch.randn(3001, 1025, generator=gen(21), device=DEV)
+    misaligned = base.view(-1)[1 : 1 + 1500 * 2048].view(1500, 2048)  # 4-byte offset: scalar loads
+    scale = activation_scale(1024, 3)
+    for x in (base[:, 1:], base.t()[:700, :1024], misaligned[:, :1024], misaligned.to(torch.bfloat16)[:, 1:1025]):
+        for s in (None, scale):
+            k = x.numel() // 3
+            assert same_float(cupy_backend.activation_threshold(x, s, k), torch_backend.activation_threshold(x, s, k))
+    big = (torch.randint(0, 50, (16384, 4096), generator=gen(22), device=DEV).float() * 0.01).to(torch.bfloat16)
+    results = {cupy_backend.activation_threshold(big, None, 33_554_432) for _ in range(5)}
+    assert len(results) == 1  # integer histograms: no run-to-run difference
+    assert same_float(results.pop(), torch_backend.activation_threshold(big, None, 33_554_432))
+    with pytest.raises(ValueError, match="outside"):
+        cupy_backend.activation_threshold(big, None, big.numel() + 1)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_activation_fit_through_the_pipeline(cupy_backend, monkeypatch, tiny_llama_dir, method):
+    """compress() on CUDA with backend cupy and with backend torch: every layer's TEAL / WINA
+    threshold is the same float, and the cupy run took them from the kernels."""
+    from prune_cli.config import resolve
+    from prune_cli.pipeline import CompressRequest, compress
+
+    calls = []
+    kernel = cupy_backend.activation_threshold
+    monkeypatch.setattr(cupy_backend, "activation_threshold", lambda *a: calls.append(1) or kernel(*a))
+    thresholds = {}
+    for backend in ("cupy", "torch"):
+        config = resolve(None, {"method": method, "sparsity": 0.4, "backend": backend, "device": "cuda",
+                                "calibration": {"samples": 4, "seqlen": 32}, "evaluation": {"enabled": False}})
+        report = compress(CompressRequest(config, str(tiny_llama_dir), None))
+        assert report["backend"] == backend
+        thresholds[backend] = [r["threshold"] for r in report["activation"]["layers"]]
+    assert len(calls) == len(thresholds["torch"]) > 0
+    assert thresholds["cupy"] == thresholds["torch"]

@@ -220,3 +220,123 @@ def test_dsnot_delta_e_rounds_like_torch():
     for i in range(0, n, 997):
         s = km.dsnot_delta_e(*(np.float32(t[i].item()) for t in (a, b, gdj, gdk, gjj, gkk, gjk)))
         assert np.float32(s).view(np.int32) == want[i:i + 1].numpy().view(np.int32)[0]
+
+
+# ------------------------------------------------------------------ activation threshold (threshold.cu)
+def threshold_inputs(shape, dtype, seed):
+    """Activation-like inputs with deliberate ties and zeros: (name, x) pairs in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    yield "randn", (torch.randn(shape, generator=g) * 3).to(dtype)
+    yield "ties", (torch.randint(-4, 5, shape, generator=g).float() * 0.5).to(dtype)  # 1/9 zeros, +-ties
+    sparse = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.3)
+    yield "mostly zeros", sparse.to(dtype)  # 70% of the scores 0 (+0 and -0 inputs)
+    yield "constant", torch.full(shape, -1.5).to(dtype)
+
+
+def threshold_scale(in_features, seed):
+    """Per-channel fp32 scales: column-norm-like values, a dead column (0) and tiny values whose
+    products with small inputs are fp32 subnormals (they must not be flushed)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(in_features, generator=g) * 4 + 0.1
+    scale[::7] = 0.0
+    scale[3::11] = 1e-38
+    return scale
+
+
+def threshold_ks(numel):
+    return sorted({1, numel, max(1, numel // 2), max(1, round(0.3 * numel)), max(1, numel - 1)})
+
+
+def model_threshold(x, scale, k, blocks=1, vec=1):
+    keys = km.threshold_keys(x.float().numpy(), None if scale is None else scale.numpy())
+    return km.key_to_float(km.threshold_select(keys, k, blocks, vec))
+
+
+def same_float(a, b) -> bool:
+    """Equal bits, or both NaN."""
+    a, b = np.float32(a), np.float32(b)
+    return bool(np.isnan(a) and np.isnan(b)) or a.view(np.uint32) == b.view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 257), (129, 1000), (600, 77)])
+def test_threshold_model_matches_kthvalue(dtype, scaled, shape):
+    """The 3-pass radix select of threshold.cu gives torch's kthvalue of |x| (* scale) bit for
+    bit, for k = 1, numel and in between, on shapes that are no multiple of the block size."""
+    scale = threshold_scale(shape[1], shape[1]) if scaled else None
+    plan = launch.threshold_plan(shape[0] * shape[1], 1, sm_count=2)  # several blocks for the big shapes
+    for name, x in threshold_inputs(shape, dtype, sum(shape)):
+        scores = x.abs() if scale is None else x.abs() * scale
+        for k in threshold_ks(x.numel()):
+            want = float(scores.reshape(-1).kthvalue(k).values)
+            got = model_threshold(x, scale, k, plan.blocks, plan.vec)
+            assert same_float(got, want), (name, k, got, want)
+
+
+def test_threshold_model_special_values_and_subnormals():
+    """+-0, +-inf, NaN (last, as kthvalue), subnormal inputs and subnormal products (no flush)."""
+    x = special_values(4000, 3).reshape(40, 100)
+    x[0, :20] = torch.tensor(1e-30)  # with a scale of 1e-10: products ~1e-40, fp32 subnormals
+    scale = threshold_scale(100, 4)
+    scale[:20] = 1e-10
+    scale[50] = float("inf")  # inf * 0 = NaN, inf * x = inf
+    for s in (None, scale):
+        scores = x.abs() if s is None else x.abs() * s
+        if s is not None:
+            assert (scores[0, :20] > 0).all() and (scores[0, :20] < 1.2e-38).all()
+        n_nan = int(scores.isnan().sum())
+        assert n_nan > 0
+        for k in (1, 17, 20, 1000, 2000, x.numel() - n_nan, x.numel() - n_nan + 1, x.numel()):
+            want = float(scores.reshape(-1).kthvalue(k).values)
+            assert same_float(model_threshold(x, s, k), want), (k, want)
+
+
+@pytest.mark.parametrize("blocks,vec", [(1, 1), (1, 4), (3, 8), (7, 4), (1000, 1)])
+def test_threshold_model_does_not_depend_on_the_grid(blocks, vec):
+    """Any split of the entries among blocks and vectors gives the same histograms, hence key."""
+    x = torch.randint(0, 7, (123, 64), generator=torch.Generator().manual_seed(5)).float() * 0.25
+    keys = km.threshold_keys(x.numpy(), threshold_scale(64, 1).numpy())
+    for k in (1, 500, x.numel()):
+        assert km.threshold_select(keys, k, blocks, vec) == km.threshold_select(keys, k)
+    total = km.threshold_hist(keys, 0, 0, blocks, vec)
+    assert total.sum() == x.numel()  # pass 0 counts every entry once
+
+
+def test_key_to_float_inverts_order_key():
+    values = torch.cat([special_values(3000, 1), torch.randn(3000) * 1e3, torch.randn(100) * 1e-40])
+    keys = km.order_key(values.numpy())
+    back = np.array([km.key_to_float(int(k)) for k in keys], dtype=np.float32)
+    finite = ~values.isnan().numpy()
+    plain = values.numpy().copy()
+    plain[plain == 0] = 0.0  # -0 shares +0's key
+    assert np.array_equal(back[finite].view(np.uint32), plain[finite].view(np.uint32))
+    assert np.isnan(back[~finite]).all()
+
+
+@pytest.mark.parametrize("numel", [1, 255, 256, 257, 4096 * 11008, 16384 * 4096 + 8])
+@pytest.mark.parametrize("vec", [1, 4, 8])
+def test_threshold_plan(numel, vec):
+    if numel % vec:
+        with pytest.raises(ValueError):
+            launch.threshold_plan(numel, vec, sm_count=132)
+        return
+    plan = launch.threshold_plan(numel, vec, sm_count=132)
+    assert plan.vec == vec
+    assert 1 <= plan.blocks <= max(1, 8 * 132)
+    assert (plan.blocks - 1) * launch.THRESHOLD_THREADS < numel // vec  # no block without work
+    # a huge problem on a tiny GPU: blocks are added so that no 32-bit shared counter overflows
+    big = launch.threshold_plan((1 << 44) // vec * vec, vec, sm_count=1)
+    per_block = -(-((1 << 44) // vec) // (big.blocks * launch.THRESHOLD_THREADS)) * launch.THRESHOLD_THREADS * vec
+    assert per_block < 2**32
+
+
+def test_threshold_constants_match_the_cuda_source():
+    from prune_cli.gpu.kernel_source import module_source
+
+    src = module_source("threshold")
+    assert f"#define PC_THRESHOLD_THREADS {launch.THRESHOLD_THREADS}" in src
+    assert f"#define PC_THRESHOLD_BINS {launch.THRESHOLD_BINS}" in src
+    assert km.THRESHOLD_PASSES == launch.THRESHOLD_PASSES
+    assert sum(bits for _, bits in launch.THRESHOLD_PASSES) == 32
+    assert 32 * 64 == launch.THRESHOLD_BINS  # threshold_pick: 32 lanes x 64 bins

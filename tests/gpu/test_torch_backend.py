@@ -152,3 +152,25 @@ def test_gemv_shape_errors():
         B.sparse_gemv(torch.randn(10), weight_t, torch.ones(10))
     with pytest.raises(ValueError, match="low-rank factors"):
         B.rsparse_gemv(torch.randn(10), weight_t, torch.ones(10, dtype=torch.bool), torch.randn(4, 2), torch.randn(3, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_activation_threshold_is_the_quantile_threshold(dtype):
+    """The k-th smallest of |x| (* scale) over all entries: the value quantile_threshold (the
+    TEAL / WINA threshold) has always used, and a member of the scores."""
+    from prune_cli.activation.methods import quantile_threshold
+
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randint(-4, 5, (3, 41, 70), generator=g).float() * 0.25).to(dtype)
+    scale = torch.rand(70, generator=g) * 3
+    for s in (None, scale):
+        scores = (x.abs() if s is None else x.abs() * s).reshape(-1)
+        for sparsity in (0.01, 0.5, 0.77, 1.0):
+            k = round(sparsity * x.numel())
+            tau = B.activation_threshold(x, s, k)
+            assert isinstance(tau, float) and tau == quantile_threshold(x, sparsity, s)
+            assert tau == float(scores.sort().values[k - 1])
+    with pytest.raises(ValueError, match="outside"):
+        B.activation_threshold(x, None, 0)
+    with pytest.raises(ValueError, match="outside"):
+        B.activation_threshold(x, scale, x.numel() + 1)
