@@ -3,7 +3,10 @@
 each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%).
 
     python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...] [--exclude reference]
-        [--repeats 3]
+        [--repeats 3] [--default-malloc]
+
+Like the ``prune-cli`` entry point, it first calls :func:`prune_cli.allocator.keep_freed_memory`
+(``--default-malloc`` to measure glibc's default behaviour instead).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from prune_cli.allocator import keep_freed_memory  # noqa: E402
 from prune_cli.calibrators.sampling import calibration_windows, tokenize  # noqa: E402
 from prune_cli.calibrators.sources import bundled_text  # noqa: E402
 from prune_cli.config import resolve  # noqa: E402
@@ -42,7 +46,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="runs whose name contains one of these")
     parser.add_argument("--exclude", nargs="*", default=[], help="runs whose name contains one of these")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all selected runs, interleaved")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (the CLI tunes it)")
     args = parser.parse_args()
+    tuned = False if args.default_malloc else keep_freed_memory()  # as the prune-cli entry point does
     model, tokenizer = load_model(bundled_source())
     cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -72,7 +78,8 @@ def main() -> None:
             q = ratios[name]
             line += f"  {statistics.median(q):.3f}x its base ({min(q):.3f}-{max(q):.3f})"
         print(line)
-    print(f"windows {args.samples}x{args.seqlen}, sparsity {args.sparsity}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"windows {args.samples}x{args.seqlen}, sparsity {args.sparsity}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
+          f"malloc {'kept (as the CLI)' if tuned else 'glibc default'}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ For activations ``X`` of shape ``(n_tokens, in_features)``:
 * ``Stat.MEAN_VAR``: ``sum[j] = sum_t X[t, j]`` plus ``sum_sq`` -> mean and variance (DSnoT)
 * ``Stat.GRAM``: ``xtx = X^T X`` (in_features x in_features) -> SparseGPT Hessian ``2/n X^T X``
 * ``Stat.GRAM_SAMPLE``: ``xtx`` over every ``GRAM_SAMPLE_STRIDE``-th token only (``xtx_tokens``
-  says how many): an eighth of the cost, for a Gram matrix that only has to rank changes
+  says how many): a sixteenth of the cost, for a Gram matrix that only has to rank changes
   (DSnoT's guard). When a reader of the same input wants ``GRAM``, the full one serves both.
 
 Gram matrices are computed by :func:`symmetric_gram`: only the blocks on and above the diagonal
@@ -32,7 +32,7 @@ class Stat(enum.Enum):
     GRAM_SAMPLE = "gram_sample"
 
 
-GRAM_SAMPLE_STRIDE = 8
+GRAM_SAMPLE_STRIDE = 16
 GRAM_BLOCKS = 4
 
 

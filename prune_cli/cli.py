@@ -330,6 +330,9 @@ def methods_command() -> None:
 
 
 def main() -> None:
+    from prune_cli.allocator import keep_freed_memory
+
+    keep_freed_memory()  # a CLI run owns its process: no page-fault storms (see prune_cli.allocator)
     try:
         app()
     except KeyboardInterrupt:

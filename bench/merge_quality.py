@@ -1,0 +1,57 @@
+"""Fold re-measured runs of ``bench/quality.py`` into the committed result files.
+
+    python bench/merge_quality.py NEW.json [NEW2.json ...] [--docs docs]
+
+Every run of a new file (keyed by method and level) replaces the run with the same key in
+whichever ``docs/quality*.json`` holds it; runs no file holds go to ``docs/quality_rerun.json``.
+The new files must come from the same setup (windows, seed, evaluation) and the same dense
+perplexity as the file they land in, or nothing is written. Then regenerate the tables:
+``python bench/make_tables.py > docs/quality.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SETUP_KEYS = ("samples", "seqlen", "eval_windows")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("new", nargs="+", type=Path)
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    targets = {path: json.loads(path.read_text()) for path in sorted(args.docs.glob("quality*.json"))}
+    owner = {(r["method"], r["level"]): path for path, data in targets.items() for r in data["runs"]}
+    rerun = args.docs / "quality_rerun.json"
+    changed: set[Path] = set()
+    for new_path in args.new:
+        new = json.loads(new_path.read_text())
+        for run in new["runs"]:
+            key = (run["method"], run["level"])
+            path = owner.get(key, rerun)
+            if path not in targets:
+                targets[path] = {"dense": new["dense"], "runs": [], "setup": new["setup"]}
+            data = targets[path]
+            mismatch = [k for k in SETUP_KEYS if data["setup"].get(k) != new["setup"].get(k)]
+            if mismatch or abs(data["dense"] - new["dense"]) > 1e-9:
+                print(f"{new_path}: setup differs from {path} ({', '.join(mismatch) or 'dense ppl'}); nothing written", file=sys.stderr)
+                return 2
+            old = next((r for r in data["runs"] if (r["method"], r["level"]) == key), None)
+            if old is None:
+                data["runs"].append(run)
+                owner[key] = path
+            else:
+                data["runs"][data["runs"].index(old)] = run
+            print(f"{path}: {key[0]} {key[1]}: {'new' if old is None else format(old['ppl'], '.3f')} -> {run['ppl']:.3f}")
+            changed.add(path)
+    for path in sorted(changed):
+        path.write_text(json.dumps(targets[path], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
