@@ -6,8 +6,9 @@ faults every 4 KiB page in again, zero-filled by the kernel. Calibration allocat
 tensors of tens of MB per block, so a run can spend seconds in the kernel: measured with the
 bundled model (32 x 512 windows, 2 cores), DSnoT on Wanda at 60% took 4.1 million minor page
 faults and 7 s of system time (52.8 s wall), and a Wanda run after it in the same process
-4.2 million (46.0 s instead of 41.0 s). With :func:`keep_freed_memory`: no faults after warm-up,
-0.2 s of system time, 45.9 s and 40.2 s.
+4.2 million (46.0 s instead of 41.0 s). With :func:`keep_freed_memory` (same script, same order,
+with the every-16th-token guard Gram of the time): no faults after the first run, 0.2 s of
+system time; Wanda 38.2 s, DSnoT 44.3 s, Wanda 39.8 s, DSnoT 44.5 s.
 
 The cost: freed memory stays with the process (reused by later tensors) instead of going back
 to the OS, so the resident size stays at its peak; for a command-line run that is the peak anyway.
