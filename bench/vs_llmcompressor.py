@@ -334,10 +334,15 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--verbose", action="store_true", help="show llm-compressor's own log output")
     parser.add_argument("--worker", nargs=3, metavar=("GGUF_DIR", "GGUF_FILE", "TMP"), help=argparse.SUPPRESS)
+    parser.add_argument("--default-malloc", action="store_true", help="our side: leave glibc malloc as it is")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
         return
+    if not args.default_malloc:  # our side runs as the prune-cli entry point does; theirs is untouched
+        from prune_cli.allocator import keep_freed_memory
+
+        print(f"our side: keep_freed_memory() -> {keep_freed_memory()}", flush=True)
     if not Path(args.bench_python).exists():
         sys.exit(f"{args.bench_python} not found: set up .venv-bench first (see this script's docstring)")
 
