@@ -217,8 +217,7 @@ class DSnoT(WeightMethod):
         pruning raises ``e`` (``What_ik mu_k > 0``) and those that lower it; with their counts."""
         limit = self.max_cycles
         if state.sign_fixed:  # a row only ever reads the list of its own sign: build that one
-            eligible = rows.keep & torch.where((state.err < 0).unsqueeze(1), state.prune_metric > 0, state.prune_metric < 0)
-            order, count = _ordered(rows.base_score, eligible, False, limit)
+            order, count = (torch.cat(t) for t in zip(*(part.prune_list(limit) for part in rows.parts)))
             return order, count, order, count
         return (
             *_ordered(rows.base_score, rows.keep & (state.prune_metric > 0), False, limit),
@@ -268,11 +267,8 @@ class DSnoT(WeightMethod):
         names = ("j", "k", "n_valid", "w_j", "regrow_j", "what_k", "prune_k", "gd_j", "gd_k", "offset")
         cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for i, part in enumerate(parts):
-            ranked = part.ranked(self.var_power)
-            ranked.mul_(torch.where(part.err > 0, 1.0, -1.0).unsqueeze(1))  # descending iff e > 0
-            grow, n_grow = _ordered(ranked, ~part.keep, True, self.max_cycles, overwrite=True)
-            del ranked
-            prune, n_prune = _ordered(part.score, part.prune_eligible(), False, self.max_cycles, overwrite=True)
+            grow, n_grow = part.grow_list(self.var_power, self.max_cycles)
+            prune, n_prune = part.prune_list(self.max_cycles)
             cols["j"].append(grow)
             cols["k"].append(prune)
             cols["n_valid"].append(torch.minimum(n_grow, n_prune))
@@ -398,10 +394,21 @@ class _Part:
         """Regrow ranking ``W_ij mu_j / var_j^p`` (``(out, in)``, a new tensor)."""
         return self.regrow / self.var.pow(var_power)
 
-    def prune_eligible(self) -> torch.Tensor:
-        """Kept weights whose pruning moves ``e`` towards 0: ``What_ik mu_k > 0`` where ``e < 0``,
-        ``< 0`` elsewhere (``(out, in)`` bool; the one list a row reads under the sign check)."""
-        return self.keep & torch.where((self.err < 0).unsqueeze(1), self.prune > 0, self.prune < 0)
+    def grow_list(self, var_power: float, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under the sign check, the one regrow list each row reads: pruned weights by
+        :meth:`ranked`, descending where ``e > 0``, ascending elsewhere (``(out, limit)``), and
+        how many each row has (:func:`_ordered`)."""
+        ranked = self.ranked(var_power)
+        ranked.mul_(torch.where(self.err > 0, 1.0, -1.0).unsqueeze(1))
+        return _ordered(ranked, ~self.keep, True, limit, overwrite=True)
+
+    def prune_list(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under the sign check, the one pruning list each row reads: kept weights whose pruning
+        moves ``e`` towards 0 (``What_ik mu_k > 0`` where ``e < 0``, ``< 0`` elsewhere), lowest
+        score first (``(out, limit)``), and how many each row has. Consumes ``score`` (its
+        ineligible entries are overwritten; a stacked copy, if any, was taken before)."""
+        eligible = self.keep & torch.where((self.err < 0).unsqueeze(1), self.prune > 0, self.prune < 0)
+        return _ordered(self.score, eligible, False, limit, overwrite=True)
 
 
 def _grams(parts: list[_Part]) -> tuple[torch.Tensor, list[int]]:
@@ -426,7 +433,7 @@ class _Rows:
     def stack(cls, parts: list[_Part], guarded: bool) -> "_Rows":
         self = cls()
         self.sizes = [part.W.shape[0] for part in parts]
-        self._parts = parts
+        self.parts = parts
 
         def cat(name: str) -> torch.Tensor:
             return torch.cat([getattr(part, name) for part in parts])
@@ -446,7 +453,7 @@ class _Rows:
 
     def ranked(self, var_power: float) -> torch.Tensor:
         """Regrow ranking ``W_ij mu_j / var_j^p`` (``(R, in)``)."""
-        return torch.cat([part.ranked(var_power) for part in self._parts])
+        return torch.cat([part.ranked(var_power) for part in self.parts])
 
     def split(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(What, keep)`` per Linear, in the order they were stacked."""
@@ -470,15 +477,15 @@ class _SwapState:
         # regrow list (descending when e > 0, ascending otherwise) and one pruning list: one
         # top-k per list instead of two, the same candidates in the same order.
         self.sign_fixed = check_sign
-        ranked = rows.ranked(method.var_power)
         if self.sign_fixed:
-            ranked.mul_(torch.where(self.err > 0, 1.0, -1.0).unsqueeze(1))
-            self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
+            lists = (part.grow_list(method.var_power, method.max_cycles) for part in rows.parts)
+            self.grow_hi, self.n_grow = (torch.cat(t) for t in zip(*lists))
             self.grow_lo = self.grow_hi
         else:
+            ranked = rows.ranked(method.var_power)
             self.grow_hi, self.n_grow = _ordered(ranked, ~keep, True, method.max_cycles)
             self.grow_lo, _ = _ordered(ranked, ~keep, False, method.max_cycles)
-        del ranked
+            del ranked
         self.ptr_hi = torch.zeros_like(self.rows)
         self.ptr_lo = torch.zeros_like(self.rows)
         self.active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)

@@ -33,9 +33,11 @@ def wanda_keys(weight_f32: np.ndarray, norm: np.ndarray) -> np.ndarray:
     return order_key(score)
 
 
-def _warp0_bin_search(hist: np.ndarray, need: int) -> tuple[int, int, int]:
-    """The warp-0 scan of select.cu: 32 lanes x 8 bins; returns (bin, new need, ties)."""
-    lanes = hist.reshape(32, 8)
+def _warp0_bin_search(hist: np.ndarray, need: int, per_lane: int = 8) -> tuple[int, int, int]:
+    """The one-warp bin scan of select.cu (32 lanes x 8 bins) and threshold.cu (32 x 64): the
+    lane whose exclusive..inclusive prefix sum holds ``need`` walks its own bins to the bin
+    holding the ``need``-th entry. Returns (bin, need within that bin, entries in that bin)."""
+    lanes = hist.astype(np.int64).reshape(32, per_lane)
     local = lanes.sum(axis=1)
     incl = np.cumsum(local)
     excl = incl - local
@@ -44,11 +46,11 @@ def _warp0_bin_search(hist: np.ndarray, need: int) -> tuple[int, int, int]:
     lane = hits[0]
     run = int(excl[lane])
     found = None
-    for q in range(8):
+    for q in range(per_lane):
         c = int(lanes[lane, q])
         if run < need <= run + c:
             assert found is None
-            found = (lane * 8 + q, need - run, c)
+            found = (lane * per_lane + q, need - run, c)
         run += c
     assert found is not None
     return found
@@ -303,23 +305,8 @@ def threshold_pick(hist: np.ndarray, pass_index: int, prefix: int, need: int) ->
     exclusive..inclusive prefix sum holds ``need`` walks its bins to the bin ``b`` holding it.
     Returns the new state ``(prefix | b << shift, need - entries in lower bins)``."""
     shift, _ = THRESHOLD_PASSES[pass_index]
-    lanes = hist.astype(np.int64).reshape(32, 64)
-    local = lanes.sum(axis=1)
-    incl = np.cumsum(local)
-    excl = incl - local
-    hits = [lane for lane in range(32) if excl[lane] < need <= incl[lane]]
-    assert len(hits) == 1, "exactly one lane holds the need-th entry"
-    lane = hits[0]
-    run = int(excl[lane])
-    found = None
-    for q in range(64):
-        c = int(lanes[lane, q])
-        if run < need <= run + c:
-            assert found is None
-            found = (prefix | ((lane * 64 + q) << shift), need - run)
-        run += c
-    assert found is not None
-    return found
+    b, need, _ = _warp0_bin_search(hist, need, per_lane=64)
+    return prefix | (b << shift), need
 
 
 def threshold_select(keys: np.ndarray, k: int, blocks: int = 1, vec: int = 1) -> int:
