@@ -38,7 +38,12 @@ from prune_cli.patterns import SparsityPattern
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "torch", "cupy")
-GPU_EXTRA_HINT = "install CuPy with `pip install 'prune-cli[gpu]'` (cupy-cuda12x)"
+def gpu_extra_hint(torch_cuda: str | None = None) -> str:
+    """How to install the CuPy build that matches torch's CUDA (``torch.version.cuda``)."""
+    version = torch_cuda if torch_cuda is not None else (torch.version.cuda or "")
+    if version.split(".")[0] == "13":
+        return "install CuPy with `pip install 'prune-cli[gpu-cuda13]'` (cupy-cuda13x, for torch's CUDA 13)"
+    return "install CuPy with `pip install 'prune-cli[gpu]'` (cupy-cuda12x; `[gpu-cuda13]` for a CUDA 13 torch)"
 
 DeviceLike = Union[torch.device, str, int, None]
 
@@ -143,10 +148,10 @@ def _load_cupy_backend(device: torch.device) -> Backend:
     except ImportError as exc:
         missing = getattr(exc, "name", None) in ("cupy", None) or "cupy" in str(exc)
         reason = "CuPy is not installed" if missing else "CuPy does not import"
-        raise CupyUnavailable(f"{reason} ({_one_line(exc)})", hint=GPU_EXTRA_HINT) from None
+        raise CupyUnavailable(f"{reason} ({_one_line(exc)})", hint=gpu_extra_hint()) from None
     except Exception as exc:  # CuPy raises more than ImportError on a broken CUDA setup
         raise CupyUnavailable(
-            f"CuPy does not import ({type(exc).__name__}: {_one_line(exc)})", hint=GPU_EXTRA_HINT
+            f"CuPy does not import ({type(exc).__name__}: {_one_line(exc)})", hint=gpu_extra_hint()
         ) from None
     return cupy_backend.get_cupy_backend(device)
 

@@ -111,7 +111,8 @@ class CupyBackend:
             else:
                 reason = "the CUDA kernels did not load"
                 hint = (
-                    "CuPy needs NVRTC (pip install nvidia-cuda-nvrtc-cu12, or a CUDA toolkit) and a driver as new "
+                    "CuPy needs NVRTC (pip install nvidia-cuda-nvrtc-cu12, nvidia-cuda-nvrtc for CUDA 13, or a CUDA "
+                    "toolkit) and a driver as new "
                     "as its CUDA; use --backend torch to run without the kernels"
                 )
             raise CupyUnavailable(f"{reason}: {type(exc).__name__}: {_first_line(exc)}", hint=hint) from None

@@ -211,7 +211,7 @@ def compress(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Kernels: auto, torch or cupy (CuPy needs CUDA and the [gpu] extra)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Kernels: auto, torch or cupy (cupy needs CUDA and the gpu extra: pip install 'prune-cli\\[gpu]')."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write (required unless --dry-run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (like HF_HUB_OFFLINE=1)."),

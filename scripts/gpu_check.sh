@@ -8,9 +8,13 @@
 #   4. python bench/gpu_kernels.py      (timings, bytes/s vs copy bandwidth, speedups; the DSnoT
 #      swap kernel vs the torch loop on a Llama-like block, goal >= 10x; the activation-threshold
 #      radix select, rows act_threshold, vs torch kthvalue)
-#   5. writes a short markdown summary to $OUT/gpu_results.md (logs beside it).
+#   5. python bench/gpu_compress.py   (the whole compress job per recipe with the torch and the cupy
+#      backend: stage times, speedup, perplexities, checkpoint / threshold agreement)
+#   6. writes a short markdown summary to $OUT/gpu_results.md (logs beside it: 8 files at most,
+#      what the device tool brings back).
 #
-# Each step has its own time limit; the whole script stays well under 8 minutes on an H200.
+# Each step has its own time limit, cut to what is left of a 9-minute deadline (GPU_CHECK_DEADLINE
+# seconds), so the summary is always written inside the device tool's 10-minute command limit.
 # Environment: OUT (output folder; default out/gpu-check), PYTHON (default python3),
 # GPU_CHECK_NO_INSTALL=1 (never pip install anything).
 set -uo pipefail
@@ -21,8 +25,12 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
+DEADLINE=${GPU_CHECK_DEADLINE:-540}
+MD=$(mktemp -d)  # markdown pieces, folded into gpu_results.md (not brought back on their own)
 status=0
 log() { echo "[gpu_check $(($(date +%s) - START))s] $*"; }
+# limit STEP_SECONDS: the smaller of a step's own limit and what is left before the deadline (>= 10)
+limit() { local left=$((DEADLINE - ($(date +%s) - START))); [ "$left" -lt "$1" ] && echo $((left > 10 ? left : 10)) || echo "$1"; }
 
 {
   log "python: $($PY -c 'import sys; print(sys.executable, sys.version.split()[0])')"
@@ -59,8 +67,9 @@ EOF
       timeout 180 $PY -m pip install -q --no-index --no-deps .whl/*.whl || true
     else
       GPU_PKGS=$($PY - <<'EOF'
-import tomllib
-print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"].get("gpu", [])))
+import tomllib, torch
+extra = "gpu-cuda13" if (torch.version.cuda or "").startswith("13") else "gpu"  # CuPy must match torch's CUDA
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"].get(extra, [])))
 EOF
 )
       log "installing the gpu extra: $GPU_PKGS"
@@ -80,19 +89,24 @@ EOF
 cat "$OUT/setup.log"
 
 log "pytest -m gpu tests/gpu"
-timeout 300 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout $(limit 240) $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest_gpu.log"
 rc_gpu=${PIPESTATUS[0]}
 [ "$rc_gpu" = 0 ] || status=1
 
 log "pytest -m 'not gpu' tests/gpu"
-timeout 180 $PY -m pytest -q -rs -m "not gpu" -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest_cpu.log"
+timeout $(limit 150) $PY -m pytest -q -rs -m "not gpu" -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest_cpu.log"
 rc_cpu=${PIPESTATUS[0]}
 [ "$rc_cpu" = 0 ] || status=1
 
 log "bench/gpu_kernels.py"
-timeout 300 $PY bench/gpu_kernels.py --markdown "$OUT/bench.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout $(limit 180) $PY bench/gpu_kernels.py --markdown "$MD/bench.md" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 rc_bench=${PIPESTATUS[0]}
 [ "$rc_bench" = 0 ] || status=1
+
+log "bench/gpu_compress.py"
+timeout $(limit 240) $PY bench/gpu_compress.py --markdown "$MD/compress.md" --json "$OUT/compress.json" 2>&1 | tee "$OUT/compress.log"
+rc_compress=${PIPESTATUS[0]}
+[ "$rc_compress" = 0 ] || status=1
 
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -102,10 +116,14 @@ rc_bench=${PIPESTATUS[0]}
   echo "- $(grep -m1 -E '^cupy' "$OUT/setup.log")"
   echo "- pytest -m gpu tests/gpu (exit $rc_gpu): $(tail -n 1 "$OUT/pytest_gpu.log")"
   echo "- pytest -m 'not gpu' tests/gpu (exit $rc_cpu): $(tail -n 1 "$OUT/pytest_cpu.log")"
-  echo "- bench/gpu_kernels.py (exit $rc_bench), total script time $(($(date +%s) - START)) s"
+  echo "- bench/gpu_kernels.py (exit $rc_bench), bench/gpu_compress.py (exit $rc_compress), total script time $(($(date +%s) - START)) s"
   echo "- $(grep -m1 '^dsnot_swap: speedup' "$OUT/bench.log" || echo 'dsnot_swap: no speedup line (see bench.log)')"
   echo
-  if [ -s "$OUT/bench.md" ]; then cat "$OUT/bench.md"; else echo '(no benchmark table; see bench.log)'; fi
+  if [ -s "$MD/bench.md" ]; then cat "$MD/bench.md"; else echo '(no kernel benchmark table; see bench.log)'; fi
+  echo
+  echo "## Whole compress per backend"
+  echo
+  if [ -s "$MD/compress.md" ]; then cat "$MD/compress.md"; else echo '(no compress table; see compress.log)'; fi
   if [ "$rc_gpu" != 0 ]; then
     echo
     echo "## Failing GPU tests"

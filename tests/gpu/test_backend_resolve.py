@@ -96,7 +96,15 @@ def test_explicit_cupy_without_cupy_is_an_error_with_install_hint(no_cupy):
     with pytest.raises(BackendUnavailableError) as info:
         resolve_backend("cupy", "cuda:0")
     assert "CuPy is not installed" in str(info.value)
-    assert "pip install" in info.value.hint and "[gpu]" in info.value.hint
+    assert "pip install" in info.value.hint and "[gpu" in info.value.hint
+
+
+def test_install_hint_matches_torchs_cuda():
+    from prune_cli.gpu.backend import gpu_extra_hint
+
+    assert "[gpu-cuda13]" in gpu_extra_hint("13.0") and "cupy-cuda13x" in gpu_extra_hint("13.0")
+    assert "'prune-cli[gpu]'" in gpu_extra_hint("12.8") and "cupy-cuda12x" in gpu_extra_hint("12.8")
+    assert "'prune-cli[gpu]'" in gpu_extra_hint("")  # a CPU torch: the CUDA 12 default
 
 
 def test_kernel_compile_failure_auto_falls_back_explicit_fails(monkeypatch):

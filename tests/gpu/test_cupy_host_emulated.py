@@ -304,3 +304,51 @@ def test_activation_fit_uses_the_kernel(emulated, name, options):
     log.clear()
     build_activation_method("rsparse").fit(lin, x, 0.5, backend=backend)
     assert log == []
+
+
+@pytest.mark.parametrize(
+    "overrides,launched",
+    [
+        ({"method": "wanda", "sparsity": 0.5}, {"stats_partial_f32_v4", "select_rows_wanda_f32"}),
+        ({"method": "wanda", "pattern": "2:4"}, {"stats_partial_f32_v4", "select_nm_wanda_f32"}),
+        ({"method": "magnitude", "sparsity": 0.5}, {"select_rows_score"}),
+        ({"method": "dsnot", "sparsity": 0.6, "method_options": {"base": "wanda"}}, {"select_rows_wanda_f32", "dsnot_swap_unstructured"}),
+        ({"method": "dsnot", "pattern": "2:4", "method_options": {"base": "wanda"}}, {"select_nm_wanda_f32", "dsnot_swap_nm"}),
+        ({"method": "teal", "sparsity": 0.5}, {"threshold_hist_f32", "threshold_pick"}),
+    ],
+)
+def test_whole_compress_with_the_emulated_backend(emulated, monkeypatch, tiny_llama_dir, tmp_path, overrides, launched):
+    """compress() end to end, once with the (emulated) CuPy backend and once with torch: the
+    exported checkpoints (or activation thresholds) are the same, and the cupy run went through
+    the kernels. The emulated statistics add in the kernel's chunk order, not torch's, so a
+    score tied with the cut-off within rounding may differ; on this model none does."""
+    from safetensors.torch import load_file
+
+    from prune_cli.config import resolve
+    from prune_cli.gpu import backend as backend_module
+    from prune_cli.pipeline import CompressRequest, compress
+
+    backend, log = emulated
+    real_resolve = backend_module.resolve_backend
+    monkeypatch.setattr(
+        backend_module, "resolve_backend",
+        lambda name, device: (backend, None) if name == "cupy" else real_resolve(name, device),
+    )
+    reports, weights = {}, {}
+    for name in ("cupy", "torch"):
+        log.clear()
+        config = resolve(None, {**overrides, "backend": name, "calibration": {"samples": 4, "seqlen": 64},
+                                "evaluation": {"windows": 2, "seqlen": 64}})
+        out = tmp_path / name
+        reports[name] = compress(CompressRequest(config, str(tiny_llama_dir), out))
+        weights[name] = load_file(str(out / "model.safetensors"))
+        if name == "cupy":
+            assert launched <= set(log), set(log)
+    assert reports["cupy"]["backend"] == "cupy" and reports["torch"]["backend"] == "torch"
+    assert reports["cupy"]["ppl"] == reports["torch"]["ppl"]
+    if reports["torch"]["activation"]:
+        thresholds = {k: [layer["threshold"] for layer in r["activation"]["layers"]] for k, r in reports.items()}
+        assert thresholds["cupy"] == thresholds["torch"]
+    assert weights["cupy"].keys() == weights["torch"].keys()
+    for key, w in weights["torch"].items():
+        assert torch.equal(weights["cupy"][key], w), key
