@@ -142,6 +142,36 @@ __device__ __forceinline__ long long pc_dsnot_row() {
     return (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 }
 
+// What both swap kernels read once per row: offsets into the (R, n) matrices, the (R, L) lists
+// and the row's Gram matrix, the number of regrow candidates, and the error with its sign.
+struct pc_dsnot_row_state {
+    long long off, loff, last, gram, ng;
+    float e;
+    int sign0;
+};
+
+__device__ __forceinline__ pc_dsnot_row_state pc_dsnot_begin(long long row, int n, int list_len, int guarded,
+                                                             const long long* __restrict__ gid,
+                                                             const long long* __restrict__ n_grow,
+                                                             const float* err) {
+    pc_dsnot_row_state r;
+    r.off = row * n;
+    r.loff = row * list_len;
+    r.last = list_len - 1;
+    r.gram = guarded ? gid[row] * (long long)n * n : 0;
+    r.e = err[row];
+    r.sign0 = pc_sign_code(r.e);
+    r.ng = n_grow[row];
+    return r;
+}
+
+// The next regrow candidate: from the high list while e > 0, else from the low list.
+__device__ __forceinline__ long long pc_dsnot_grow(const pc_dsnot_row_state& r, const long long* __restrict__ grow_hi,
+                                                   const long long* __restrict__ grow_lo, long long p_hi,
+                                                   long long p_lo, bool grow_up) {
+    return grow_up ? grow_hi[r.loff + pc_min_ll(p_hi, r.last)] : grow_lo[r.loff + pc_min_ll(p_lo, r.last)];
+}
+
 extern "C" __global__ void __launch_bounds__(PC_DSNOT_THREADS)
     dsnot_swap_unstructured(const float* __restrict__ W, float* What, unsigned char* keep,
                             const float* __restrict__ regrow, const float* __restrict__ prune, float* err,
@@ -154,30 +184,25 @@ extern "C" __global__ void __launch_bounds__(PC_DSNOT_THREADS)
     const long long row = pc_dsnot_row();
     if (row >= rows) return;  // the whole warp
     const pc_dsnot_common c = {W, What, keep, regrow, prune, G, Gd, (long long)n, threshold, guarded, check_sign};
-    const long long off = row * n;
-    const long long loff = row * list_len;
-    const long long last = list_len - 1;
-    const long long gram = guarded ? gid[row] * (long long)n * n : 0;
-    float e = err[row];
-    const int sign0 = pc_sign_code(e);
-    const long long ng = n_grow[row];
+    pc_dsnot_row_state r = pc_dsnot_begin(row, n, list_len, guarded, gid, n_grow, err);
     const long long lim_pos = pc_min_ll(n_pos[row], max_cycles), lim_neg = pc_min_ll(n_neg[row], max_cycles);
     long long p_hi = 0, p_lo = 0, p_pos = 0, p_neg = 0;
     bool active = true;
     for (int cycle = 0; cycle < max_cycles && active; ++cycle) {
-        const int s = pc_sign_code(e);
+        const int s = pc_sign_code(r.e);
         const bool grow_up = s == 1, prune_up = s == -1;  // e > 0, e < 0
-        const long long j = grow_up ? grow_hi[loff + pc_min_ll(p_hi, last)] : grow_lo[loff + pc_min_ll(p_lo, last)];
-        const long long k = prune_up ? prune_pos[loff + pc_min_ll(p_pos, last)] : prune_neg[loff + pc_min_ll(p_neg, last)];
-        if (p_hi + p_lo >= ng || (prune_up ? p_pos >= lim_pos : p_neg >= lim_neg)) break;  // exhausted
-        pc_dsnot_step(c, off, gram, j, k, sign0, e, active);
+        const long long j = pc_dsnot_grow(r, grow_hi, grow_lo, p_hi, p_lo, grow_up);
+        const long long k =
+            prune_up ? prune_pos[r.loff + pc_min_ll(p_pos, r.last)] : prune_neg[r.loff + pc_min_ll(p_neg, r.last)];
+        if (p_hi + p_lo >= r.ng || (prune_up ? p_pos >= lim_pos : p_neg >= lim_neg)) break;  // exhausted
+        pc_dsnot_step(c, r.off, r.gram, j, k, r.sign0, r.e, active);
         p_hi += grow_up ? 1 : 0;
         p_lo += grow_up ? 0 : 1;
         p_pos += prune_up ? 1 : 0;
         p_neg += prune_up ? 0 : 1;
         __syncwarp();  // lane 0's writes are seen by every lane in the next cycle
     }
-    if (pc_lane_id() == 0u) err[row] = e;
+    if (pc_lane_id() == 0u) err[row] = r.e;
 }
 
 extern "C" __global__ void __launch_bounds__(PC_DSNOT_THREADS)
@@ -190,19 +215,14 @@ extern "C" __global__ void __launch_bounds__(PC_DSNOT_THREADS)
     const long long row = pc_dsnot_row();
     if (row >= rows) return;  // the whole warp
     const pc_dsnot_common c = {W, What, keep, regrow, prune, G, Gd, (long long)n, threshold, guarded, check_sign};
-    const long long off = row * n;
-    const long long loff = row * list_len;
-    const long long last = list_len - 1;
-    const long long gram = guarded ? gid[row] * (long long)n * n : 0;
-    float e = err[row];
-    const int sign0 = pc_sign_code(e);
-    const long long ng = n_grow[row];
+    pc_dsnot_row_state r = pc_dsnot_begin(row, n, list_len, guarded, gid, n_grow, err);
+    const long long off = r.off;
     const float inf = __uint_as_float(0x7f800000u);
     long long p_hi = 0, p_lo = 0;
     bool active = true;
     for (int cycle = 0; cycle < max_cycles && active; ++cycle) {
-        const bool grow_up = pc_sign_code(e) == 1;
-        const long long j = grow_up ? grow_hi[loff + pc_min_ll(p_hi, last)] : grow_lo[loff + pc_min_ll(p_lo, last)];
+        const bool grow_up = pc_sign_code(r.e) == 1;
+        const long long j = pc_dsnot_grow(r, grow_hi, grow_lo, p_hi, p_lo, grow_up);
         const long long g0 = j - j % m;
         // torch.argmin over the group: the first minimum, a NaN before anything else
         bool any = false;
@@ -217,9 +237,9 @@ extern "C" __global__ void __launch_bounds__(PC_DSNOT_THREADS)
                 best_s = s;
             }
         }
-        if (p_hi + p_lo >= ng || !any) break;  // exhausted
+        if (p_hi + p_lo >= r.ng || !any) break;  // exhausted
         const long long k = g0 + best;
-        const bool take = pc_dsnot_step(c, off, gram, j, k, sign0, e, active);
+        const bool take = pc_dsnot_step(c, off, r.gram, j, k, r.sign0, r.e, active);
         p_hi += grow_up ? 1 : 0;
         p_lo += grow_up ? 0 : 1;
         if (pc_lane_id() == 0u) {
@@ -228,5 +248,5 @@ extern "C" __global__ void __launch_bounds__(PC_DSNOT_THREADS)
         }
         __syncwarp();  // lane 0's writes are seen by every lane in the next cycle
     }
-    if (pc_lane_id() == 0u) err[row] = e;
+    if (pc_lane_id() == 0u) err[row] = r.e;
 }

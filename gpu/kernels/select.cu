@@ -167,17 +167,13 @@ __device__ __forceinline__ void pc_select_nm(const Src& src, int in, int m, int 
 
 extern "C" __global__ void __launch_bounds__(PC_SELECT_THREADS)
     select_rows_score(const float* __restrict__ score, int in, int k, int use_smem, unsigned char* __restrict__ keep) {
-    pc_score_keys src;
-    src.score = score;
-    src.in = in;
+    const pc_score_keys src = {score, in};
     pc_select_row(src, in, k, use_smem, keep);
 }
 
 extern "C" __global__ void __launch_bounds__(PC_NM_THREADS)
     select_nm_score(const float* __restrict__ score, int in, int m, int prune, unsigned char* __restrict__ keep) {
-    pc_score_keys src;
-    src.score = score;
-    src.in = in;
+    const pc_score_keys src = {score, in};
     pc_select_nm(src, in, m, prune, keep);
 }
 
@@ -185,19 +181,13 @@ extern "C" __global__ void __launch_bounds__(PC_NM_THREADS)
     extern "C" __global__ void __launch_bounds__(PC_SELECT_THREADS)                                               \
         select_rows_wanda_##SUFFIX(const T* __restrict__ weight, const float* __restrict__ norm, int in, int k,   \
                                    int use_smem, unsigned char* __restrict__ keep) {                              \
-        pc_wanda_keys<T> src;                                                                                     \
-        src.weight = weight;                                                                                      \
-        src.norm = norm;                                                                                          \
-        src.in = in;                                                                                              \
+        const pc_wanda_keys<T> src = {weight, norm, in};                                                          \
         pc_select_row(src, in, k, use_smem, keep);                                                                \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(PC_NM_THREADS)                                                   \
         select_nm_wanda_##SUFFIX(const T* __restrict__ weight, const float* __restrict__ norm, int in, int m,     \
                                  int prune, unsigned char* __restrict__ keep) {                                   \
-        pc_wanda_keys<T> src;                                                                                     \
-        src.weight = weight;                                                                                      \
-        src.norm = norm;                                                                                          \
-        src.in = in;                                                                                              \
+        const pc_wanda_keys<T> src = {weight, norm, in};                                                          \
         pc_select_nm(src, in, m, prune, keep);                                                                    \
     }
 
