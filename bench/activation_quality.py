@@ -26,10 +26,9 @@ from prune_cli.activation import build_activation_method  # noqa: E402
 from prune_cli.activation.calibrate import activation_targets, allocate, calibrate_activation  # noqa: E402
 from prune_cli.activation.modules import count_sparsity, unwrap_all  # noqa: E402
 from prune_cli.activation.transform import apply_transform, rotations_for, strip_transform  # noqa: E402
-from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize  # noqa: E402
-from prune_cli.calibrators.sources import bundled_text  # noqa: E402
 from prune_cli.evaluate import perplexity  # noqa: E402
-from prune_cli.model_io import bundled_source, load_model  # noqa: E402
+
+from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 
 RUNS = [
     ("teal (uniform)", "teal", {}, "uniform"),
@@ -48,19 +47,13 @@ RUNS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=float, nargs="*", default=[0.25, 0.4, 0.5])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
+    add_window_flags(parser)
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--out", default="docs/activation_quality.json")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_model(bundled_source())
-    cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
-    ev = evaluation_windows(tokenize(tokenizer, bundled_text("evaluation").text), args.eval_windows, args.seqlen)
+    bundled = load_bundled(args)
+    model, cal, ev = bundled.model, bundled.cal, bundled.ev
     device = torch.device("cpu")
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}

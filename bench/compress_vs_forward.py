@@ -22,12 +22,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from prune_cli.calibrators import layerwise  # noqa: E402
-from prune_cli.calibrators.sampling import calibration_windows, tokenize  # noqa: E402
-from prune_cli.calibrators.sources import bundled_text  # noqa: E402
 from prune_cli.config import resolve  # noqa: E402
-from prune_cli.model_io import bundled_source, decoder_blocks, load_model  # noqa: E402
+from prune_cli.model_io import decoder_blocks  # noqa: E402
 from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
 from prune_cli.plan import build_plan  # noqa: E402
+
+from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 
 
 @torch.no_grad()
@@ -44,16 +44,14 @@ def floor_seconds(model, windows, batch_size) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    add_window_flags(parser, evaluation=False, threads=False)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    model, tokenizer = load_model(bundled_source())
-    ids = tokenize(tokenizer, bundled_text("calibration").text)
-    windows = calibration_windows(ids, args.samples, args.seqlen, seed=0)
+    bundled = load_bundled(args)
+    model, windows = bundled.model, bundled.cal
     config = resolve(None, {"method": "wanda", "sparsity": 0.5})
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     floors, ours = [], []

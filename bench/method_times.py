@@ -22,12 +22,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from prune_cli.allocator import keep_freed_memory  # noqa: E402
-from prune_cli.calibrators.sampling import calibration_windows, tokenize  # noqa: E402
-from prune_cli.calibrators.sources import bundled_text  # noqa: E402
 from prune_cli.config import resolve  # noqa: E402
-from prune_cli.model_io import bundled_source, load_model  # noqa: E402
 from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
 from prune_cli.plan import build_plan  # noqa: E402
+
+from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 
 RUNS = [
     ("wanda", {"method": "wanda"}, None),
@@ -40,8 +39,7 @@ RUNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    add_window_flags(parser, evaluation=False, threads=False)
     parser.add_argument("--sparsity", type=float, default=0.6)
     parser.add_argument("--only", nargs="*", help="runs whose name contains one of these")
     parser.add_argument("--exclude", nargs="*", default=[], help="runs whose name contains one of these")
@@ -49,8 +47,8 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (the CLI tunes it)")
     args = parser.parse_args()
     tuned = False if args.default_malloc else keep_freed_memory()  # as the prune-cli entry point does
-    model, tokenizer = load_model(bundled_source())
-    cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, 0)
+    bundled = load_bundled(args)
+    model, cal = bundled.model, bundled.cal
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     selected = [
         run for run in RUNS

@@ -22,13 +22,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from prune_cli.allocation import allocate_owl  # noqa: E402
-from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize, validation_windows  # noqa: E402
-from prune_cli.calibrators.sources import bundled_text  # noqa: E402
+from prune_cli.calibrators.sampling import validation_windows  # noqa: E402
 from prune_cli.config import resolve  # noqa: E402
 from prune_cli.evaluate import perplexity  # noqa: E402
-from prune_cli.model_io import bundled_source, load_model  # noqa: E402
 from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
 from prune_cli.plan import build_plan  # noqa: E402
+
+from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 
 LEVELS = [("50%", {"sparsity": 0.5}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7}), ("2:4", {"pattern": "2:4"})]
 REF_RELEASED = {"mode": "reference", "skip": r"^mlp\."}
@@ -61,23 +61,16 @@ def runs() -> list[tuple[str, str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
+    add_window_flags(parser)
     parser.add_argument("--only", nargs="*", help="substrings of run names to keep")
     parser.add_argument("--exact", action="store_true", help="--only names must match whole run names")
     parser.add_argument("--levels", nargs="*", help="levels to keep (50%% 60%% 70%% 2:4)")
     parser.add_argument("--out", default="docs/quality.json")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_model(bundled_source())
-    cal_ids = tokenize(tokenizer, bundled_text("calibration").text)
-    cal = calibration_windows(cal_ids, args.samples, args.seqlen, seed=0)
-    val = validation_windows(cal_ids, args.samples, 4, args.seqlen, seed=0)
-    ev = evaluation_windows(tokenize(tokenizer, bundled_text("evaluation").text), args.eval_windows, args.seqlen)
+    bundled = load_bundled(args)
+    model, cal, ev = bundled.model, bundled.cal, bundled.ev
+    val = validation_windows(bundled.cal_ids, args.samples, 4, args.seqlen, seed=0)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     device = torch.device("cpu")
     results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}
