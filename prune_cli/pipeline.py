@@ -213,12 +213,14 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     with _timed(timings, "load"):
         model, tokenizer = load_model(source, config.dtype, offline)
         plan = build_plan(model, config) if config.method else None
-        act_targets = None
+        act_targets = act_method = None
         if config.activation is not None:
+            from prune_cli.activation import build_activation_method
             from prune_cli.activation.calibrate import activation_targets
 
+            act_method = build_activation_method(config.activation.method, config.activation.options)
             act_targets = activation_targets(model, config.targets.selects)
-            if config.activation.options.get("transform"):
+            if getattr(act_method, "transform", False):
                 from prune_cli.activation.transform import check_supported
 
                 check_supported(model)  # fail before the dense evaluation, not after
@@ -262,7 +264,9 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
 
     activation_report = None
     if config.activation is not None:
-        activation_report = _activation_stage(model, config, act_targets, cal_windows, cal, device, timings, events, backend)
+        activation_report = _activation_stage(
+            model, config, act_method, act_targets, cal_windows, cal, device, timings, events, backend
+        )
 
     if eval_windows is not None:
         from prune_cli.activation.modules import count_sparsity
@@ -326,14 +330,15 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     return report
 
 
-def _activation_stage(model, config: RunConfig, targets, cal_windows, cal, device, timings, events, backend=None) -> dict:
-    """Calibrate and install activation sparsifiers (on the pruned model, if a weight method ran);
-    ``backend`` computes the thresholds."""
-    from prune_cli.activation import build_activation_method
+def _activation_stage(
+    model, config: RunConfig, method, targets, cal_windows, cal, device, timings, events, backend=None
+) -> dict:
+    """Calibrate and install the activation sparsifiers of ``method`` (built from
+    ``config.activation``) on the pruned model, if a weight method ran; ``backend`` computes the
+    thresholds."""
     from prune_cli.activation.calibrate import allocate, calibrate_activation
 
     act = config.activation
-    method = build_activation_method(act.method, act.options)
     with _timed(timings, "activation"):
         if getattr(method, "transform", False):
             from prune_cli.activation.transform import apply_transform, rotations_for
