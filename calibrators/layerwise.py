@@ -222,15 +222,10 @@ def collect_inputs(
     """The input activations of ``linears`` as fp32 ``(n_tokens, in_features)`` matrices, a
     reproducible random subset of at most ``max_tokens`` tokens (the same tokens for every
     Linear of the block). Linears reading the same tensor share one matrix."""
-    total = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
-    chosen = torch.randperm(total, generator=generator)[:max_tokens].sort().values if total > max_tokens else None
+    sample = _TokenSample(batches, max_tokens, generator)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
     shared: dict[str, str] = {}  # reader -> the first reader of the same input
-    offset = 0
-    for batch in batches:
-        tokens = batch.hidden.shape[0] * batch.hidden.shape[1]
-        if chosen is not None:
-            local = chosen[(chosen >= offset) & (chosen < offset + tokens)] - offset
+    for index, batch in enumerate(batches):
         same = _SharedInputs()
 
         def make_hook(name: str):
@@ -240,10 +235,7 @@ def collect_inputs(
                 if leader is not None:
                     shared[name] = leader
                     return
-                flat = x.reshape(-1, x.shape[-1])
-                if chosen is not None:
-                    flat = flat.index_select(0, local.to(flat.device))
-                parts[name].append(flat.float().cpu())
+                parts[name].append(sample.rows(x, index))
 
             return hook
 
@@ -255,8 +247,75 @@ def collect_inputs(
                 handle.remove()
         if update_hidden:
             batch.hidden = _block_output(output)
-        offset += tokens
     result = {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
     for name, leader in shared.items():
         result.setdefault(name, result[leader])
     return result
+
+
+@torch.no_grad()
+def collect_first_input(
+    block: nn.Module, batches: list[BlockBatch], linears: dict[str, nn.Linear], max_tokens: int,
+    generator: torch.Generator,
+) -> tuple[list[str], torch.Tensor | None]:
+    """The first input the block's forward hands to any of ``linears``, as an fp32
+    ``(n_tokens, in_features)`` matrix over the same token sample :func:`collect_inputs` draws,
+    and the names of the Linears that read that very tensor, in call order (q/k/v, gate/up).
+    Each batch's forward stops at the first of ``linears`` that reads another tensor, so the
+    rest of the block is not computed. ``([], None)`` when the forward calls none of them."""
+    sample = _TokenSample(batches, max_tokens, generator)
+    parts: list[torch.Tensor] = []
+    names: list[str] = []
+    for index, batch in enumerate(batches):
+        seen: dict = {"x": None, "readers": []}
+
+        def make_hook(name: str):
+            def hook(module, args):
+                x = args[0]
+                if seen["x"] is None:
+                    seen["x"] = x
+                elif x is not seen["x"]:
+                    raise _InputsSeen
+                seen["readers"].append(name)
+
+            return hook
+
+        handles = [linear.register_forward_pre_hook(make_hook(name)) for name, linear in linears.items()]
+        try:
+            block(batch.hidden, *batch.args, **batch.kwargs)
+        except _InputsSeen:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if index == 0:
+            names = seen["readers"]
+        elif seen["readers"] != names:
+            raise RuntimeError(f"the block's Linears read their inputs in another order in batch {index}: "
+                               f"{seen['readers']} instead of {names}")
+        if seen["x"] is not None:
+            parts.append(sample.rows(seen["x"], index))
+    return names, (torch.cat(parts) if parts else None)
+
+
+class _TokenSample:
+    """A reproducible random subset of at most ``max_tokens`` of the batches' tokens (all of them
+    when there are no more): one ``randperm`` from ``generator``, drawn at construction."""
+
+    def __init__(self, batches: list[BlockBatch], max_tokens: int, generator: torch.Generator):
+        sizes = [b.hidden.shape[0] * b.hidden.shape[1] for b in batches]
+        total = sum(sizes)
+        chosen = torch.randperm(total, generator=generator)[:max_tokens].sort().values if total > max_tokens else None
+        self.local: list[torch.Tensor | None] = []  # per batch: its chosen token positions
+        offset = 0
+        for size in sizes:
+            self.local.append(None if chosen is None else chosen[(chosen >= offset) & (chosen < offset + size)] - offset)
+            offset += size
+
+    def rows(self, x: torch.Tensor, batch_index: int) -> torch.Tensor:
+        """``x`` ``(batch, seq, in)`` of batch ``batch_index`` -> its sampled tokens, fp32 on the CPU."""
+        flat = x.reshape(-1, x.shape[-1])
+        local = self.local[batch_index]
+        if local is not None:
+            flat = flat.index_select(0, local.to(flat.device))
+        return flat.float().cpu()

@@ -185,14 +185,23 @@ def calibrate_activation(
     model, targets: list[Target], method: ActivationMethod, sparsity: dict[str, float], windows, batch_size,
     device, max_tokens: int, seed: int, events=None, backend=None,
 ) -> list[dict]:
-    """Fit and install a sparsifier on every target, block by block; returns per-layer records.
+    """Fit and install a sparsifier on every target, block by block; returns per-layer records
+    (in ``targets`` order).
+
+    Within a block the targets are fitted in forward order, a stage at a time (the Linears that
+    read one input: q/k/v, then o, then gate/up, then down on a Llama block): each stage is
+    fitted on inputs computed with the earlier stages' sparsifiers in place, as it will see them,
+    so every Linear meets its sparsity on the calibration tokens. (Fitting all of a block's
+    Linears on its dense inputs overshot: o_proj 52.6% and down_proj 51.5% at a 50% target,
+    TEAL on the bundled model.) A stage costs a forward of the block over the calibration
+    windows up to the next stage's first Linear; every stage reads the same sampled tokens.
 
     ``backend`` (:class:`prune_cli.gpu.backend.Backend` or ``None``: torch) reaches each
     ``method.fit`` and computes the TEAL / WINA thresholds (the same numbers on every backend)."""
     blocks = decoder_blocks(model).modules
     batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
     generator = torch.Generator().manual_seed(seed)
-    records = []
+    by_name: dict[str, dict] = {}
     if events:
         events.stage("activation", len(blocks))
     for index, block in enumerate(blocks):
@@ -200,18 +209,11 @@ def calibrate_activation(
         block.to(device)
         mine = [t for t in targets if t.block == index]
         if mine:
-            linears = block_linears(block)
-            inputs = layerwise.collect_inputs(block, batches, {t.local: linears[t.local] for t in mine}, max_tokens, generator)
-            cache: dict = {"linears": dict(linears)}
-            for t in mine:
-                cache["local"] = t.local
-                module = method.fit(linears[t.local], inputs[t.local].to(device), sparsity[t.name], cache, backend=backend)
-                _install(block, t.local, module)
-                records.append({
+            for t, module in _fit_in_forward_order(block, batches, mine, method, sparsity, device, max_tokens, generator, backend):
+                by_name[t.name] = {
                     "name": t.name, "target_sparsity": round(sparsity[t.name], 6), "threshold": float(module.threshold),
                     "rank": module.rank, **({"alpha": module.alpha} if hasattr(module, "alpha") else {}),
-                })
-            del inputs, cache
+                }
         if index + 1 < len(blocks):
             layerwise.propagate(block, batches)
         block.to(home)
@@ -219,7 +221,30 @@ def calibrate_activation(
             events.advance("activation", 1, f"block {index + 1}/{len(blocks)}")
     if events:
         events.done("activation")
-    return records
+    return [by_name[t.name] for t in targets if t.name in by_name]
+
+
+def _fit_in_forward_order(block, batches, mine: list[Target], method, sparsity, device, max_tokens, generator, backend):
+    """Fit and install ``mine`` (targets of ``block``) stage by stage in forward order; yields
+    ``(target, installed module)``. The generator is rewound before every stage's pass, so all
+    stages sample the same tokens and leave it where one pass would."""
+    linears = block_linears(block)
+    cache: dict = {"linears": dict(linears)}
+    pending = {t.local: t for t in mine}
+    start = generator.get_state()
+    while pending:
+        generator.set_state(start)
+        stage, x = layerwise.collect_first_input(block, batches, {local: linears[local] for local in pending}, max_tokens, generator)
+        if not stage:
+            raise RuntimeError(f"the block's forward never called {', '.join(t.name for t in pending.values())}")
+        x = x.to(device)
+        for local in stage:
+            t = pending.pop(local)
+            cache["local"] = local
+            module = method.fit(linears[local], x, sparsity[t.name], cache, backend=backend)
+            _install(block, local, module)
+            yield t, module
+        del x
 
 
 def uniform_allocation(targets: list[Target], target: float) -> dict[str, float]:

@@ -191,9 +191,11 @@ class RSparse(ActivationMethod):
         if self.svd == "weight":
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             return U * S, Vh
-        key = ("rsparse_whiten", id(x))
-        if cache is not None and key in cache:
-            root, inv_root = cache[key]
+        # Linears reading one input (q/k/v) share its whitening; the cache holds the input itself,
+        # so a later tensor that reuses a freed one's id() is never taken for it.
+        hit = cache.get("rsparse_whiten") if cache is not None else None
+        if hit is not None and hit[0] is x:
+            root, inv_root = hit[1], hit[2]
         else:
             C = x.T @ x / x.shape[0]
             evals, evecs = torch.linalg.eigh(C.double())
@@ -202,7 +204,7 @@ class RSparse(ActivationMethod):
             inv_root = (evecs * evals.rsqrt()) @ evecs.T
             root, inv_root = root.float(), inv_root.float()
             if cache is not None:
-                cache[key] = (root, inv_root)
+                cache["rsparse_whiten"] = (x, root, inv_root)
         U, S, Vh = torch.linalg.svd(W @ root, full_matrices=False)
         return U * S, Vh @ inv_root
 

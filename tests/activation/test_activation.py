@@ -270,3 +270,62 @@ def test_wina_transform_refuses_layernorm_models_with_one_line(tmp_path, tiny_op
     assert r.exit_code == 2, r.output
     assert "Llama-style blocks" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["teal", "wina"])
+def test_every_linear_meets_its_sparsity_on_the_calibration_tokens(name):
+    """Stages are fitted in forward order on inputs that already pass through the earlier
+    stages' sparsifiers, so o_proj and down_proj (whose inputs those sparsifiers change) hit the
+    target on the calibration tokens as exactly as q/k/v and gate/up do."""
+    from prune_cli.activation.calibrate import activation_targets, calibrate_activation, uniform_allocation
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=2)
+    windows = torch.randint(3, 384, (4, 40), generator=torch.Generator().manual_seed(1))
+    targets = activation_targets(model, lambda n: True)
+    records = calibrate_activation(
+        model, targets, build_activation_method(name, {}), uniform_allocation(targets, 0.5), windows, 2,
+        torch.device("cpu"), 10_000, 0,
+    )
+    assert [r["name"] for r in records] == [t.name for t in targets]  # report order: the targets'
+    with count_sparsity(model) as counted, torch.no_grad():
+        model(windows)
+    achieved = {n: r["input_sparsity"] for n, r in counted.per_layer().items()}
+    assert len(achieved) == len(targets) == 14
+    assert {n.split(".")[-1] for n in achieved} >= {"o_proj", "down_proj"}
+    for n, s in achieved.items():
+        assert s == pytest.approx(0.5, abs=1e-3), n
+
+
+def test_forward_order_stages_sample_the_same_tokens_and_leave_the_generator_as_one_pass():
+    """Each stage's pass rewinds the token-sampling generator: every stage reads the same sampled
+    tokens, and the next block starts from the state a single pass leaves."""
+    from prune_cli.activation.calibrate import _fit_in_forward_order, activation_targets, uniform_allocation
+    from prune_cli.calibrators import layerwise
+    from prune_cli.model_io import decoder_blocks
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    windows = torch.randint(3, 384, (4, 40), generator=torch.Generator().manual_seed(2))
+    blocks = decoder_blocks(model).modules
+    batches = layerwise.capture_block_inputs(model, blocks, windows, 2, torch.device("cpu"))
+    targets = activation_targets(model, lambda n: True)
+    seen = []
+    method = build_activation_method("teal", {})
+    real_fit = method.fit
+
+    class Spy:
+        def fit(self, linear, x, sparsity, cache=None, backend=None):
+            seen.append((cache["local"], x.shape[0]))
+            return real_fit(linear, x, sparsity, cache, backend=backend)
+
+    generator = torch.Generator().manual_seed(0)
+    fitted = [t.local for t, _ in _fit_in_forward_order(
+        blocks[0], batches, targets, Spy(), uniform_allocation(targets, 0.5), torch.device("cpu"), 50, generator, None
+    )]
+    assert fitted == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert {n for _, n in seen} == {50}
+    one_pass = torch.Generator().manual_seed(0)
+    torch.randperm(160, generator=one_pass)
+    assert torch.equal(generator.get_state(), one_pass.get_state())
