@@ -1,7 +1,7 @@
 """Held-out perplexity of activation sparsity on the bundled model, with the achieved sparsity
 measured on the held-out tokens (every token sparsified), in one process.
 
-    python bench/activation_quality.py [--levels 0.25 0.4 0.5] [--only NAME ...] [--out docs/activation_quality.json]
+    python bench/activation_quality.py [--levels 0.25 0.4 0.5] [--only NAME ...] [--exact] [--out docs/activation_quality.json]
 
 Calibration: 32 x 512 tokens of the bundled calibration text (seed 0); evaluation: 16 x 512
 tokens of the disjoint evaluation text; fp32, CPU. "achieved" is the parameter-weighted
@@ -48,7 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=float, nargs="*", default=[0.25, 0.4, 0.5])
     add_window_flags(parser)
-    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--only", nargs="*", help="substrings of run labels to keep")
+    parser.add_argument("--exact", action="store_true", help="--only names must match whole run labels")
     parser.add_argument("--out", default="docs/activation_quality.json")
     args = parser.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> None:
     print(f"dense ppl {results['dense']:.3f}", flush=True)
     targets = activation_targets(model, lambda name: True)
     for label, name, options, allocation in RUNS:
-        if args.only and not any(o in label for o in args.only):
+        if args.only and not any((o == label) if args.exact else (o in label) for o in args.only):
             continue
         method = build_activation_method(name, options)
         for level in args.levels:
