@@ -1,9 +1,12 @@
-"""Fold re-measured runs of ``bench/quality.py`` into the committed result files.
+"""Fold re-measured runs of ``bench/quality.py`` (or ``bench/activation_quality.py``) into the
+committed result files.
 
-    python bench/merge_quality.py NEW.json [NEW2.json ...] [--docs docs]
+    python bench/merge_quality.py NEW.json [NEW2.json ...] [--docs docs] [--activation]
 
-Every run of a new file (keyed by method and level) replaces the run with the same key in
-whichever ``docs/quality*.json`` holds it; runs no file holds go to ``docs/quality_rerun.json``.
+Every run of a new file (keyed by method and level, or method and target with ``--activation``)
+replaces the run with the same key in whichever ``docs/quality*.json``
+(``docs/activation_quality*.json``) holds it; runs no file holds go to
+``docs/quality_rerun.json`` (``docs/activation_quality_rerun.json``).
 The new files must come from the same setup (windows, seed, evaluation) and the same dense
 perplexity as the file they land in, or nothing is written. Then regenerate the tables:
 ``python bench/make_tables.py > docs/quality.md``.
@@ -23,15 +26,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("new", nargs="+", type=Path)
     parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--activation", action="store_true", help="results of bench/activation_quality.py")
     args = parser.parse_args()
-    targets = {path: json.loads(path.read_text()) for path in sorted(args.docs.glob("quality*.json"))}
-    owner = {(r["method"], r["level"]): path for path, data in targets.items() for r in data["runs"]}
-    rerun = args.docs / "quality_rerun.json"
+    stem, level = ("activation_quality", "target") if args.activation else ("quality", "level")
+    targets = {path: json.loads(path.read_text()) for path in sorted(args.docs.glob(f"{stem}*.json"))}
+    owner = {(r["method"], r[level]): path for path, data in targets.items() for r in data["runs"]}
+    rerun = args.docs / f"{stem}_rerun.json"
     changed: set[Path] = set()
     for new_path in args.new:
         new = json.loads(new_path.read_text())
         for run in new["runs"]:
-            key = (run["method"], run["level"])
+            key = (run["method"], run[level])
             path = owner.get(key, rerun)
             if path not in targets:
                 targets[path] = {"dense": new["dense"], "runs": [], "setup": new["setup"]}
@@ -40,7 +45,7 @@ def main() -> int:
             if mismatch or abs(data["dense"] - new["dense"]) > 1e-9:
                 print(f"{new_path}: setup differs from {path} ({', '.join(mismatch) or 'dense ppl'}); nothing written", file=sys.stderr)
                 return 2
-            old = next((r for r in data["runs"] if (r["method"], r["level"]) == key), None)
+            old = next((r for r in data["runs"] if (r["method"], r[level]) == key), None)
             if old is None:
                 data["runs"].append(run)
                 owner[key] = path
