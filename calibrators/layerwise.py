@@ -9,6 +9,10 @@
 3. After pruning, :func:`propagate` runs the batches through the pruned block; its outputs
    become the next block's inputs.
 
+Activation sparsity samples the Linears' inputs instead (:func:`collect_inputs`, and
+:func:`collect_first_input` for one stage at a time, stopping the block's forward at the next
+stage).
+
 Peak memory is the model plus one block's activations for the calibration windows.
 """
 
