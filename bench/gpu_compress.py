@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -211,8 +212,11 @@ def main(argv=None) -> int:
                                  else compare_checkpoints(first_out, out))
                 outputs.append((out, r))
                 results.append(r)
+                if len(outputs) > 1:  # compared: only the first backend's checkpoint is still needed
+                    shutil.rmtree(out, ignore_errors=True)
                 print(f"{recipe:16s} {backend:6s} calibration+activation {r.backend_seconds:7.2f} s  "
                       f"total {r.seconds['total']:7.1f} s  ppl {_f(r.ppl_compressed, '.3f')}  {r.differs}", flush=True)
+            shutil.rmtree(outputs[0][0], ignore_errors=True)
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     header = (f"Device: {device_name}; torch {torch.__version__}; model: {described}; calibration "
               f"{args.samples}×{args.seqlen} tokens, evaluation {args.eval_windows}×{args.seqlen}; "
