@@ -16,7 +16,8 @@ curves of different layers are in the same unit. Starting from 0, the layer whos
 step costs the least error per unit of parameter-weighted sparsity gets it, until
 ``sum_l P_l s_l = s sum_l P_l`` (the last step is interpolated so the target is met exactly).
 (An unweighted relative error ``||W X^T - W (X*m)^T||^2 / ||W X^T||^2`` made allocations worse
-than uniform here: WINA 50% 29.56 vs 27.43 held-out ppl; the Fisher-weighted one gives 22.4.)
+than uniform here: WINA 50% 29.56 vs 27.43 held-out ppl; the Fisher-weighted one gave 22.4.
+Measured before the forward-order fit below; with it, uniform 26.83 and Fisher-weighted 22.17.)
 """
 
 from __future__ import annotations
