@@ -38,12 +38,15 @@ from prune_cli.patterns import SparsityPattern
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "torch", "cupy")
+
+
 def gpu_extra_hint(torch_cuda: str | None = None) -> str:
     """How to install the CuPy build that matches torch's CUDA (``torch.version.cuda``)."""
     version = torch_cuda if torch_cuda is not None else (torch.version.cuda or "")
     if version.split(".")[0] == "13":
         return "install CuPy with `pip install 'prune-cli[gpu-cuda13]'` (cupy-cuda13x, for torch's CUDA 13)"
     return "install CuPy with `pip install 'prune-cli[gpu]'` (cupy-cuda12x; `[gpu-cuda13]` for a CUDA 13 torch)"
+
 
 DeviceLike = Union[torch.device, str, int, None]
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.errors import RecipeError
+from prune_cli.gpu.torch_backend import TorchBackend
 from prune_cli.options import build_from_options
 
 
@@ -53,8 +54,8 @@ def quantile_threshold(
     A backend whose ``device`` is ``x``'s (the CuPy backend) computes it with
     ``backend.activation_threshold(x, scale, k)`` (scores fused, radix select; see
     :class:`prune_cli.gpu.backend.Backend`). Otherwise (``None``, the torch backend, which has no
-    device of its own, or a backend on another device): torch's ``kthvalue`` on the
-    materialised scores, here. Both give the same number.
+    device of its own, or a backend on another device): the torch backend's, ``kthvalue`` on the
+    materialised scores. Both give the same number.
     """
     numel = x.numel()
     k = min(int(round(sparsity * numel)), numel)
@@ -62,11 +63,9 @@ def quantile_threshold(
         return -1.0
     if scale is not None:
         scale = scale.to(x.device)
-    kernel = getattr(backend, "activation_threshold", None)
-    if kernel is not None and getattr(backend, "device", None) == x.device:
-        return float(kernel(x, scale, k))
-    scores = x.abs() if scale is None else x.abs() * scale
-    return float(scores.reshape(-1).kthvalue(k).values)
+    if getattr(backend, "device", None) != x.device or not hasattr(backend, "activation_threshold"):
+        backend = TorchBackend()
+    return float(backend.activation_threshold(x, scale, k))
 
 
 def column_norms(linear: nn.Linear) -> torch.Tensor:
