@@ -399,10 +399,11 @@ def bench_dsnot(backend, pattern, width: int, batch, reps: int):
     def snapshot():
         return [t.clone() for t in (rows.What, rows.keep, rows.Gd, state.err)]
 
-    def timed(fn, n):
+    def timed(fn, n, setup=restore):
+        """Median µs of ``n`` calls of ``fn``, each after ``setup`` (outside the timed region)."""
         times = []
         for _ in range(n):
-            restore()
+            setup()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -447,17 +448,12 @@ def bench_dsnot(backend, pattern, width: int, batch, reps: int):
         dsnot._swap_in_list_order(parts)
         list_same = torch.equal(torch.cat([p.keep for p in parts]), want[1]) and torch.equal(
             torch.cat([p.What for p in parts]).view(torch.int32), want[0].view(torch.int32))
-        times = []
-        for _ in range(max(3, reps // 6)):
-            parts = fresh_parts()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            dsnot._swap_in_list_order(parts)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(1e6 * (time.perf_counter() - t))
-        list_us = statistics.median(times)
+        current: dict = {}
+
+        def new_parts():
+            current["parts"] = fresh_parts()
+
+        list_us = timed(lambda: dsnot._swap_in_list_order(current["parts"]), max(3, reps // 6), setup=new_parts)
         best_torch = min(best_torch, list_us)
         row.notes.append(f"torch list-order path {list_us:.0f} µs incl. list building ({'equal' if list_same else 'DIFFERENT'})")
         if not list_same:

@@ -9,23 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_bench(script: str, *args: str, tmp_path: Path, returncode: int = 0) -> subprocess.CompletedProcess:
+    """``bench/<script> <args>`` with CUDA hidden, in ``tmp_path``; asserts its exit code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
 def test_gpu_kernels_smoke(tmp_path):
-    proc = run_bench("gpu_kernels.py", "--json", str(tmp_path / "k.json"), tmp_path=tmp_path)
+    proc = run_bench("gpu_kernels.py", "--smoke", "--json", str(tmp_path / "k.json"), tmp_path=tmp_path)
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
     assert {"input_stats", "dsnot_swap"} <= kernels, kernels
@@ -35,7 +35,7 @@ def test_gpu_kernels_smoke(tmp_path):
 
 
 def test_gpu_compress_smoke(tmp_path):
-    run_bench("gpu_compress.py", "--json", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md"),
+    run_bench("gpu_compress.py", "--smoke", "--json", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md"),
               tmp_path=tmp_path)
     results = json.loads((tmp_path / "c.json").read_text())["results"]
     recipes = {r["recipe"] for r in results}
@@ -48,9 +48,5 @@ def test_gpu_compress_smoke(tmp_path):
 
 
 def test_gpu_compress_refuses_without_cuda(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_compress.py"), "--recipes", "wanda-50"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    if proc.returncode == 0:
-        pytest.fail("ran without a CUDA device")
-    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    proc = run_bench("gpu_compress.py", "--recipes", "wanda-50", tmp_path=tmp_path, returncode=2)
+    assert "no CUDA device" in proc.stderr
