@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,7 +64,6 @@ class Result:
     sparsity: float | None
     thresholds: list[float] | None = None
     differs: str = ""  # against the first backend, filled in afterwards
-    notes: list[str] = field(default_factory=list)
 
     @property
     def backend_seconds(self) -> float:
