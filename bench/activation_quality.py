@@ -28,7 +28,7 @@ from prune_cli.activation.modules import count_sparsity, unwrap_all  # noqa: E40
 from prune_cli.activation.transform import apply_transform, rotations_for, strip_transform  # noqa: E402
 from prune_cli.evaluate import perplexity  # noqa: E402
 
-from bundled_setup import add_window_flags, load_bundled  # noqa: E402
+from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402
 
 RUNS = [
     ("teal (uniform)", "teal", {}, "uniform"),
@@ -48,8 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=float, nargs="*", default=[0.25, 0.4, 0.5])
     add_window_flags(parser)
-    parser.add_argument("--only", nargs="*", help="substrings of run labels to keep")
-    parser.add_argument("--exact", action="store_true", help="--only names must match whole run labels")
+    add_run_filter(parser)
     parser.add_argument("--out", default="docs/activation_quality.json")
     args = parser.parse_args()
 
@@ -61,7 +60,7 @@ def main() -> None:
     print(f"dense ppl {results['dense']:.3f}", flush=True)
     targets = activation_targets(model, lambda name: True)
     for label, name, options, allocation in RUNS:
-        if args.only and not any((o == label) if args.exact else (o in label) for o in args.only):
+        if not wanted(label, args):
             continue
         method = build_activation_method(name, options)
         for level in args.levels:

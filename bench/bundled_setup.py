@@ -28,6 +28,17 @@ def add_window_flags(parser: argparse.ArgumentParser, evaluation: bool = True, t
         parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
 
 
+def add_run_filter(parser: argparse.ArgumentParser) -> None:
+    """``--only NAME ...`` (substrings of the run names to keep) and ``--exact`` (whole names)."""
+    parser.add_argument("--only", nargs="*", help="substrings of run names to keep")
+    parser.add_argument("--exact", action="store_true", help="--only names must match whole run names")
+
+
+def wanted(name: str, args: argparse.Namespace) -> bool:
+    """Whether run ``name`` passes ``--only`` / ``--exact`` (:func:`add_run_filter`)."""
+    return not args.only or any((o == name) if args.exact else (o in name) for o in args.only)
+
+
 @dataclass
 class Bundled:
     model: torch.nn.Module

@@ -28,7 +28,7 @@ from prune_cli.evaluate import perplexity  # noqa: E402
 from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
 from prune_cli.plan import build_plan  # noqa: E402
 
-from bundled_setup import add_window_flags, load_bundled  # noqa: E402
+from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402
 
 LEVELS = [("50%", {"sparsity": 0.5}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7}), ("2:4", {"pattern": "2:4"})]
 REF_RELEASED = {"mode": "reference", "skip": r"^mlp\."}
@@ -62,8 +62,7 @@ def runs() -> list[tuple[str, str, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_window_flags(parser)
-    parser.add_argument("--only", nargs="*", help="substrings of run names to keep")
-    parser.add_argument("--exact", action="store_true", help="--only names must match whole run names")
+    add_run_filter(parser)
     parser.add_argument("--levels", nargs="*", help="levels to keep (50%% 60%% 70%% 2:4)")
     parser.add_argument("--out", default="docs/quality.json")
     args = parser.parse_args()
@@ -76,7 +75,7 @@ def main() -> None:
     results = {"dense": perplexity(model, ev).ppl, "runs": [], "setup": vars(args)}
     print(f"dense ppl {results['dense']:.3f}", flush=True)
     for name, level, overrides in runs():
-        if args.only and not any((o == name) if args.exact else (o in name) for o in args.only):
+        if not wanted(name, args):
             continue
         if args.levels and level not in args.levels:
             continue
