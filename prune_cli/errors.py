@@ -61,3 +61,20 @@ class CheckpointError(BadInputError):
 
 class BackendUnavailableError(BadInputError):
     """An explicitly requested backend cannot run here."""
+
+
+class NonFiniteError(BadInputError):
+    """NaN or +-inf in weights, calibration activations or statistics, named where it first appears."""
+
+
+class OutputLockedError(BadInputError):
+    """Another live run holds the lock on the same --output."""
+
+
+class InterruptedRun(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised in the main thread so every ``finally`` runs."""
+
+    def __init__(self, signal_name: str = "SIGINT", exit_code: int = 130):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
