@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from prune_cli.errors import BadInputError, NotEnoughTextError
 
+log = logging.getLogger(__name__)
+
 DOC_SEPARATOR = "\n\n"
 # Every EVAL_EVERY-th run of PARAGRAPHS_PER_RUN paragraphs is held out for evaluation.
 EVAL_EVERY = 4
 PARAGRAPHS_PER_RUN = 16
+
+# A file whose undecodable bytes exceed this share of its size is refused as not text. Text in
+# Latin-1 / cp1252 in a Western European language has its accented letters at about 1-4% of its
+# bytes (French and Portuguese are the densest), so it stays under the bar and is read with a
+# warning; random or compressed binary data without NUL bytes has about half of its bytes
+# undecodable, and text in a non-Latin legacy encoding (cp1251, Shift-JIS, ...) far more than
+# 5%: reading those with U+FFFD replacements would calibrate on noise.
+MAX_UNDECODABLE_SHARE = 0.05
+TEXT_HINT = "pass UTF-8 text (.txt) or .jsonl files; convert other encodings with `iconv -t UTF-8`"
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a bad byte
 
 
 @dataclass(frozen=True)
@@ -63,30 +77,70 @@ def bundled_text(part: str) -> Text:
     return Text(DOC_SEPARATOR.join(chosen), f"bundled:pydoc-topics-py{version}:{part}")
 
 
+def decode_text_file(path: Path) -> str:
+    """The text of ``path`` read as UTF-8, refusing files that are not text.
+
+    Decoding with ``errors="replace"`` alone would turn an executable or an archive passed as
+    ``--calib-text`` into calibration "text" made of U+FFFD, and would hide a wrong encoding.
+    So the file is read as bytes and
+
+    * a file containing NUL bytes is refused (:class:`BadInputError`): text never contains
+      them, while binary formats and UTF-16/32 text almost always do;
+    * a file in which more than ``MAX_UNDECODABLE_SHARE`` of the bytes are not valid UTF-8 is
+      refused as well (binary data without NULs, or text in a non-Latin legacy encoding);
+    * a file with fewer undecodable bytes (typically Latin-1 text with a few accented letters)
+      is decoded with U+FFFD replacement characters and a WARNING names it and the count.
+
+    Newlines are translated like :meth:`Path.read_text` does ("\\r\\n" and "\\r" become "\\n"),
+    so valid UTF-8 gives exactly the text, and the fingerprint, it always gave.
+    """
+    data = Path(path).read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise BadInputError(f"{path} is a binary file, not text: it contains NUL bytes (the first at byte {nul})",
+                            hint=TEXT_HINT)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        escaped = data.decode("utf-8", errors="surrogateescape")  # one lone surrogate per bad byte
+        bad = len(escaped) - len(_ESCAPED_BYTE.sub("", escaped))
+        if bad > MAX_UNDECODABLE_SHARE * len(data):
+            raise BadInputError(
+                f"{path} is not text: {bad} of its {len(data)} bytes ({bad / len(data):.0%}) are not valid UTF-8",
+                hint=TEXT_HINT,
+            ) from None
+        log.warning("%s: %d byte%s not valid UTF-8 (not UTF-8 text?), read as U+FFFD replacement characters",
+                    path, bad, " is" if bad == 1 else "s are")
+        text = data.decode("utf-8", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_jsonl(path: Path, column: str) -> list[str]:
+    """The ``column`` field of every JSON object in the ``.jsonl`` file ``path`` (blank lines skipped)."""
     docs = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInputError(
-                    f"{path}:{line_no}: not valid JSON ({exc.msg})",
-                    hint="a .jsonl file holds one JSON object per line",
-                ) from None
-            if not isinstance(record, dict) or column not in record:
-                raise BadInputError(
-                    f"{path}:{line_no}: no field {column!r}",
-                    hint="name the text field with --calib-column",
-                )
-            docs.append(str(record[column]))
+    for line_no, line in enumerate(decode_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(
+                f"{path}:{line_no}: not valid JSON ({exc.msg})",
+                hint="a .jsonl file holds one JSON object per line",
+            ) from None
+        if not isinstance(record, dict) or column not in record:
+            raise BadInputError(
+                f"{path}:{line_no}: no field {column!r}",
+                hint="name the text field with --calib-column",
+            )
+        docs.append(str(record[column]))
     return docs
 
 
 def text_from_files(paths: list[Path], column: str = "text") -> Text:
-    """Concatenate local ``.txt`` / ``.jsonl`` files (documents separated by a blank line)."""
+    """Concatenate local ``.txt`` / ``.jsonl`` files (documents separated by a blank line).
+
+    Each file must be UTF-8 text (see :func:`decode_text_file`); all of them empty is an error."""
     docs: list[str] = []
     for path in paths:
         path = Path(path)
@@ -95,7 +149,7 @@ def text_from_files(paths: list[Path], column: str = "text") -> Text:
         if path.suffix == ".jsonl":
             docs.extend(_read_jsonl(path, column))
         else:
-            docs.append(path.read_text(encoding="utf-8", errors="replace"))
+            docs.append(decode_text_file(path))
     text = DOC_SEPARATOR.join(d for d in docs if d)
     if not text.strip():
         raise NotEnoughTextError(f"no text in {', '.join(map(str, paths))}", hint="give non-empty files")

@@ -25,7 +25,8 @@ A recipe (version 1)::
     backend: auto                  # auto | torch | cupy (kernels for statistics and masks)
     dtype: float32                 # float32 | bfloat16 | float16
 
-Unknown keys anywhere are errors with "did you mean".
+Unknown keys anywhere are errors with "did you mean"; so is a key given twice in one mapping, and
+a value of the wrong type (``method: [wanda]``) is a one-line RecipeError naming its key.
 """
 
 from __future__ import annotations
@@ -204,6 +205,89 @@ class RunConfig:
         }
 
 
+def _kind(value: Any) -> str:
+    """How a wrongly typed recipe value is named in an error: "a list", "an integer", "null"."""
+    if value is None:
+        return "null"
+    for types, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                        (list, "a list"), (dict, "a mapping")):
+        if isinstance(value, types):
+            return name
+    return f"a {type(value).__name__}"
+
+
+# YAML 1.1 reads some unquoted words as other types: 2:4 is the integer 124, 1.0 a float, yes a
+# boolean, 2024-01-01 a date. Such a value where a name belongs gets this hint.
+_QUOTE_HINT = 'quote the value in the recipe, e.g. pattern: "2:4" (unquoted, YAML reads 2:4 as the number 124)'
+
+
+def _str(value: Any, key: str, optional: bool = False) -> str | None:
+    """``value`` if it is a string (or ``None`` when ``optional``); else a :class:`RecipeError`
+    naming ``key``. Names (method, device, ...) must be strings before they are looked up:
+    a YAML list or mapping is unhashable and would escape as a TypeError."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        scalar = not isinstance(value, (list, dict, type(None)))
+        raise RecipeError(f"{key} must be a string, got {_kind(value)}", hint=_QUOTE_HINT if scalar else None)
+    return value
+
+
+def _number(value: Any, key: str, optional: bool = False) -> float | int | None:
+    """``value`` if it is a number (not a boolean), or ``None`` when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{key} must be a number in [0, 1), got {_kind(value)} ({value!r})")
+    return value
+
+
+def _check_types(merged: dict) -> None:
+    """Check the type of every scalar setting of the merged recipe before any is used.
+
+    Values are checked here, once, so that a wrongly typed YAML value (``method: [wanda]``,
+    ``device: {cpu: 1}``, ``pattern: 2:4`` read as an integer) is a one-line
+    :class:`RecipeError` naming its key instead of a TypeError deep inside the lookups below.
+    Ranges and allowed names are still checked where each value is consumed.
+    """
+    for key in ("name", "description", "method"):
+        _str(merged[key], key, optional=True)
+    _str(merged["pattern"], "pattern", optional=True)
+    _number(merged["sparsity"], "sparsity", optional=True)
+    for key in ("device", "dtype", "backend"):
+        _str(merged[key], key)
+    cal, act, layerwise = merged["calibration"], merged["activation"], merged["layerwise"]
+    _str(cal["dataset"], "calibration.dataset", optional=True)
+    _str(cal["split"], "calibration.split")
+    _str(cal["column"], "calibration.column")
+    _str(act["method"], "activation.method", optional=True)
+    _number(act["sparsity"], "activation.sparsity", optional=True)
+    _str(act["allocation"], "activation.allocation")
+    _str(layerwise["method"], "layerwise.method", optional=True)
+
+
+def _options(value: Any, key: str) -> dict:
+    """A method's options: a mapping whose keys are option names (strings)."""
+    if not isinstance(value, dict):
+        raise RecipeError(f"{key} must be a mapping, got {_kind(value)}")
+    for name in value:
+        if not isinstance(name, str):
+            raise RecipeError(f"{key}: option names must be strings, got {_kind(name)} {name!r}")
+    return value
+
+
+def _build_method(build, name: str, options: dict, key: str):
+    """``build(name, options)`` (a weight or activation method), with option VALUES of the wrong
+    type (``percdamp: "x"``, ``alpha_grid: 5``) reported as a :class:`RecipeError`: the methods'
+    own checks compare or convert them and would raise TypeError / ValueError."""
+    try:
+        return build(name, options)
+    except (TypeError, ValueError) as exc:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(f"bad {key} for method {name}: {detail}",
+                          hint="check the types of the option values") from None
+
+
 def _check_keys(data: dict, allowed: dict, where: str) -> None:
     for key in data:
         if key not in allowed:
@@ -212,29 +296,86 @@ def _check_keys(data: dict, allowed: dict, where: str) -> None:
 
 def _merge(base: dict, override: dict, where: str = "") -> dict:
     """Deep-merge ``override`` into a copy of ``base``, rejecting keys ``base`` lacks."""
+    if not isinstance(override, dict):
+        raise RecipeError(f"{where.rstrip('.') or 'a recipe'} must be a mapping, got {_kind(override)}")
     _check_keys(override, base, where)
     out = copy.deepcopy(base)
     for key, value in override.items():
         if key in ("method_options", "options"):
-            if not isinstance(value, dict):
-                raise RecipeError("method_options must be a mapping")
-            out[key] = {**base[key], **copy.deepcopy(value)}
+            out[key] = {**base[key], **copy.deepcopy(_options(value, f"{where}{key}"))}
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise RecipeError(f"{where}{key} must be a mapping, got {type(value).__name__}")
+                raise RecipeError(f"{where}{key} must be a mapping, got {_kind(value)}")
             out[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any nesting level.
+
+    PyYAML keeps the last value silently, so ``sparsity: 0.5`` ... ``sparsity: 0.7`` would run
+    at 0.7 with nobody noticing. Keys brought in by a ``<<: *anchor`` merge are not counted:
+    overriding them with an explicit key is what merge keys are for.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeConstructor reports it below
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _recipe_text(path: Path) -> str:
+    """The recipe file decoded as UTF-8, or a :class:`RecipeError` saying why it is not text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    if b"\x00" in data:
+        raise RecipeError(f"{path} is a binary file, not a YAML recipe",
+                          hint="pass a YAML file, e.g. recipes/wanda-50.yaml")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            hint="save the recipe as UTF-8",
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
+
+
 def load_recipe(path: Path) -> dict:
-    """Read a recipe file (strict keys, checked version); returns the raw mapping."""
+    """Read a recipe file (UTF-8 YAML, strict keys, no duplicate keys, checked version); returns
+    the raw mapping. Every problem with the file is a :class:`RecipeError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}", hint="pass a YAML file, e.g. recipes/wanda-50.yaml")
+    text = _recipe_text(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise RecipeError(
+            f"{path}: duplicate key {exc.key!r} at line {exc.line} (first at line {exc.first_line})",
+            hint="give each key once per mapping",
+        ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -260,7 +401,10 @@ def _paths(value: Any, key: str) -> tuple[Path, ...]:
     if isinstance(value, (str, Path)):
         value = [value]
     if not isinstance(value, list):
-        raise RecipeError(f"{key} must be a list of file paths")
+        raise RecipeError(f"{key} must be a list of file paths, got {_kind(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, (str, Path)):
+            raise RecipeError(f"{key} must be a list of file paths, but item {i} is {_kind(item)}")
     return tuple(Path(v) for v in value)
 
 
@@ -268,8 +412,10 @@ def _regexes(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise RecipeError(f"{key} must be a list of regular expressions")
-    for pattern in value:
+        raise RecipeError(f"{key} must be a list of regular expressions, got {_kind(value)}")
+    for i, pattern in enumerate(value):
+        if not isinstance(pattern, str):
+            raise RecipeError(f"{key} must be a list of regular expressions, but item {i} is {_kind(pattern)}")
         try:
             re.compile(pattern)
         except re.error as exc:
@@ -278,10 +424,13 @@ def _regexes(value: Any, key: str) -> tuple[str, ...]:
 
 
 def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
-    """Defaults < recipe < overrides (flags; ``None`` values mean "not given"), validated once."""
-    merged = _merge(DEFAULTS, recipe or {})
+    """Defaults < recipe < overrides (flags; ``None`` values mean "not given"), validated once.
+
+    Any wrong key, type or value in either is a :class:`RecipeError` (or another
+    :class:`BadInputError`) naming it, never another exception."""
+    merged = _merge(DEFAULTS, {} if recipe is None else recipe)
     clean = _drop_none(overrides or {})
-    if "pattern" in clean and "sparsity" not in clean and "sparsity" in (recipe or {}):
+    if isinstance(clean.get("pattern"), str) and "sparsity" not in clean and "sparsity" in (recipe or {}):
         # A pattern given on the command line replaces the recipe's; N:M implies its own sparsity.
         if clean["pattern"].strip().lower() != "unstructured":
             merged["sparsity"] = None
@@ -290,6 +439,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     if "sparsity" in clean and "pattern" not in clean and merged["pattern"] != "unstructured":
         merged["pattern"] = "unstructured"
     merged = _merge(merged, clean)
+    _check_types(merged)
 
     from prune_cli.activation import ACTIVATION_METHODS
     from prune_cli.methods import WEIGHT_METHODS
@@ -301,7 +451,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         merged["activation"] = {**merged["activation"], "method": merged["method"], "sparsity": merged["sparsity"],
                                 "options": {**merged["activation"]["options"], **merged["method_options"]}}
         merged["method"], merged["sparsity"], merged["method_options"] = None, None, {}
-        if str(merged["pattern"]).strip().lower() != "unstructured":
+        if (merged["pattern"] or "unstructured").strip().lower() != "unstructured":
             raise RecipeError("activation methods have no N:M pattern", hint="drop --pattern")
     activation = _activation(merged["activation"])
     if not merged["method"] and activation is None:
@@ -312,12 +462,9 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     owl = None
     overrides: tuple[Override, ...] = ()
     if merged["method"]:
-        method_cls = WEIGHT_METHODS.get(str(merged["method"]))
-        method = method_cls.from_options(merged["method_options"])
-        sparsity = merged["sparsity"]
-        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
-            raise RecipeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-        pattern = parse_pattern(str(merged["pattern"]), sparsity)
+        method = _build_method(lambda name, options: WEIGHT_METHODS.get(name).from_options(options),
+                               merged["method"], merged["method_options"], "method_options")
+        pattern = parse_pattern(merged["pattern"], merged["sparsity"])
         method.check_pattern(pattern)
         owl = _owl(merged["layerwise"], pattern)
         overrides = _overrides(merged["overrides"], pattern)
@@ -349,8 +496,8 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
             batch_size=_int(cal["batch_size"], "calibration.batch_size", 1),
             text=_paths(cal["text"], "calibration.text"),
             dataset=cal["dataset"],
-            split=str(cal["split"]),
-            column=str(cal["column"]),
+            split=cal["split"],
+            column=cal["column"],
         ),
         evaluation=EvaluationConfig(
             enabled=ev["enabled"],
@@ -389,7 +536,7 @@ def _activation(section: dict) -> ActivationConfig | None:
         return None
     from prune_cli.activation import build_activation_method
 
-    method = build_activation_method(str(section["method"]), section["options"] or {})
+    method = _build_method(build_activation_method, section["method"], section["options"], "activation options")
     sparsity = section["sparsity"]
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0 <= sparsity < 1):
         raise RecipeError(f"activation sparsity must be a number in [0, 1), got {sparsity!r}", hint="pass --sparsity 0.4")
@@ -438,6 +585,7 @@ def _overrides(entries: Any, pattern: SparsityPattern) -> tuple[Override, ...]:
             raise RecipeError(f"overrides[{i}].blocks must be block indices")
         match = entry.get("match")
         if match is not None:
+            _str(match, f"overrides[{i}].match")
             _regexes([match], f"overrides[{i}].match")
         if not blocks and match is None:
             raise RecipeError(f"overrides[{i}] needs blocks or match")

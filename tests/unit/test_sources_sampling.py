@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 import torch
@@ -67,3 +68,80 @@ def test_dataset_source_local_file(tmp_path):
     assert t.text == "line 0\n\nline 1\n\nline 2"
     with pytest.raises(BadInputError, match="no column"):
         text_from_dataset(str(path), column="text")
+
+
+# --- binary and non-UTF-8 text files -------------------------------------------------------------
+
+ASCII_PROSE = "Pruning removes the weights that matter least for the next token.\n" * 40
+
+
+def test_binary_file_with_nul_bytes_refused(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"ELF\x02\x01\x01" + bytes(range(256)) * 8)
+    with pytest.raises(BadInputError, match="NUL") as info:
+        text_from_files([path])
+    assert str(path) in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_mostly_invalid_utf8_refused(tmp_path):
+    data = bytes(b or 1 for b in random.Random(0).randbytes(4096))  # random bytes, no NUL
+    path = tmp_path / "noise.txt"
+    path.write_bytes(data)
+    with pytest.raises(BadInputError, match="not valid UTF-8") as info:
+        text_from_files([path])
+    assert str(path) in str(info.value)
+
+
+def test_latin1_text_accepted_with_warning(tmp_path, caplog):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes((ASCII_PROSE + "Un café crème, naïve façade.\n").encode("latin-1"))
+    with caplog.at_level("WARNING", logger="prune_cli.calibrators.sources"):
+        t = text_from_files([path])
+    assert "Un caf\ufffd cr\ufffdme, na\ufffdve fa\ufffdade." in t.text
+    assert t.text.startswith(ASCII_PROSE)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "4 bytes" in warnings[0]
+
+
+def test_valid_utf8_text_unchanged(tmp_path, caplog):
+    # BOM, multi-byte letters, CRLF / CR newlines, U+2028 and a literal U+FFFD: read exactly as before
+    text = "\ufeffh\u00e9llo w\u00f6rld \u4e16\u754c \U0001f600\r\nsecond\rthird\u2028same line \ufffd\n"
+    path = tmp_path / "utf8.txt"
+    path.write_bytes(text.encode("utf-8"))
+    with caplog.at_level("WARNING"):
+        t = text_from_files([path])
+    assert t.text == path.read_text(encoding="utf-8")  # what the reader did before: universal newlines
+    assert t.text == text.replace("\r\n", "\n").replace("\r", "\n")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_whitespace_only_file_is_not_enough_text(tmp_path):
+    path = tmp_path / "blank.txt"
+    path.write_text("  \n\n\t\n")
+    with pytest.raises(NotEnoughTextError, match="no text"):
+        text_from_files([path])
+
+
+def test_binary_jsonl_refused(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n\x00\x00\x00\x00\n")
+    with pytest.raises(BadInputError, match="NUL") as info:
+        text_from_files([path])
+    assert str(path) in str(info.value)
+    noise = tmp_path / "noise.jsonl"
+    noise.write_bytes(bytes(b or 1 for b in random.Random(1).randbytes(2048)))
+    with pytest.raises(BadInputError, match="not valid UTF-8") as info:
+        text_from_files([noise])
+    assert str(noise) in str(info.value)
+
+
+def test_latin1_jsonl_decoded_with_warning(tmp_path, caplog):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"text": ASCII_PROSE}), '{"text": "caf\u00e9"}']
+    path.write_bytes("\r\n".join(lines).encode("latin-1"))
+    with caplog.at_level("WARNING", logger="prune_cli.calibrators.sources"):
+        t = text_from_files([path])
+    assert t.text == ASCII_PROSE + "\n\ncaf\ufffd"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "1 byte" in warnings[0]
