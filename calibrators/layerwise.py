@@ -14,16 +14,69 @@ Activation sparsity samples the Linears' inputs instead (:func:`collect_inputs`,
 stage).
 
 Peak memory is the model plus one block's activations for the calibration windows.
+
+Non-finite activations raise :class:`~prune_cli.errors.NonFiniteError` where they first
+appear, naming the block: the captured inputs of block 0, every block's outputs when they
+replace the hidden states (:func:`propagate`, ``update_hidden=True``), the sampled Linear
+inputs, and the finished statistics (:meth:`InputStats.check_finite`, naming the Linears). Each
+check is one reduction per tensor and one host sync per block pass, not per batch. Blocks are
+named by the callers (``name="model.layers.5"``) or else by :func:`capture_block_inputs`, which
+remembers the names of the blocks it was given.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.errors import NonFiniteError
+from prune_cli.finite import WEIGHTS_HINT, all_finite, check_finite_parameters, check_finite_tensor, describe_nonfinite
+
+# Block -> its full name (e.g. ``model.layers.5``), recorded by capture_block_inputs.
+_BLOCK_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+CHANGED_WEIGHTS_HINT = (
+    "prune-cli checks the weights when it loads a model, so the step that changed this block "
+    "(pruning) made them non-finite; if the model was not loaded by prune-cli: " + WEIGHTS_HINT
+)
+
+
+def _known_name(block: nn.Module, name: str | None) -> str:
+    """``name`` if given, else the name :func:`capture_block_inputs` recorded, else ``""``."""
+    return name or _BLOCK_NAMES.get(block, "")
+
+
+def block_name(block: nn.Module, name: str | None = None) -> str:
+    """``block``'s full name (see :func:`_known_name`), else a description by type."""
+    return _known_name(block, name) or f"a decoder block ({type(block).__name__})"
+
+
+def _overflow_hint(dtype: torch.dtype) -> str:
+    """The hint for non-finite activations computed from finite weights in ``dtype``."""
+    if dtype == torch.float16:
+        return "the weights are finite, so the activations overflowed float16 (above 65504): rerun with --dtype float32"
+    if dtype == torch.bfloat16:
+        return "the weights are finite, so the activations overflowed bfloat16: rerun with --dtype float32"
+    return "the weights are finite but the activations exceed float32's range: the checkpoint's weights are likely mis-scaled"
+
+
+def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str | None = None) -> None:
+    """Raise :class:`NonFiniteError` unless the hidden states of ``batches`` (just computed by
+    ``block``) are all finite: naming a non-finite parameter of the block if there is one
+    (pruning changed it), else the block. One host sync. (The block's inputs are gone by now,
+    replaced to keep one block's activations in memory, so the submodule is not searched.)"""
+    hidden = [b.hidden for b in batches]
+    if all_finite(hidden):
+        return
+    check_finite_parameters(block, prefix=_known_name(block, name), hint=CHANGED_WEIGHTS_HINT)
+    raise NonFiniteError(
+        f"non-finite calibration activations at the output of {block_name(block, name)}: {describe_nonfinite(hidden)}",
+        hint=_overflow_hint(hidden[0].dtype),
+    )
 
 
 class _StopAtFirstBlock(Exception):
@@ -99,7 +152,13 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[BlockBatch]:
-    """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches."""
+    """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches.
+    Records the blocks' names (:func:`block_name`); raises :class:`NonFiniteError` when the
+    inputs are not finite."""
+    path = next((n for n, m in model.named_modules() if m is blocks), None)
+    if path:
+        for index, block in enumerate(blocks):
+            _BLOCK_NAMES[block] = f"{path}.{index}"
     _move_outside_blocks(model, blocks, device)
     captured: list[BlockBatch] = []
 
@@ -127,6 +186,14 @@ def capture_block_inputs(
                 raise RuntimeError("the first decoder block was never called")
     finally:
         handle.remove()
+    if not all_finite(b.hidden for b in captured):
+        check_finite_parameters(model)  # weights not checked at load (a library caller)
+        first = block_name(blocks[0])
+        raise NonFiniteError(
+            f"non-finite calibration activations at the input of {first} (the embeddings' output): "
+            f"{describe_nonfinite([b.hidden for b in captured])}",
+            hint=_overflow_hint(captured[0].hidden.dtype),
+        )
     return captured
 
 
@@ -135,10 +202,13 @@ def _block_output(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, batches: list[BlockBatch]) -> None:
-    """Run every batch through ``block`` and replace its hidden states by the outputs."""
+def propagate(block: nn.Module, batches: list[BlockBatch], name: str | None = None) -> None:
+    """Run every batch through ``block`` and replace its hidden states by the outputs.
+    ``name`` (e.g. ``model.layers.5``) names the block when the outputs are not finite
+    (:class:`NonFiniteError`); by default the name :func:`capture_block_inputs` recorded."""
     for batch in batches:
         batch.hidden = _block_output(block(batch.hidden, *batch.args, **batch.kwargs))
+    check_block_outputs(block, batches, name)
 
 
 @torch.no_grad()
@@ -149,6 +219,7 @@ def collect_input_stats(
     wanted: dict[str, frozenset[Stat]],
     update_hidden: bool = False,
     backend=None,
+    name: str | None = None,
 ) -> dict[str, InputStats]:
     """Statistics of the inputs of ``linears`` (names relative to ``block``) over all batches.
 
@@ -158,11 +229,16 @@ def collect_input_stats(
     ``update_hidden`` the block's outputs replace the batches' hidden states (statistics and
     propagation in one pass, for passes that do not change the block); without it, the
     forward stops as soon as the last wanted input has been seen.
+
+    Every finished statistic is checked (:meth:`InputStats.check_finite`, naming its Linears by
+    full name: ``name`` or the recorded block name), then the updated hidden states
+    (:func:`check_block_outputs`).
     """
-    wanted = {name: w for name, w in wanted.items() if w}
+    label = _known_name(block, name)
+    wanted = {local: w for local, w in wanted.items() if w}
     if not wanted:
         if update_hidden:
-            propagate(block, batches)
+            propagate(block, batches, name)
         return {}
     shared = _SharedInputs()
     readers: dict[str, tuple[str, ...]] = {}  # leader name -> names sharing its input (first batch)
@@ -196,7 +272,7 @@ def collect_input_stats(
                 if leader not in groups:
                     union = frozenset().union(*(wanted[n] for n in names))
                     groups[leader] = InputStats(
-                        x.shape[-1], union, consumers=list(names), tokens_per_window=batch.hidden.shape[1]
+                        x.shape[-1], union, consumers=list(names), tokens_per_window=batch.hidden.shape[1], block=label
                     )
                     readers[leader] = tuple(names)
                     for n in names:
@@ -211,6 +287,10 @@ def collect_input_stats(
     finally:
         for handle in handles:
             handle.remove()
+    for stats in groups.values():
+        stats.check_finite()
+    if update_hidden:
+        check_block_outputs(block, batches, name)
     return by_name
 
 
@@ -222,10 +302,13 @@ def collect_inputs(
     max_tokens: int,
     generator: torch.Generator,
     update_hidden: bool = False,
+    name: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The input activations of ``linears`` as fp32 ``(n_tokens, in_features)`` matrices, a
     reproducible random subset of at most ``max_tokens`` tokens (the same tokens for every
-    Linear of the block). Linears reading the same tensor share one matrix."""
+    Linear of the block). Linears reading the same tensor share one matrix. Non-finite
+    samples or (with ``update_hidden``) outputs raise :class:`NonFiniteError` (``name``: the
+    block's, as for :func:`propagate`)."""
     sample = _TokenSample(batches, max_tokens, generator)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
     shared: dict[str, str] = {}  # reader -> the first reader of the same input
@@ -251,22 +334,36 @@ def collect_inputs(
                 handle.remove()
         if update_hidden:
             batch.hidden = _block_output(output)
-    result = {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
-    for name, leader in shared.items():
-        result.setdefault(name, result[leader])
+    result = {local: torch.cat(chunks) for local, chunks in parts.items() if chunks}
+    for local, matrix in result.items():
+        readers = [local, *(r for r, leader in shared.items() if leader == local)]
+        _check_sample(matrix, block, name, readers, batches[0].hidden.dtype)
+    if update_hidden:
+        check_block_outputs(block, batches, name)
+    for local, leader in shared.items():
+        result.setdefault(local, result[leader])
     return result
+
+
+def _check_sample(x: torch.Tensor, block: nn.Module, name: str | None, readers: list[str], dtype: torch.dtype) -> None:
+    """Sampled Linear inputs ``x`` (``readers`` read them; ``dtype``: the block's) must be finite."""
+    label = _known_name(block, name)
+    full = ", ".join(f"{label}.{r}" if label else r for r in readers)
+    check_finite_tensor(x, f"the calibration inputs of {full}", hint=_overflow_hint(dtype))
 
 
 @torch.no_grad()
 def collect_first_input(
     block: nn.Module, batches: list[BlockBatch], linears: dict[str, nn.Linear], max_tokens: int,
-    generator: torch.Generator,
+    generator: torch.Generator, name: str | None = None,
 ) -> tuple[list[str], torch.Tensor | None]:
     """The first input the block's forward hands to any of ``linears``, as an fp32
     ``(n_tokens, in_features)`` matrix over the same token sample :func:`collect_inputs` draws,
     and the names of the Linears that read that very tensor, in call order (q/k/v, gate/up).
     Each batch's forward stops at the first of ``linears`` that reads another tensor, so the
-    rest of the block is not computed. ``([], None)`` when the forward calls none of them."""
+    rest of the block is not computed. ``([], None)`` when the forward calls none of them.
+    A non-finite sample raises :class:`NonFiniteError` naming the readers (``name``: the
+    block's, as for :func:`propagate`)."""
     sample = _TokenSample(batches, max_tokens, generator)
     parts: list[torch.Tensor] = []
     names: list[str] = []
@@ -299,7 +396,10 @@ def collect_first_input(
                                f"{seen['readers']} instead of {names}")
         if seen["x"] is not None:
             parts.append(sample.rows(seen["x"], index))
-    return names, (torch.cat(parts) if parts else None)
+    x = torch.cat(parts) if parts else None
+    if x is not None:
+        _check_sample(x, block, name, names, batches[0].hidden.dtype)
+    return names, x
 
 
 class _TokenSample:

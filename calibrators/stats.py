@@ -15,6 +15,12 @@ For activations ``X`` of shape ``(n_tokens, in_features)``:
 Gram matrices are computed by :func:`symmetric_gram`: only the blocks on and above the diagonal
 are multiplied (about 2/3 of the work of ``X^T X`` here) and mirrored, so ``xtx`` is exactly
 symmetric.
+
+Non-finite statistics (NaN / +-inf: the activations were non-finite, or so large that their
+float32 sums overflowed) raise :class:`~prune_cli.errors.NonFiniteError` naming the consumers,
+from :meth:`InputStats.check_finite`: the layer-wise calibrator calls it once per finished
+statistic, and every accessor (``norm``, ``mean``, ``var``, ``hessian``) before reading. The
+accumulation itself stays free of host syncs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
+from prune_cli.errors import NonFiniteError
+from prune_cli.finite import all_finite, describe_nonfinite, is_finite
 
 
 class Stat(enum.Enum):
@@ -73,6 +82,10 @@ class InputStats:
     # Quantities derived from these statistics and shared by their consumers (e.g. the
     # Cholesky factor of SparseGPT's inverse Hessian), keyed by the method that made them.
     derived: dict = field(default_factory=dict, repr=False)
+    # Where the consumers live (e.g. ``model.layers.3``), to name them fully in messages.
+    block: str = ""
+    # True once check_finite() found every statistic finite; update() clears it.
+    _finite: bool = field(default=False, init=False, repr=False, compare=False)
 
     def update(self, x: torch.Tensor, backend=None) -> None:
         """Add activations ``x`` of shape ``(..., in_features)`` (any float dtype). With a
@@ -82,6 +95,7 @@ class InputStats:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected {self.in_features} features, got {x.shape[-1]}")
         self.count += x.shape[0]
+        self._finite = False
         want_sum = Stat.MEAN_VAR in self.wanted
         want_sq = Stat.SQ_NORM in self.wanted or want_sum
         if want_sq or want_sum:
@@ -121,11 +135,35 @@ class InputStats:
             add(self.xtx, other.xtx),
             self.xtx_tokens + other.xtx_tokens,
             list(self.consumers),
+            block=self.block,
+        )
+
+    def consumer_names(self) -> list[str]:
+        """The consumers' names, prefixed by :attr:`block` when it is known."""
+        return [f"{self.block}.{c}" if self.block else c for c in self.consumers]
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` naming the consumers unless every collected statistic
+        is finite. One host sync; a passed check is remembered until the next :meth:`update`."""
+        if self._finite:
+            return
+        collected = {"sq_norm": self.sum_sq, "mean": self.sum, "gram": self.xtx}
+        collected = {k: v for k, v in collected.items() if v is not None}
+        if all_finite(collected.values()):
+            self._finite = True
+            return
+        bad = [f"{k}: {describe_nonfinite(v)}" for k, v in collected.items() if not is_finite(v)]
+        names = ", ".join(self.consumer_names()) or "a Linear"
+        raise NonFiniteError(
+            f"non-finite input statistics of {names} ({'; '.join(bad)})",
+            hint="the activations entering these Linears are non-finite or so large that their float32 sums "
+            "overflow (float16 activations overflow above 65504: rerun with --dtype float32)",
         )
 
     def _need(self, tensor: torch.Tensor | None, what: str) -> torch.Tensor:
         if tensor is None or self.count == 0:
             raise RuntimeError(f"statistic {what} was not collected")
+        self.check_finite()
         return tensor
 
     @property

@@ -147,6 +147,10 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
 
     config = load_config(source, offline)
     _check_causal(config)
+    if source.kind == "folder":  # truncated / corrupt safetensors: CheckpointError naming the file
+        from prune_cli.checkpoint_files import check_weight_files
+
+        check_weight_files(source.location)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=DTYPES[dtype], **_pretrained_kwargs(source, offline)
@@ -160,6 +164,9 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
     model = model.to(DTYPES[dtype]).eval()
     tokenizer = load_tokenizer(source, offline)
     decoder_blocks(model)  # fail early on unsupported layouts
+    from prune_cli.finite import check_finite_parameters
+
+    check_finite_parameters(model)  # NaN / +-inf weights: NonFiniteError naming the first tensor
     return model, tokenizer
 
 

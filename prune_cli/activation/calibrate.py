@@ -33,6 +33,7 @@ from prune_cli.activation.methods import ActivationMethod
 from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.calibrators import layerwise
 from prune_cli.errors import RecipeError
+from prune_cli.finite import check_finite_parameters, check_finite_tensor
 from prune_cli.model_io import block_linears, decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,13 @@ def _install(block: nn.Module, local: str, module: nn.Module) -> None:
     parent, _, child = local.rpartition(".")
     setattr(block.get_submodule(parent) if parent else block, child, module)
 
+
+FISHER_HINT = "the loss gradients overflowed (float16 overflows above 65504): rerun with --dtype float32"
+
+SPARSIFIER_HINT = (
+    "its calibration inputs and weights are finite, so fitting the sparsifier overflowed "
+    "(e.g. a float16 channel scale or low-rank factor): rerun with --dtype float32"
+)
 
 FISHER_WINDOWS = 8  # calibration windows whose loss gradients give the Fisher weights
 
@@ -114,6 +122,8 @@ def output_fisher(model: nn.Module, targets: list[Target], windows: torch.Tensor
     missing = [t.name for t in targets if t.name not in fisher]
     if missing:
         raise RuntimeError(f"no loss gradient reached {missing[0]} (and {len(missing) - 1} more)")
+    for name, f in fisher.items():
+        check_finite_tensor(f, f"the loss-gradient Fisher weights of {name}", hint=FISHER_HINT)
     return {name: f.cpu() for name, f in fisher.items()}
 
 
@@ -124,7 +134,8 @@ def error_curves(
 ) -> dict[str, list[float]]:
     """Fisher-weighted output error of each target Linear at every sparsity of ``GRID`` (dense
     pass; see the module docstring)."""
-    blocks = decoder_blocks(model).modules
+    found = decoder_blocks(model)
+    blocks = found.modules
     batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
     generator = torch.Generator().manual_seed(seed)
     curves: dict[str, list[float]] = {}
@@ -132,7 +143,8 @@ def error_curves(
         mine = [t for t in targets if t.block == index]
         linears = block_linears(block)
         inputs = layerwise.collect_inputs(
-            block, batches, {t.local: linears[t.local] for t in mine}, min(max_tokens, CURVE_TOKENS), generator, update_hidden=True
+            block, batches, {t.local: linears[t.local] for t in mine}, min(max_tokens, CURVE_TOKENS), generator,
+            update_hidden=True, name=f"{found.path}.{index}",
         )
         for t in mine:
             x = inputs[t.local].to(device)
@@ -199,7 +211,8 @@ def calibrate_activation(
 
     ``backend`` (:class:`prune_cli.gpu.backend.Backend` or ``None``: torch) reaches each
     ``method.fit`` and computes the TEAL / WINA thresholds (the same numbers on every backend)."""
-    blocks = decoder_blocks(model).modules
+    found = decoder_blocks(model)
+    blocks = found.modules
     batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
     generator = torch.Generator().manual_seed(seed)
     by_name: dict[str, dict] = {}
@@ -210,13 +223,16 @@ def calibrate_activation(
         block.to(device)
         mine = [t for t in targets if t.block == index]
         if mine:
-            for t, module in _fit_in_forward_order(block, batches, mine, method, sparsity, device, max_tokens, generator, backend):
+            fitted = _fit_in_forward_order(
+                block, batches, mine, method, sparsity, device, max_tokens, generator, backend, name=f"{found.path}.{index}"
+            )
+            for t, module in fitted:
                 by_name[t.name] = {
                     "name": t.name, "target_sparsity": round(sparsity[t.name], 6), "threshold": float(module.threshold),
                     "rank": module.rank, **({"alpha": module.alpha} if hasattr(module, "alpha") else {}),
                 }
         if index + 1 < len(blocks):
-            layerwise.propagate(block, batches)
+            layerwise.propagate(block, batches, name=f"{found.path}.{index}")
         block.to(home)
         if events:
             events.advance("activation", 1, f"block {index + 1}/{len(blocks)}")
@@ -225,17 +241,22 @@ def calibrate_activation(
     return [by_name[t.name] for t in targets if t.name in by_name]
 
 
-def _fit_in_forward_order(block, batches, mine: list[Target], method, sparsity, device, max_tokens, generator, backend):
-    """Fit and install ``mine`` (targets of ``block``) stage by stage in forward order; yields
-    ``(target, installed module)``. The generator is rewound before every stage's pass, so all
-    stages sample the same tokens and leave it where one pass would."""
+def _fit_in_forward_order(block, batches, mine: list[Target], method, sparsity, device, max_tokens, generator, backend,
+                          name: str | None = None):
+    """Fit and install ``mine`` (targets of ``block``, named ``name``) stage by stage in forward
+    order; yields ``(target, installed module)``. The generator is rewound before every stage's
+    pass, so all stages sample the same tokens and leave it where one pass would. A fitted
+    sparsifier with a non-finite threshold, channel scale or low-rank factor raises
+    :class:`~prune_cli.errors.NonFiniteError` naming its Linear, before it is installed."""
     linears = block_linears(block)
     cache: dict = {"linears": dict(linears)}
     pending = {t.local: t for t in mine}
     start = generator.get_state()
     while pending:
         generator.set_state(start)
-        stage, x = layerwise.collect_first_input(block, batches, {local: linears[local] for local in pending}, max_tokens, generator)
+        stage, x = layerwise.collect_first_input(
+            block, batches, {local: linears[local] for local in pending}, max_tokens, generator, name=name
+        )
         if not stage:
             raise RuntimeError(f"the block's forward never called {', '.join(t.name for t in pending.values())}")
         x = x.to(device)
@@ -243,6 +264,7 @@ def _fit_in_forward_order(block, batches, mine: list[Target], method, sparsity, 
             t = pending.pop(local)
             cache["local"] = local
             module = method.fit(linears[local], x, sparsity[t.name], cache, backend=backend)
+            check_finite_parameters(module, prefix=t.name, hint=SPARSIFIER_HINT, recurse=False)  # its own buffers
             _install(block, local, module)
             yield t, module
         del x

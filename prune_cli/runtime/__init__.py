@@ -82,13 +82,19 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = 
     checkpoint has it. ``decode=True`` also prepares the batch-1 gather path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prune_cli.checkpoint_files import check_checkpoint_folder
     from prune_cli.errors import CheckpointError
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_checkpoint_folder(folder)  # damaged / missing files: one-line CheckpointError, not a deep crash
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except OSError as exc:  # e.g. no weight file at all, or no tokenizer files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load the checkpoint in {folder}: {first}") from None
     if (folder / ACTIVATION_FILE).is_file():
         apply_activation(model, folder)
         if decode:

@@ -1,0 +1,198 @@
+"""Cheap integrity checks of a checkpoint folder's files, run before anything loads them.
+
+A damaged checkpoint (an interrupted copy or download, a half-written file) is the user's to
+fix: these checks turn it into a :class:`~prune_cli.errors.CheckpointError` (exit code 2) with
+one line naming the file and what is wrong, instead of an error deep inside ``safetensors`` or
+``transformers`` (exit code 1), or a component silently skipped.
+
+The safetensors layout (https://github.com/huggingface/safetensors)::
+
+    bytes [0, 8)          N: the header's length, an unsigned 64-bit little-endian integer
+    bytes [8, 8 + N)      the header: a UTF-8 JSON object (possibly padded with spaces)
+                            {"__metadata__": {str: str}, (optional)
+                             "<tensor name>": {"dtype": "F32", "shape": [4, 4],
+                                               "data_offsets": [begin, end]}, ...}
+    bytes [8 + N, EOF)    the data section: every tensor's raw bytes, where ``data_offsets``
+                          are relative to the data section's start (``end`` exclusive)
+
+The tensors' byte ranges tile the data section, so a complete file's size is exactly
+``8 + N + max(end)``. :func:`check_safetensors` reads the 8 bytes and the header only (never
+the tensors), so it costs the same on a 100 MB file as on a 100 GB one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+
+from prune_cli.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_FILE = "activation_sparsity.safetensors"  # == prune_cli.runtime.ACTIVATION_FILE
+REPORT_FILE = "sparsity.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+
+# The safetensors library refuses headers longer than this; anything longer is garbage.
+MAX_HEADER_BYTES = 100_000_000
+
+# Bytes per element of the dtypes whose size is a whole number of bytes (others: unchecked).
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+DAMAGED_HINT = "the file is damaged or incomplete (an interrupted copy, download or export?); copy or export it again"
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} has a corrupt header: {why}", hint=DAMAGED_HINT)
+
+
+def _tensor_range(path: Path, name: str, entry) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, after checking its dtype, shape and offsets agree."""
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"entry {name!r} is not an object")
+    offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+    if (
+        not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise _corrupt(path, f"tensor {name!r} has no valid data_offsets")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _corrupt(path, f"tensor {name!r} has data_offsets [{begin}, {end}]")
+    if not isinstance(dtype, str):
+        raise _corrupt(path, f"tensor {name!r} has no dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has no valid shape")
+    if dtype in DTYPE_BYTES:
+        need = math.prod(shape) * DTYPE_BYTES[dtype]
+        if end - begin != need:
+            raise _corrupt(path, f"tensor {name!r} ({dtype} {shape}) needs {need:,} bytes, its data_offsets span {end - begin:,}")
+    return begin, end
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """Check that ``path`` is a complete, well-formed safetensors file without loading its
+    tensors; returns its header (tensor name -> ``{"dtype", "shape", "data_offsets"}``, and
+    ``"__metadata__"`` when present).
+
+    Raises :class:`CheckpointError` naming the file when it is missing or unreadable, shorter
+    than its header says ("is truncated: X of Y bytes"), has a header that is not a JSON
+    object of tensor entries or offsets outside the data section ("has a corrupt header"), or
+    has bytes after its last tensor.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, 2)
+            handle.seek(0)
+            if size == 0:
+                raise CheckpointError(f"{path} is empty (0 bytes)", hint=DAMAGED_HINT)
+            if size < 8:
+                raise CheckpointError(f"{path} is truncated: {size:,} of at least 8 bytes", hint=DAMAGED_HINT)
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise _corrupt(path, f"it declares a {length:,}-byte header")
+            if 8 + length > size:
+                raise CheckpointError(f"{path} is truncated: {size:,} of at least {8 + length:,} bytes", hint=DAMAGED_HINT)
+            raw = handle.read(length)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a safetensors file") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _corrupt(path, "it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, f"not JSON ({exc.msg} at byte {exc.pos})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"it is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _corrupt(path, "__metadata__ is not an object")
+
+    data_bytes = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            data_bytes = max(data_bytes, _tensor_range(path, name, entry)[1])
+    expected = 8 + length + data_bytes
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated: {size:,} of {expected:,} bytes", hint=DAMAGED_HINT)
+    if size > expected:
+        raise CheckpointError(
+            f"{path} is corrupt: {size:,} bytes, {size - expected:,} bytes more than its header describes ({expected:,})",
+            hint=DAMAGED_HINT,
+        )
+    return header
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not valid JSON ({what})", hint=DAMAGED_HINT) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Check the weight files of a model folder: every shard a ``*.safetensors.index.json``
+    names exists (and holds the tensors the index assigns to it), and every top-level
+    ``*.safetensors`` file but the activation file is complete (:func:`check_safetensors`).
+    Folders without safetensors (``pytorch_model.bin``, GGUF) pass untouched."""
+    folder = Path(folder)
+    headers: dict[str, dict] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name != ACTIVATION_FILE and not path.is_dir():  # a broken link: "is missing"
+            headers[path.name] = check_safetensors(path)
+    for index in sorted(folder.glob(f"*{INDEX_SUFFIX}")):
+        data = _read_json(index, "the index of the weight shards")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no valid weight_map", hint=DAMAGED_HINT)
+        for shard in sorted(set(weight_map.values())):
+            if shard not in headers:
+                shard_path = folder / shard
+                if not shard_path.is_file():
+                    raise CheckpointError(
+                        f"{index.name} names {shard}, which is missing from {folder}",
+                        hint="the checkpoint is incomplete; copy or download every shard",
+                    )
+                headers[shard] = check_safetensors(shard_path)
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise CheckpointError(f"{index.name} places {name} in {shard}, which does not hold it", hint=DAMAGED_HINT)
+    log.debug("checked %d safetensors weight file(s) in %s", len(headers), folder)
+
+
+def check_checkpoint_folder(folder: str | Path, report: dict | None = None) -> None:
+    """Check a checkpoint folder before loading it: its weight files (:func:`check_weight_files`),
+    that ``sparsity.json`` parses when present, and that every component the report declares is
+    there and intact (``"activation"`` -> ``activation_sparsity.safetensors``). ``report`` is the
+    parsed ``sparsity.json``; ``None`` reads it from the folder. Raises :class:`CheckpointError`."""
+    folder = Path(folder)
+    check_weight_files(folder)
+    if report is None and (folder / REPORT_FILE).exists():
+        report = _read_json(folder / REPORT_FILE, "prune-cli's sparsity report")
+        if not isinstance(report, dict):
+            raise CheckpointError(f"{folder / REPORT_FILE} is not a JSON object", hint=DAMAGED_HINT)
+    activation = folder / ACTIVATION_FILE
+    declared = bool(report and report.get("activation"))
+    if declared and not activation.exists():
+        raise CheckpointError(
+            f"{ACTIVATION_FILE} is missing from {folder}, but its {REPORT_FILE} declares activation sparsity",
+            hint="the checkpoint is incomplete; copy or export it again (without the file it would evaluate dense)",
+        )
+    if activation.exists():
+        check_safetensors(activation)
