@@ -1,15 +1,20 @@
 """The command line (the only module that imports typer and rich).
 
 Results go to stdout (a table, or one JSON object with ``--json``); logs and progress go to
-stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error.
+stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error, 130 interrupted
+(Ctrl-C), 143 stopped by SIGTERM. With ``--json`` an error is one JSON object on stdout too:
+``{"error": {"type", "message", "hint"}, "exit_code": N}``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,13 +36,30 @@ stderr = Console(stderr=True)
 stdout = Console()
 
 
+class _PlainLogFormat(logging.Formatter):
+    """One line per record for logs that are not a terminal (CI): ``[prune-cli] message``, with
+    the level for warnings and errors; never wrapped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"[prune-cli] {level}{_one_line(record.getMessage())}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=stderr, show_time=False, show_path=False)],
-        force=True,
-    )
+    if stderr.is_terminal:
+        handler: logging.Handler = RichHandler(console=stderr, show_time=False, show_path=False)
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(_PlainLogFormat())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("prune_cli").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         import warnings
@@ -55,20 +77,74 @@ def _setup_logging(verbose: bool) -> None:
             pass
 
 
-def _fail(exc: Exception, debug: bool) -> None:
-    from prune_cli.errors import PruneCliError
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
+
+def _emit_error(kind: str, message: str, hint: str | None, code: int, as_json: bool, label: str = "error") -> None:
+    """The one-line error (and hint) on stderr; with ``--json`` also one JSON object on stdout."""
+    from rich.markup import escape
+
+    stderr.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if hint:
+        stderr.print(f"[dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
+    if as_json:
+        _emit_json({"error": {"type": kind, "message": message, "hint": hint}, "exit_code": code})
+
+
+def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
+    """Turn an exception at the CLI boundary into its exit code and one line."""
+    from prune_cli.errors import InterruptedRun, PruneCliError
+
+    if isinstance(exc, KeyboardInterrupt):
+        _interrupted(exc if isinstance(exc, InterruptedRun) else InterruptedRun(), as_json)
+    if isinstance(exc, typer.BadParameter):
+        _emit_error("UsageError", _one_line(exc.format_message()), "see --help", 2, as_json)
+        raise typer.Exit(2)
     if debug:
         raise exc
     if isinstance(exc, PruneCliError):
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-        if exc.hint:
-            stderr.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+        _emit_error(type(exc).__name__, str(exc), exc.hint, exc.exit_code, as_json)
         raise typer.Exit(exc.exit_code)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first}", highlight=False, soft_wrap=True)
-    stderr.print("[dim]hint: rerun with --debug for the traceback, and please report it[/]", highlight=False)
+    _emit_error(type(exc).__name__, f"{type(exc).__name__}: {first}", "rerun with --debug for the traceback, and please report it",
+                1, as_json, label="internal error")
     raise typer.Exit(1)
+
+
+def _interrupted(exc, as_json: bool) -> None:
+    """One line saying what stopped the run and what is on disk now."""
+    state = getattr(exc, "output_state", None)
+    on_disk = {
+        "absent": "its staging folder was removed; nothing was written to --output",
+        "previous": "its staging folder was removed; the previous checkpoint at --output is intact",
+        "written": "the checkpoint had already been written to --output",
+    }.get(state, "nothing was written to --output")
+    _emit_error("Interrupted", f"interrupted by {exc.signal_name}: {on_disk}", None, exc.exit_code, as_json, label="stopped")
+    raise typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """SIGINT and SIGTERM raise :class:`InterruptedRun` in the main thread, so every cleanup
+    (``finally``, context managers) runs and the CLI can say what is on disk. Previous
+    handlers are restored on exit."""
+    from prune_cli.errors import InterruptedRun
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        raise InterruptedRun(name, 128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class RichEvents:
@@ -149,8 +225,10 @@ def _print_compress_table(report: dict) -> None:
     table.add_column("compressed", justify="right")
     ppl = report["ppl"]
     table.add_row("perplexity", _fmt(ppl.get("dense")), _fmt(ppl.get("compressed")))
-    table.add_row("sparsity (targeted Linears)", "0.000", f"{report['sparsity']:.3f}")
+    table.add_row("sparsity (targeted Linears)", "0.000", _fmt(report.get("sparsity")))
     stdout.print(table)
+    if report.get("sparsity") is None:
+        stdout.print("sparsity: not measured (activation sparsity is measured on the evaluation tokens; --no-eval)", highlight=False)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
     stdout.print(f"timings: {timings}", highlight=False)
     if report.get("output"):
@@ -182,7 +260,10 @@ def _parse_options(pairs: list[str]) -> dict:
 
 
 def _emit_json(data: dict) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """One strict JSON object on stdout (NaN / inf written as null and flagged)."""
+    from prune_cli.report import json_ready
+
+    sys.stdout.write(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -212,15 +293,17 @@ def compress(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Kernels: auto, torch or cupy (cupy needs CUDA and the gpu extra: pip install 'prune-cli\\[gpu]')."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write (required unless --dry-run)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write (required unless --dry-run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder that prune-cli wrote (others are refused)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (like HF_HUB_OFFLINE=1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without calibrating."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ) -> None:
-    """Prune MODEL with a training-free method, evaluate it against the dense model, export it."""
+    """Prune MODEL with a training-free method, evaluate it against the dense model, export it.
+
+    Exit codes: 0 done, 1 internal error, 2 bad input, 130 Ctrl-C, 143 SIGTERM."""
     _setup_logging(verbose)
     try:
         from prune_cli.config import load_recipe, resolve
@@ -257,21 +340,23 @@ def compress(
             "dtype": dtype,
             "backend": backend,
         }
+        if output is not None and not output.strip():
+            raise typer.BadParameter("must not be empty", param_hint="--output")
         config = resolve(recipe_data, overrides)
         if not dry_run and output is None:
             raise typer.BadParameter("--output DIR is required (or pass --dry-run)", param_hint="--output")
-        request = CompressRequest(config, model, output, overwrite, offline)
+        request = CompressRequest(config, model, Path(output) if output is not None else None, overwrite, offline)
         if dry_run:
             plan = run_dry(request)
             _emit_json(plan) if as_json else _print_plan(plan)
             return
-        with RichEvents() as events:
+        with _signals_as_interrupts(), RichEvents() as events:
             report = run_compress(request, events)
         _emit_json(report) if as_json else _print_compress_table(report)
-    except (typer.Exit, typer.BadParameter, KeyboardInterrupt):
+    except typer.Exit:
         raise
-    except Exception as exc:  # noqa: BLE001 - the CLI boundary
-        _fail(exc, debug)
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, debug, as_json)
 
 
 @app.command("eval")
@@ -299,7 +384,7 @@ def eval_command(
         if dtype not in DTYPE_NAMES:
             raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
         ev = EvaluationConfig(windows=eval_windows, seqlen=eval_seqlen, text=tuple(eval_text or ()))
-        with RichEvents() as events:
+        with _signals_as_interrupts(), RichEvents() as events:
             report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events)
         if as_json:
             _emit_json(report)
@@ -308,12 +393,12 @@ def eval_command(
             table.add_column("perplexity", justify="right")
             table.add_column("sparsity (block Linears)", justify="right")
             table.add_column("tokens", justify="right")
-            table.add_row(_fmt(report["ppl"]), f"{report['sparsity']:.3f}", str(report["tokens"]))
+            table.add_row(_fmt(report["ppl"]), _fmt(report["sparsity"]), str(report["tokens"]))
             stdout.print(table)
-    except (typer.Exit, typer.BadParameter, KeyboardInterrupt):
+    except typer.Exit:
         raise
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, debug, as_json)
 
 
 @app.command("methods")
@@ -329,15 +414,26 @@ def methods_command() -> None:
         stdout.print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}" + (f" [options: {opts}]" if opts else ""), highlight=False)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``prune-cli`` entry point. Usage errors found by the option parser (before a command
+    runs) keep their message and exit code 2, and with ``--json`` are a JSON object too."""
     from prune_cli.allocator import keep_freed_memory
 
     keep_freed_memory()  # a CLI run owns its process: no page-fault storms (see prune_cli.allocator)
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = typer.main.get_command(app)
     try:
-        app()
-    except KeyboardInterrupt:
-        stderr.print("interrupted: nothing was written to --output")
-        sys.exit(130)
+        code = command.main(args=args, prog_name="prune-cli", standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors, as Typer vendors them
+        exc.show()
+        code = getattr(exc, "exit_code", 2)
+        if "--json" in args:
+            _emit_json({"error": {"type": "UsageError", "message": _one_line(exc.format_message()), "hint": "see --help"},
+                        "exit_code": code})
+    except typer.Abort:
+        _emit_error("Interrupted", "interrupted by SIGINT: nothing was written to --output", None, 130, "--json" in args, label="stopped")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,72 +1,69 @@
-"""Atomic checkpoint export.
+"""Writing a checkpoint into a run's staging folder.
 
 The checkpoint is a plain Hugging Face folder (safetensors with real zeros, config, tokenizer)
-plus ``sparsity.json``. It is written into a temporary sibling folder and renamed onto the
-output path at the very end, so a failed or interrupted run leaves nothing at the output path.
+plus ``sparsity.json``, prune-cli's report. The report is written last and lists every other
+file with its size, so a later ``--overwrite`` can tell a folder prune-cli wrote from one it
+did not (:mod:`prune_cli.output`), and so a folder whose report is missing was never finished.
+Moving the folder into place is :meth:`prune_cli.output.OutputTarget.commit`'s job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
-from prune_cli.errors import OutputExistsError
 from prune_cli.model_io import prepare_for_save
+from prune_cli.output import OWNER_FILE, REPORT_FILE, fix_modes
+from prune_cli.report import json_ready
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "sparsity.json"
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Bytes the weights take on disk: every parameter and persistent buffer once (tied
+    weights are one tensor), at its dtype."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Fail fast (before any long work) when ``output`` exists and may not be replaced."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output exists: {output}", hint="pass --overwrite to replace it, or choose another --output")
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"output exists and is not a folder: {output}", hint="choose another --output")
-    ancestor = output.resolve().parent
-    while not ancestor.exists():  # missing parents are created at export time
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise OutputExistsError(f"cannot create {output}: {ancestor} is not a writable folder", hint="choose another --output")
+def file_list(folder: Path) -> list[dict]:
+    """Every file under ``folder`` (but the report and the owner record): name and bytes."""
+    out = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if name not in (REPORT_FILE, OWNER_FILE):
+            out.append({"name": name, "bytes": path.stat().st_size})
+    return out
 
 
-def export_checkpoint(
-    model: nn.Module, tokenizer, output: Path, report: dict, overwrite: bool, extra: Callable[[Path], None] | None = None
-) -> Path:
-    """Write ``model`` + ``tokenizer`` + ``sparsity.json`` (+ whatever ``extra(folder)`` writes)
-    to ``output`` atomically."""
-    output = Path(output).resolve()
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint is an ordinary folder
-    try:
-        prepare_for_save(model)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if extra is not None:
-            extra(staging)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, trash / "old")
-            os.replace(staging, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("wrote %s", output)
-    return output
+def write_report(folder: Path, report: dict) -> dict:
+    """Write ``report`` as strict JSON (non-finite numbers as null, flagged) into ``folder``;
+    returns what was written."""
+    data = json_ready(report)
+    (Path(folder) / REPORT_FILE).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return data
+
+
+def write_checkpoint(
+    model: nn.Module, tokenizer, folder: Path, report: dict, extra: Callable[[Path], None] | None = None
+) -> dict:
+    """Write ``model`` + ``tokenizer`` (+ whatever ``extra(folder)`` writes) into the staging
+    ``folder``, then the report listing those files; returns the report as written."""
+    folder = Path(folder)
+    prepare_for_save(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if extra is not None:
+        extra(folder)
+    fix_modes(folder)
+    report["files"] = file_list(folder)
+    return write_report(folder, report)

@@ -25,10 +25,21 @@ from prune_cli.calibrators.sampling import (
 )
 from prune_cli.calibrators.sources import Text, bundled_text, text_from_dataset, text_from_files
 from prune_cli.config import CalibrationConfig, EvaluationConfig, RunConfig
-from prune_cli.errors import BadInputError, CheckpointError
+from prune_cli.errors import BadInputError, CheckpointError, NonFiniteError
+from prune_cli.finite import check_finite_parameters
 from prune_cli.evaluate import Perplexity, perplexity
-from prune_cli.export import REPORT_FILE, check_output, export_checkpoint
-from prune_cli.model_io import ModelSource, block_linears, decoder_blocks, load_model, meta_model, offline_requested, resolve_source
+from prune_cli.export import checkpoint_bytes, write_checkpoint
+from prune_cli.model_io import (
+    ModelSource,
+    block_linears,
+    decoder_blocks,
+    load_config,
+    load_model,
+    meta_model,
+    offline_requested,
+    resolve_source,
+)
+from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
 from prune_cli.patterns import NM, Unstructured
 from prune_cli.plan import LayerPlan, Plan, build_plan
 from prune_cli.report import LayerRecord, Timings, overall_sparsity, versions
@@ -146,7 +157,7 @@ def calibrate_and_prune(
                 )
             del stats
         if index + 1 < len(blocks):
-            layerwise.propagate(block, batches)
+            layerwise.propagate(block, batches, name=f"{decoder_blocks(model).path}.{index}")
         block.to(home)
         events.advance("calibration", 1, f"block {index + 1}/{len(blocks)}")
     events.done("calibration")
@@ -162,11 +173,43 @@ class CompressRequest:
     offline: bool = False
 
 
+def context_length(model_config) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``, GPT-2's
+    ``n_positions`` maps onto it), or None when its config does not say."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_context(model_config, lengths: dict[str, int]) -> None:
+    """Refuse window lengths beyond the model's context, before any weight is loaded."""
+    limit = context_length(model_config)
+    for flag, length in lengths.items():
+        if limit is not None and length > limit:
+            raise BadInputError(
+                f"{flag} {length} is longer than the model's context ({limit} tokens, max_position_embeddings)",
+                hint=f"pass {flag} {min(limit, 512)} or less",
+            )
+
+
+def _window_lengths(config: RunConfig) -> dict[str, int]:
+    lengths = {"--seqlen": config.calibration.seqlen}
+    if config.evaluation.enabled:
+        lengths["--eval-seqlen"] = config.evaluation.seqlen
+    return lengths
+
+
 def dry_run(request: CompressRequest) -> dict:
-    """The plan without loading weights (structure built on the meta device)."""
+    """The plan without loading weights (structure built on the meta device), after the checks
+    a real run would make first: window lengths against the model's context, and --output
+    (exists without --overwrite, not ours to replace, locked by a live run, not writable)."""
     source = resolve_source(request.model)
-    model = meta_model(source, request.config.dtype, offline_requested(request.offline))
+    offline = offline_requested(request.offline)
     config = request.config
+    check_context(load_config(source, offline), _window_lengths(config))
+    if request.output is not None:
+        preflight(output_path(request.output), request.overwrite)
+    model = meta_model(source, request.config.dtype, offline)
     out: dict = {"model": source.describe(), "method": config.method, "method_options": config.method_options, "layers": []}
     if config.method:
         plan = build_plan(model, config)
@@ -195,23 +238,38 @@ def _ppl_dict(dense: Perplexity | None, compressed: Perplexity | None) -> dict:
 
 
 def compress(request: CompressRequest, events: Events | None = None) -> dict:
-    """Run the whole compress job; returns the report (also written as sparsity.json)."""
+    """Run the whole compress job; returns the report (also written as sparsity.json).
+
+    Everything that can be checked cheaply is checked before the output folder is claimed
+    (device, backend, model source, window lengths against the model's context); the output is
+    then claimed for the whole run (:class:`~prune_cli.output.OutputTarget`: lock, staging
+    folder), so a second run or an unwritable folder fails in the first seconds."""
     events = events or Events()
     config = request.config
     offline = offline_requested(request.offline)
-    if request.output is not None:
-        check_output(request.output, request.overwrite)
-    timings = Timings()
     device = resolve_device(config.device)
     from prune_cli.gpu.backend import resolve_backend
 
     source: ModelSource = resolve_source(request.model)
     backend, backend_note = resolve_backend(config.backend, device)  # an explicit cupy fails here, early
+    check_context(load_config(source, offline), _window_lengths(config))
+    if request.output is None:
+        return _compress(request, source, device, backend, backend_note, None, events)
+    with OutputTarget(request.output, request.overwrite) as target:
+        return _compress(request, source, device, backend, backend_note, target, events)
+
+
+def _compress(request: CompressRequest, source: ModelSource, device, backend, backend_note, target, events) -> dict:
+    config = request.config
+    offline = offline_requested(request.offline)
+    timings = Timings()
     started = time.perf_counter()
 
     events.stage("load")
     with _timed(timings, "load"):
         model, tokenizer = load_model(source, config.dtype, offline)
+        if target is not None:
+            target.check_free_space(checkpoint_bytes(model))
         plan = build_plan(model, config) if config.method else None
         act_targets = act_method = None
         if config.activation is not None:
@@ -244,6 +302,7 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         with _timed(timings, "eval"):
             dense_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval dense", n))
         events.done("eval dense")
+        _check_dense_loss(dense_ppl, config.dtype)
 
     allocation = None
     if config.owl is not None:
@@ -318,16 +377,33 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         "versions": versions(),
         "output": None,
     }
-    if request.output is not None:
+    if target is not None:
         events.stage("export")
         with _timed(timings, "export"):
-            report["output"] = str(Path(request.output).resolve())
+            report["output"] = str(target.output)
             report["timings"] = dict(timings.values)  # export itself is not yet timed here
-            _export(model, tokenizer, Path(request.output), report, request.overwrite)
+            check_finite_parameters(model, hint="a pruning or activation stage produced it; please report it")
+            _export(model, tokenizer, target.staging, report)
+            target.commit()
         events.done("export")
+        log.info("wrote %s", target.output)
     timings.add("total", time.perf_counter() - started)
     report["timings"] = timings.values
     return report
+
+
+def _check_dense_loss(dense: Perplexity, dtype: str) -> None:
+    """The dense model's loss on the evaluation windows must be finite (its weights are): a NaN
+    or inf here means its activations overflow in ``dtype``, and every later number would be
+    garbage. A compressed model's diverged perplexity, by contrast, is a result (reported as
+    null and flagged in JSON)."""
+    import math
+
+    if not math.isfinite(dense.nll):
+        raise NonFiniteError(
+            f"the dense model's loss on the evaluation text is {dense.nll} in {dtype}: its activations overflow",
+            hint="rerun with --dtype float32" if dtype != "float32" else "check the model's weights and config",
+        )
 
 
 def _activation_stage(
@@ -363,8 +439,9 @@ def _add_achieved(report: dict, counted) -> None:
         record.update({f"achieved_{k}": round(v, 6) for k, v in per_layer.get(record["name"], {}).items()})
 
 
-def _export(model, tokenizer, output: Path, report: dict, overwrite: bool) -> None:
-    """Export with the activation sparsifiers' buffers beside the plain weights."""
+def _export(model, tokenizer, folder: Path, report: dict) -> None:
+    """Write the checkpoint into the staging ``folder``, the activation sparsifiers' buffers
+    beside the plain weights."""
     from prune_cli.activation.modules import rewrap_all, unwrap_all
     from prune_cli.runtime import save_activation
 
@@ -374,7 +451,7 @@ def _export(model, tokenizer, output: Path, report: dict, overwrite: bool) -> No
     try:
         with plain_norms(model) as rotations:
             extra = (lambda folder: save_activation(wrappers, folder, rotations)) if wrappers else None
-            export_checkpoint(model, tokenizer, output, report, overwrite, extra)
+            write_checkpoint(model, tokenizer, folder, report, extra)
     finally:
         rewrap_all(model, wrappers)
 
@@ -400,12 +477,16 @@ def evaluate_checkpoint(
     timings = Timings()
     device = resolve_device(device_name)
     source = resolve_source(checkpoint)
+    offline = offline_requested(offline)
+    check_context(load_config(source, offline), {"--eval-seqlen": ev.seqlen})
     with _timed(timings, "load"):
         if source.kind == "folder":
+            from prune_cli.finite import check_finite_parameters
             from prune_cli.model_io import DTYPES
             from prune_cli.runtime import load as load_checkpoint
 
             model, tokenizer = load_checkpoint(source.location, DTYPES[dtype])
+            check_finite_parameters(model)
         else:
             model, tokenizer = load_model(source, dtype, offline_requested(offline))
         text = evaluation_text(ev)

@@ -55,3 +55,27 @@ def overall_sparsity(layers: list[LayerRecord]) -> float:
     total = sum(r.shape[0] * r.shape[1] for r in layers)
     zeros = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in layers)
     return zeros / total if total else 0.0
+
+
+def json_ready(data):
+    """A copy of ``data`` that strict JSON parsers accept: every NaN / ±inf number becomes
+    ``null`` and its path is listed under ``"non_finite"`` with what it was (e.g.
+    ``{"ppl.compressed": "inf"}``), so a reader can tell "not measured" from "diverged"."""
+    import math
+
+    flagged: dict[str, str] = {}
+
+    def walk(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            flagged[path] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return None
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = walk(data, "")
+    if isinstance(out, dict) and (flagged or "non_finite" in out):
+        out["non_finite"] = {**(out.get("non_finite") or {}), **flagged}
+    return out

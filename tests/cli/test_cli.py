@@ -133,8 +133,18 @@ def test_output_exists_needs_overwrite(tmp_path, tiny_llama_dir):
     result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "-o", out)
     assert_one_line_error(result)
     assert "--overwrite" in result.stderr and (out / "keep.txt").exists()
+    # a folder prune-cli did not write is never replaced, --overwrite or not
     result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "-o", out, "--overwrite")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "sparsity.json").exists()
+    assert_one_line_error(result)
+    assert "not a prune-cli checkpoint" in result.stderr and (out / "keep.txt").read_text() == "mine"
+    # one it wrote is
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    for _ in range(2):
+        result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "-o", out, "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert (out / "sparsity.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, trash or lock left
 
 
 def test_failed_export_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):

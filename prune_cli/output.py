@@ -1,0 +1,498 @@
+"""The output folder: which folders prune-cli may replace, the lock that keeps two runs apart,
+and the staging folder a checkpoint is written into before it is moved into place.
+
+Rules (each one a user's data-loss report in a peer tool):
+
+* **Only replace what we wrote.** ``--overwrite`` replaces a folder only when it is empty or a
+  prune-cli checkpoint: it holds a ``sparsity.json`` of prune-cli's format, and every other file
+  in it is one that report lists (checkpoints written before the list existed are recognised by
+  the report alone). The root folder, the home folder and the working folder (or any folder
+  above it) are never replaced.
+* **One run per output.** A run takes ``.NAME.prune-cli.lock`` in the parent folder for its
+  whole life (``flock``: the kernel releases it when the process dies, even by SIGKILL, so a
+  stale lock is simply taken over); a second run fails at once naming the holder.
+* **Fail before the work, not after it.** The staging folder ``.NAME.partial-XXXX`` is created
+  at start: an unwritable ``--output`` fails in the first second, not after calibration.
+* **Nothing half-written.** The checkpoint is written into the staging folder and renamed onto
+  ``--output`` at the very end. Replacing moves the previous checkpoint aside into
+  ``.NAME.old-XXXX`` first, then removes it. Both folders carry an owner record
+  (``.prune-cli-owner.json``: PID, host, boot id, process start time); a later run to the same
+  output removes those whose owner is dead, and restores a previous checkpoint that a killed
+  ``--overwrite`` had moved aside when nothing replaced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prune_cli.errors import BadInputError, OutputExistsError, OutputLockedError
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "sparsity.json"
+REPORT_FORMAT = "prune-cli/sparsity-report"
+OWNER_FILE = ".prune-cli-owner.json"
+
+
+class OutputNotWritableError(BadInputError):
+    """The output's folder cannot be written (found at start, before any work)."""
+
+
+# ----------------------------------------------------------------------------- owners
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), so
+    a recycled PID is not mistaken for the run that wrote a folder; None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The run that owns a lock or a staging folder."""
+
+    pid: int
+    host: str
+    boot_id: str
+    start_ticks: int | None
+    started: str  # local time, for people
+
+    @classmethod
+    def current(cls) -> "Owner":
+        pid = os.getpid()
+        return cls(pid, socket.gethostname(), _boot_id(), _start_ticks(pid), time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    @classmethod
+    def read(cls, path: Path) -> "Owner | None":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(int(data["pid"]), str(data["host"]), str(data.get("boot_id", "")),
+                       data.get("start_ticks"), str(data.get("started", "?")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @property
+    def local(self) -> bool:
+        return self.host == socket.gethostname()
+
+    def alive(self) -> bool:
+        """Whether the owning process still runs. Only answerable on this host; a run on
+        another host counts as alive (its folders are left alone)."""
+        if not self.local:
+            return True
+        if self.boot_id and _boot_id() and self.boot_id != _boot_id():
+            return False  # the machine rebooted since
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        ticks = _start_ticks(self.pid)
+        return self.start_ticks is None or ticks is None or ticks == self.start_ticks
+
+    def describe(self) -> str:
+        return f"PID {self.pid} on {self.host}, started {self.started}"
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def output_path(value: str | os.PathLike | None) -> Path:
+    """An ``--output`` value as a path; the empty string is refused (``Path("")`` is ``.``)."""
+    if value is None or not str(value).strip():
+        raise BadInputError("--output is empty", hint="pass the checkpoint folder to write, e.g. -o out/wanda-50")
+    return Path(os.path.abspath(os.path.expanduser(str(value))))
+
+
+def _names(output: Path) -> tuple[str, str, str]:
+    return f".{output.name}.partial-", f".{output.name}.old-", f".{output.name}.prune-cli.lock"
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def read_report(folder: Path) -> dict | None:
+    """prune-cli's report in ``folder``, or None when there is none of prune-cli's format."""
+    try:
+        data = json.loads((Path(folder) / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == REPORT_FORMAT else None
+
+
+def _protected(output: Path) -> str | None:
+    """Why ``output`` may never be replaced, or None."""
+    real = output.resolve()
+    if real == Path(real.anchor):
+        return "it is the root folder"
+    with contextlib.suppress(RuntimeError, KeyError):
+        if real == Path.home().resolve():
+            return "it is the home folder"
+    cwd = Path.cwd().resolve()
+    if real == cwd:
+        return "it is the current working folder"
+    if cwd.is_relative_to(real):
+        return "it holds the current working folder"
+    return None
+
+
+def check_replaceable(output: Path) -> None:
+    """Raise unless the existing folder ``output`` may be replaced by ``--overwrite``."""
+    why = _protected(output)
+    if why is None and any(output.iterdir()):
+        report = read_report(output)
+        if report is None:
+            why = f"it is not a prune-cli checkpoint (no {REPORT_FILE} written by prune-cli)"
+        elif isinstance(report.get("files"), list):
+            listed = {str(f.get("name")) for f in report["files"] if isinstance(f, dict)} | {REPORT_FILE}
+            foreign = sorted(str(p.relative_to(output)) for p in output.rglob("*") if not p.is_dir() and str(p.relative_to(output)) not in listed)
+            if foreign:
+                more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+                why = f"it holds files prune-cli did not write ({foreign[0]}{more})"
+    if why:
+        raise OutputExistsError(
+            f"refusing to replace {output}: {why}",
+            hint="prune-cli only replaces folders it wrote; choose another --output",
+        )
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """What needs no writing: ``output`` may be created, or replaced with ``overwrite``."""
+    if output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise OutputExistsError(f"output exists and is not a folder: {output}", hint="choose another --output")
+        if not overwrite:
+            raise OutputExistsError(f"output exists: {output}", hint="pass --overwrite to replace it, or choose another --output")
+        check_replaceable(output)
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputNotWritableError(f"cannot create {output}: {ancestor} is not a folder", hint="choose another --output")
+
+
+def _not_writable(folder: Path, output: Path, exc: OSError) -> OutputNotWritableError:
+    return OutputNotWritableError(
+        f"cannot write in {folder} (for --output {output}): {exc.strerror or exc}", hint="choose a writable --output"
+    )
+
+
+def preflight(output: Path, overwrite: bool) -> None:
+    """Everything a real run would refuse, checked without leaving anything behind (for
+    ``--dry-run``): the folder rules, a lock held by a live run, and writability (a probe
+    folder made and removed in the nearest existing folder)."""
+    check_output(output, overwrite)
+    _, _, lock_name = _names(output)
+    lock = output.parent / lock_name
+    if lock.exists():
+        with contextlib.suppress(OSError), open(lock, "rb") as handle:
+            import fcntl
+
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _locked(output, Owner.read(lock)) from None
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".prune-cli-probe-", dir=ancestor))
+    except OSError as exc:
+        raise _not_writable(ancestor, output, exc) from None
+
+
+def _locked(output: Path, holder: Owner | None) -> OutputLockedError:
+    who = holder.describe() if holder else "another process"
+    return OutputLockedError(
+        f"another prune-cli run ({who}) is writing {output}",
+        hint="wait for it to finish, or choose another --output",
+    )
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``.NAME.prune-cli.lock`` beside the output, holding the owner
+    record. The kernel drops the lock when its process dies, so a lock file whose lock is free
+    is stale: it is taken over (and said so)."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.path = output.parent / _names(output)[2]
+        self.fd: int | None = None
+        self.previous: Owner | None = None  # the dead holder of a stale lock we took over
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise _not_writable(self.path.parent, self.output, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise _locked(self.output, Owner.read(self.path)) from None
+            try:  # the holder may have unlinked the file between our open and our flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.previous = Owner.read(self.path)
+        os.ftruncate(fd, 0)
+        os.write(fd, Owner.current().to_json().encode())
+        self.fd = fd
+        if self.previous is not None:
+            log.info("took over the stale lock %s of a run that ended (%s)", self.path.name, self.previous.describe())
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: nobody can attach to it in between
+        os.close(self.fd)
+        self.fd = None
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def _remove_owned(folder: Path) -> None:
+    """Remove ``folder`` with its owner record last, so an interrupted removal still says whose
+    it was."""
+    for child in list(folder.iterdir()) if folder.is_dir() else []:
+        if child.name == OWNER_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+    with contextlib.suppress(OSError):
+        (folder / OWNER_FILE).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def clean_leftovers(output: Path) -> list[str]:
+    """Deal with staging (``.NAME.partial-*``) and replaced (``.NAME.old-*``) folders that
+    earlier runs to ``output`` left behind: remove those of dead runs on this host, restore a
+    previous checkpoint that a killed ``--overwrite`` moved aside when nothing replaced it, and
+    report the rest. Call with the output's lock held. Returns the messages (also logged)."""
+    partial, old, _ = _names(output)
+    messages: list[str] = []
+    parent = output.parent
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return messages
+    # replaced checkpoints first: one may have to go back to `output`
+    for folder in [e for e in entries if e.name.startswith(old)] + [e for e in entries if e.name.startswith(partial)]:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        kind = "replaced-checkpoint" if folder.name.startswith(old) else "staging"
+        owner = Owner.read(folder / OWNER_FILE)
+        size = _mb(_size(folder))
+        if owner is None:
+            msg = (f"found {folder} ({kind} folder, {size}) with no owner record, probably from an older prune-cli; "
+                   "left alone: remove it if no run is using it")
+            log.warning(msg)
+        elif owner.alive():
+            msg = f"found {folder} ({kind} folder, {size}) of a live run ({owner.describe()}); left alone"
+            log.warning(msg)
+        elif kind == "replaced-checkpoint" and (folder / "old").is_dir() and not output.exists():
+            os.replace(folder / "old", output)
+            _remove_owned(folder)
+            msg = (f"restored the previous checkpoint at {output}, which an interrupted --overwrite "
+                   f"({owner.describe()}) had moved aside to {folder.name}")
+            log.warning(msg)
+        else:
+            _remove_owned(folder)
+            msg = f"removed {folder.name} ({kind} folder, {size}) left by a run that ended ({owner.describe()})"
+            log.warning(msg)
+        messages.append(msg)
+    return messages
+
+
+# ----------------------------------------------------------------------------- the target
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM for the few renames of a swap; they arrive right after it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def fix_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the user's umask (temporary files are 0600,
+    mkdtemp folders 0700; a checkpoint is an ordinary folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+class OutputTarget:
+    """Owns ``--output`` for one run: use as a context manager around the whole job.
+
+    On enter: the folder rules, missing parents made, the lock taken, leftovers of dead runs
+    cleaned, and the staging folder made (proving the parent writable). :meth:`commit` moves
+    the finished staging folder onto the output. On exit without commit (error, Ctrl-C,
+    SIGTERM) the staging folder is removed, parents this run made are removed again, and the
+    lock released: ``state`` then says what the output holds ("absent" or "previous").
+    """
+
+    def __init__(self, output: Path, overwrite: bool):
+        self.output = output_path(output)
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+        self.lock = OutputLock(self.output)
+        self.created_parents: list[Path] = []
+        self.committed = False
+        self.notes: list[str] = []
+
+    @property
+    def state(self) -> str:
+        if self.committed:
+            return "written"
+        return "previous" if self.output.exists() else "absent"
+
+    def __enter__(self) -> "OutputTarget":
+        check_output(self.output, self.overwrite)
+        try:
+            self._make_parents()
+            self.lock.acquire()
+            self.notes = clean_leftovers(self.output)
+            check_output(self.output, self.overwrite)  # a restored checkpoint counts as existing
+            partial, _, _ = _names(self.output)
+            try:
+                self.staging = Path(tempfile.mkdtemp(prefix=partial, dir=self.output.parent))
+                (self.staging / OWNER_FILE).write_text(Owner.current().to_json(), encoding="utf-8")
+            except OSError as exc:
+                raise _not_writable(self.output.parent, self.output, exc) from None
+        except BaseException:
+            self._undo()
+            raise
+        return self
+
+    def check_free_space(self, needed_bytes: int) -> None:
+        """Refuse to start the long work when the output's file system cannot hold the
+        checkpoint (``needed_bytes``, the weights' size plus a small margin): a full disk is
+        otherwise found only at export. A replaced checkpoint is freed only after the new one
+        is in place, so it does not count as free space."""
+        free = shutil.disk_usage(self.output.parent).free
+        needed = int(needed_bytes * 1.02) + (16 << 20)
+        if free < needed:
+            raise OutputNotWritableError(
+                f"not enough free space for --output {self.output}: the checkpoint needs about {_mb(needed)}, "
+                f"{_mb(free)} free",
+                hint="free some space or choose another --output",
+            )
+
+    def _make_parents(self) -> None:
+        missing = []
+        ancestor = self.output.parent
+        while not ancestor.exists():
+            missing.append(ancestor)
+            ancestor = ancestor.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise _not_writable(folder.parent, self.output, exc) from None
+            self.created_parents.append(folder)
+
+    def commit(self) -> Path:
+        """Move the staging folder onto the output (replacing a previous checkpoint)."""
+        assert self.staging is not None
+        fix_modes(self.staging)
+        _, old, _ = _names(self.output)
+        with _signals_held():
+            if self.output.exists():
+                check_replaceable(self.output)  # it may have changed during the run
+                trash = Path(tempfile.mkdtemp(prefix=old, dir=self.output.parent))
+                (trash / OWNER_FILE).write_text(Owner.current().to_json(), encoding="utf-8")
+                os.replace(self.output, trash / "old")
+                (self.staging / OWNER_FILE).unlink()
+                os.replace(self.staging, self.output)
+                self.committed = True
+                _remove_owned(trash)
+            else:
+                (self.staging / OWNER_FILE).unlink()
+                os.replace(self.staging, self.output)
+                self.committed = True
+        self.staging = None
+        return self.output
+
+    def _undo(self) -> None:
+        if self.staging is not None:
+            _remove_owned(self.staging)
+            self.staging = None
+        if not self.committed:
+            for folder in reversed(self.created_parents):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when still empty
+        self.lock.release()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with _signals_held():
+            self._undo()
+        if exc is not None and hasattr(exc, "__dict__"):
+            exc.output_state = self.state  # for the CLI's one line about what is on disk
