@@ -429,3 +429,104 @@ def test_a_full_disk_is_found_before_calibration(tmp_path, tiny_llama_dir, monke
     result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "-o", tmp_path / "o")
     one_line_error(result, 2, "not enough free space")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 2./3./10./11./12. bad files, named in one line
+
+
+def _truncated_model(tmp: Path, tiny_llama_dir: Path) -> Path:
+    import shutil
+
+    folder = tmp / "truncated"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def _nan_model(tmp: Path, tiny_llama_dir: Path) -> Path:
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama")
+    with __import__("torch").no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp / "nan")
+    tiny_tokenizer().save_pretrained(tmp / "nan")
+    return tmp / "nan"
+
+
+def _teal_without_its_file(tmp: Path, tiny_llama_dir: Path) -> Path:
+    out = tmp / "teal"
+    result = run("compress", tiny_llama_dir, "--method", "teal", "--sparsity", "0.5", *FAST, "-o", out)
+    assert result.exit_code == 0, result.output
+    (out / "activation_sparsity.safetensors").unlink()
+    return out
+
+
+def _weightless(tmp: Path, tiny_llama_dir: Path) -> Path:
+    import shutil
+
+    folder = tmp / "weightless"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def _recipe(body: bytes):
+    def make(tmp: Path, tiny_llama_dir: Path) -> Path:
+        (tmp / "recipe.yaml").write_bytes(body)
+        return tmp / "recipe.yaml"
+
+    return make
+
+
+def _latin1_text(tmp: Path, tiny_llama_dir: Path) -> Path:
+    from prune_cli.calibrators.sources import bundled_text
+
+    text = bundled_text("calibration").text[:20000] + "\n\nCafé, naïve, déjà vu.\n"
+    (tmp / "latin1.txt").write_bytes(text.encode("latin-1", errors="replace"))
+    return tmp / "latin1.txt"
+
+
+BAD_FILES = {
+    # id: (make the file, the command line with {f} for it, exit code, needle)
+    "compress-truncated-safetensors": (_truncated_model, ["compress", "{f}", "--method", "wanda", "--sparsity", "0.5"], 2, "is truncated"),
+    "eval-truncated-safetensors": (_truncated_model, ["eval", "{f}"], 2, "is truncated"),
+    "eval-activation-file-missing": (_teal_without_its_file, ["eval", "{f}"], 2, "activation_sparsity.safetensors"),
+    "eval-no-weights": (_weightless, ["eval", "{f}"], 2, "cannot load the checkpoint"),
+    "nan-weight": (_nan_model, ["compress", "{f}", "--method", "wanda", "--sparsity", "0.5"], 2, "model.layers.1.mlp.down_proj"),
+    "binary-recipe": (_recipe(b"\x7fELF\x00\x01\x02"), ["compress", "{m}", "--recipe", "{f}"], 2, "binary file"),
+    "latin1-recipe": (_recipe("version: 1\nmethod: wanda\nsparsity: 0.5\nname: café\n".encode("latin-1")),
+                      ["compress", "{m}", "--recipe", "{f}"], 2, "not UTF-8"),
+    "method-as-list": (_recipe(b"version: 1\nmethod: [wanda]\nsparsity: 0.5\n"), ["compress", "{m}", "--recipe", "{f}"], 2,
+                       "method must be a string"),
+    "duplicate-key": (_recipe(b"version: 1\nmethod: wanda\nsparsity: 0.5\nsparsity: 0.7\n"), ["compress", "{m}", "--recipe", "{f}"], 2,
+                      "duplicate key 'sparsity'"),
+    "binary-calib-text": (lambda tmp, m: Path("/bin/ls"), ["compress", "{m}", "--method", "wanda", "--sparsity", "0.5", "--calib-text", "{f}"],
+                          2, "/bin/ls"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_are_named_in_one_line(tmp_path, tiny_llama_dir, case):
+    make, args, code, needle = BAD_FILES[case]
+    made = make(tmp_path, tiny_llama_dir)
+    out = tmp_path / "out"
+    args = [a.format(f=made, m=tiny_llama_dir) for a in args]
+    small = ["--eval-windows", "1", "--eval-seqlen", "16", "--device", "cpu"]
+    if args[0] == "compress":
+        small = ["--calib-samples", "2", "--seqlen", "16", *small, "-o", str(out)]
+    before = fingerprint(tmp_path)
+    result = run(*args, *small, "--json")
+    data = one_line_error(result, code, needle, as_json=True)
+    assert data["error"]["type"] != "Interrupted"
+    assert fingerprint(tmp_path) == before
+
+
+def test_latin1_calibration_text_is_read_with_a_warning(tmp_path, tiny_llama_dir):
+    text = _latin1_text(tmp_path, tiny_llama_dir)
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "--calib-text", text, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    warning = [l for l in result.stderr.splitlines() if "latin1.txt" in l]
+    assert len(warning) == 1 and "warning:" in warning[0] and "not valid UTF-8" in warning[0], result.stderr
+    assert "4 bytes" in warning[0]  # the four accented letters
