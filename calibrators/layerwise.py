@@ -64,7 +64,8 @@ def _overflow_hint(dtype: torch.dtype) -> str:
     return "the weights are finite but the activations exceed float32's range: the checkpoint's weights are likely mis-scaled"
 
 
-def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str | None = None) -> None:
+def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str | None = None,
+                        what: str = "calibration activations") -> None:
     """Raise :class:`NonFiniteError` unless the hidden states of ``batches`` (just computed by
     ``block``) are all finite: naming a non-finite parameter of the block if there is one
     (pruning changed it), else the block. One host sync. (The block's inputs are gone by now,
@@ -74,7 +75,7 @@ def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str
         return
     check_finite_parameters(block, prefix=_known_name(block, name), hint=CHANGED_WEIGHTS_HINT)
     raise NonFiniteError(
-        f"non-finite calibration activations at the output of {block_name(block, name)}: {describe_nonfinite(hidden)}",
+        f"non-finite {what} at the output of {block_name(block, name)}: {describe_nonfinite(hidden)}",
         hint=_overflow_hint(hidden[0].dtype),
     )
 
@@ -133,33 +134,18 @@ def _to_device(value, device: torch.device):
     return value
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside ``blocks`` to ``device`` (in place,
-    keeping Parameter identity so tied weights stay tied)."""
-    inside = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        for param in module.parameters(recurse=False):
-            if param.device != device:
-                param.data = param.data.to(device)
-        for key, buf in list(module._buffers.items()):
-            if buf is not None and buf.device != device:
-                module._buffers[key] = buf.to(device)
-
-
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[BlockBatch]:
     """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches.
     Records the blocks' names (:func:`block_name`); raises :class:`NonFiniteError` when the
-    inputs are not finite."""
+    inputs are not finite. Moves nothing: the parts of the model before the first block must be
+    on ``device`` already (the :class:`~prune_cli.driver.BlockDriver` places them)."""
     path = next((n for n, m in model.named_modules() if m is blocks), None)
     if path:
         for index, block in enumerate(blocks):
             _BLOCK_NAMES[block] = f"{path}.{index}"
-    _move_outside_blocks(model, blocks, device)
     captured: list[BlockBatch] = []
 
     def hook(module, args, kwargs):
@@ -202,13 +188,17 @@ def _block_output(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, batches: list[BlockBatch], name: str | None = None) -> None:
+def propagate(block: nn.Module, batches: list[BlockBatch], name: str | None = None, check: bool = True,
+              what: str = "calibration activations") -> None:
     """Run every batch through ``block`` and replace its hidden states by the outputs.
     ``name`` (e.g. ``model.layers.5``) names the block when the outputs are not finite
-    (:class:`NonFiniteError`); by default the name :func:`capture_block_inputs` recorded."""
+    (:class:`NonFiniteError`); by default the name :func:`capture_block_inputs` recorded.
+    ``check=False``: non-finite outputs are passed on (a compressed model's evaluation); ``what``
+    names the activations in the error."""
     for batch in batches:
         batch.hidden = _block_output(block(batch.hidden, *batch.args, **batch.kwargs))
-    check_block_outputs(block, batches, name)
+    if check:
+        check_block_outputs(block, batches, name, what)
 
 
 @torch.no_grad()

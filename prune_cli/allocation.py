@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 
@@ -27,9 +28,9 @@ from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.config import Override, OwlSettings
 from prune_cli.errors import RecipeError
-from prune_cli.evaluate import perplexity
+from prune_cli.driver import Stage, as_driver, restore_hidden
 from prune_cli.methods import select
-from prune_cli.model_io import block_linears, decoder_blocks
+from prune_cli.model_io import block_linears
 from prune_cli.patterns import NM, Unstructured
 from prune_cli.plan import Plan
 
@@ -97,24 +98,106 @@ def with_overrides(plan: Plan, overrides: tuple[Override, ...]) -> Plan:
     return replace(plan, layers=tuple(layers))
 
 
-@torch.no_grad()
-def dense_block_scores(model, plan: Plan, windows: torch.Tensor, batch_size: int, device) -> list[dict[str, torch.Tensor]]:
-    """One dense layer-wise pass: the Wanda scores of every targeted Linear, per block."""
-    blocks = decoder_blocks(model).modules
-    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
-    out = []
-    for index, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
+class OwlScoresStage(Stage):
+    """OWL's dense pre-pass: per block, the Wanda scores ``|W_ij| * ||X_j||`` of its targeted
+    Linears and their outlier ratio for every ``M`` in ``ms``. Only the input norms are kept
+    (``in_features`` floats per Linear), so the scores can be recomputed per block later."""
+
+    timing_key = "allocation"
+
+    def __init__(self, plan: Plan, windows: torch.Tensor, batch_size: int, ms: tuple[float, ...]):
+        self.plan, self.windows, self.batch_size, self.ms = plan, windows, batch_size, ms
+        self.norms: list[dict[str, torch.Tensor]] = []
+        self.ratios: dict[float, list[float]] = {m: [] for m in ms}
+
+    def begin(self, driver) -> None:
+        self.driver = driver
+        self.batches = driver.capture(self.windows, self.batch_size)
+
+    def on_block(self, index: int, block) -> None:
         linears = block_linears(block)
-        wanted = {l.local_name: frozenset({Stat.SQ_NORM}) for l in plan.for_block(index)}
-        stats: dict[str, InputStats] = layerwise.collect_input_stats(block, batches, linears, wanted, update_hidden=True)
-        out.append({
-            name: linears[name].weight.float().abs() * stats[name].norm.to(linears[name].weight.device)
-            for name in wanted
-        })
-        block.to(home)
-    return out
+        wanted = {l.local_name: frozenset({Stat.SQ_NORM}) for l in self.plan.for_block(index)}
+        stats: dict[str, InputStats] = layerwise.collect_input_stats(
+            block, self.batches, linears, wanted, update_hidden=True, name=self.driver.name(index)
+        )
+        scores = block_scores(linears, {name: stats[name].norm for name in wanted})
+        self.norms.append({name: stats[name].norm.cpu() for name in wanted})
+        for m in self.ms:
+            self.ratios[m].append(outlier_ratio(list(scores.values()), m) if scores else 0.0)
+
+    def finish(self, driver) -> None:
+        self.batches = []
+
+    def state_dict(self) -> dict:
+        return {"hidden": [b.hidden for b in self.batches], "norms": self.norms, "ratios": self.ratios}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.batches:
+            restore_hidden(self.batches, state["hidden"])
+        self.norms, self.ratios = state["norms"], state["ratios"]
+
+
+def block_scores(linears: dict, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wanda scores ``|W| * ||X||`` (fp32) of the Linears named in ``norms``."""
+    return {name: linears[name].weight.float().abs() * norm.to(linears[name].weight.device) for name, norm in norms.items()}
+
+
+class OwlCandidatesStage(Stage):
+    """Validation perplexity of every candidate allocation (per-block sparsities) in one walk:
+    each candidate's one-shot Wanda masks (from the dense pre-pass' norms) are applied to the
+    block in turn and its own copy of the validation windows pushed through; the block's dense
+    weights are put back after. :attr:`ppl` after the walk, in candidate order."""
+
+    timing_key = "allocation"
+
+    def __init__(self, plan: Plan, norms: list[dict[str, torch.Tensor]], candidates: list[torch.Tensor],
+                 validation: torch.Tensor, batch_size: int = 4):
+        self.plan, self.norms, self.candidates = plan, norms, candidates
+        self.validation, self.batch_size = validation, batch_size
+        self.ppl: list[float] = []
+
+    def begin(self, driver) -> None:
+        self.driver = driver
+        first = driver.capture(self.validation, self.batch_size)
+        self.streams = [first] + [[replace(b) for b in first] for _ in self.candidates[1:]]
+
+    @torch.no_grad()
+    def on_block(self, index: int, block) -> None:
+        linears = block_linears(block)
+        mine = self.plan.for_block(index)
+        dense = {l.local_name: linears[l.local_name].weight.detach().clone() for l in mine}
+        scores = block_scores(linears, self.norms[index])
+        try:
+            for sparsities, stream in zip(self.candidates, self.streams):
+                for layer in mine:
+                    weight = linears[layer.local_name].weight
+                    keep = select(scores[layer.local_name], Unstructured(float(sparsities[layer.block])))
+                    weight.data.copy_(dense[layer.local_name] * keep.to(weight.dtype))
+                layerwise.propagate(block, stream, name=self.driver.name(index), check=False)
+        finally:
+            for layer in mine:
+                linears[layer.local_name].weight.data.copy_(dense[layer.local_name])
+
+    def finish(self, driver) -> None:
+        from prune_cli.evaluate import Perplexity, batch_nll
+
+        with driver.head_on_device(), torch.no_grad():
+            for stream in self.streams:
+                total, tokens = 0.0, 0
+                for k, start in enumerate(range(0, self.validation.shape[0], self.batch_size)):
+                    ids = self.validation[start : start + self.batch_size].to(driver.device)
+                    nll, n = batch_nll(driver.head_logits(stream[k].hidden, ids), ids)
+                    total, tokens = total + nll, tokens + n
+                self.ppl.append(Perplexity.from_sums(total, tokens).ppl)
+        self.streams = []
+
+    def state_dict(self) -> dict:
+        return {"streams": [[b.hidden for b in stream] for stream in self.streams], "ppl": self.ppl}
+
+    def load_state_dict(self, state: dict) -> None:
+        for stream, hidden in zip(self.streams, state["streams"]):
+            restore_hidden(stream, hidden)
+        self.ppl = state["ppl"]
 
 
 def _block_params(plan: Plan) -> torch.Tensor:
@@ -127,16 +210,21 @@ def _block_params(plan: Plan) -> torch.Tensor:
 @torch.no_grad()
 def allocate_owl(
     model, plan: Plan, settings: OwlSettings, windows: torch.Tensor, validation: torch.Tensor | None,
-    batch_size: int, device, target: float,
+    batch_size: int, device, target: float, also: Sequence[Stage] = (), **walk,
 ) -> tuple[Plan, Allocation]:
-    """Per-block sparsities by OWL; ``M`` / ``lambda`` from ``settings`` or the validation slice."""
+    """Per-block sparsities by OWL; ``M`` / ``lambda`` from ``settings`` or the validation slice.
+    ``model``: a model in memory or a :class:`~prune_cli.driver.BlockDriver` (two walks: the
+    dense pre-pass, then all candidates at once). ``also``: stages that ride along the dense
+    pre-pass (the dense evaluation); ``walk``: options of both walks (progress, timings)."""
     if any(isinstance(l.pattern, NM) for l in plan.layers):
         raise RecipeError("OWL allocates unstructured sparsity; it cannot be combined with an N:M pattern")
-    scores = dense_block_scores(model, plan, windows, batch_size, device)
-    params = _block_params(plan)
+    driver = as_driver(model, device)
     ms = (settings.m,) if settings.m is not None else settings.m_grid
     lams = (settings.lam,) if settings.lam is not None else settings.lambda_grid
-    ratios = {m: torch.tensor([outlier_ratio(list(s.values()), m) if s else 0.0 for s in scores]) for m in ms}
+    scores = OwlScoresStage(plan, windows, batch_size, ms)
+    driver.walk([*also, scores], **walk)
+    params = _block_params(plan)
+    ratios = {m: torch.tensor(scores.ratios[m]) for m in ms}
     if len(ms) == 1 and len(lams) == 1:
         m, lam = ms[0], lams[0]
         sparsities = owl_sparsities(ratios[m], params, target, lam)
@@ -144,31 +232,24 @@ def allocate_owl(
     if validation is None:
         raise RecipeError("OWL needs validation windows to choose M and lambda", hint="set --owl-m and --owl-lambda")
 
-    blocks = decoder_blocks(model).modules
-    dense = {l.name: blocks[l.block].get_submodule(l.local_name).weight.detach().clone() for l in plan.layers}
+    candidates: list[tuple[float, float, torch.Tensor]] = []
+    for m in ms:
+        for lam in lams:
+            if lam == 0 and any(c[1] == 0 for c in candidates):
+                continue  # uniform does not depend on M
+            try:
+                candidates.append((m, lam, owl_sparsities(ratios[m], params, target, lam)))
+            except RecipeError:
+                continue
+    evaluated = OwlCandidatesStage(plan, scores.norms, [c[2] for c in candidates], validation)
+    driver.walk([evaluated], **walk)
     grid: list[dict] = []
     best = None
-    try:
-        for m in ms:
-            for lam in lams:
-                if lam == 0 and any(g["lambda"] == 0 for g in grid):
-                    continue  # uniform does not depend on M
-                try:
-                    sparsities = owl_sparsities(ratios[m], params, target, lam)
-                except RecipeError:
-                    continue
-                for layer in plan.layers:
-                    weight = blocks[layer.block].get_submodule(layer.local_name).weight
-                    keep = select(scores[layer.block][layer.local_name], Unstructured(float(sparsities[layer.block])))
-                    weight.data.copy_(dense[layer.name] * keep.to(weight.dtype))
-                ppl = perplexity(model, validation, batch_size=4, device=device).ppl
-                grid.append({"m": m, "lambda": lam, "validation_ppl": ppl})
-                log.info("OWL M=%s lambda=%s: validation ppl %.3f", m, lam, ppl)
-                if best is None or ppl < best[0] or (math.isclose(ppl, best[0]) and lam < best[2]):
-                    best = (ppl, m, lam, sparsities)
-    finally:
-        for layer in plan.layers:
-            blocks[layer.block].get_submodule(layer.local_name).weight.data.copy_(dense[layer.name])
+    for (m, lam, sparsities), ppl in zip(candidates, evaluated.ppl):
+        grid.append({"m": m, "lambda": lam, "validation_ppl": ppl})
+        log.info("OWL M=%s lambda=%s: validation ppl %.3f", m, lam, ppl)
+        if best is None or ppl < best[0] or (math.isclose(ppl, best[0]) and lam < best[2]):
+            best = (ppl, m, lam, sparsities)
     assert best is not None
     _, m, lam, sparsities = best
     allocation = Allocation(m, lam, ratios[m].tolist(), sparsities.tolist(), "validation", grid)

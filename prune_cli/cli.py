@@ -291,7 +291,8 @@ def compress(
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Tokens per evaluation window (default 512)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Exported weights: auto (the checkpoint's; a GGUF file: bfloat16), float32, bfloat16 or float16."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Kernels: auto, torch or cupy (cupy needs CUDA and the gpu extra: pip install 'prune-cli\\[gpu]')."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write (required unless --dry-run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder that prune-cli wrote (others are refused)."),
@@ -338,6 +339,7 @@ def compress(
             },
             "device": device,
             "dtype": dtype,
+            "save_dtype": save_dtype,
             "backend": backend,
         }
         if output is not None and not output.strip():
@@ -366,7 +368,7 @@ def eval_command(
     eval_windows: int = typer.Option(16, "--eval-windows", min=1, help="Evaluation windows."),
     eval_seqlen: int = typer.Option(512, "--eval-seqlen", min=2, help="Tokens per evaluation window."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

@@ -23,7 +23,10 @@ A recipe (version 1)::
     evaluation: {enabled: true, windows: 16, seqlen: 512, batch_size: 4, text: [files]}
     device: auto                   # auto | cpu | cuda
     backend: auto                  # auto | torch | cupy (kernels for statistics and masks)
-    dtype: float32                 # float32 | bfloat16 | float16
+    dtype: auto                    # compute dtype: auto | float32 | bfloat16 | float16 (auto: the
+                                   # checkpoint's; float32 on a CPU without fast bfloat16/float16)
+    save_dtype: auto               # dtype of the exported weights: auto (the checkpoint's; a GGUF
+                                   # source: bfloat16) | float32 | bfloat16 | float16
 
 Unknown keys anywhere are errors with "did you mean"; so is a key given twice in one mapping, and
 a value of the wrong type (``method: [wanda]``) is a one-line RecipeError naming its key.
@@ -69,7 +72,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "evaluation": {"enabled": True, "windows": 16, "seqlen": 512, "batch_size": 4, "text": []},
     "device": "auto",
-    "dtype": "float32",
+    "dtype": "auto",
+    "save_dtype": "auto",
     "backend": "auto",
 }
 
@@ -100,7 +104,7 @@ class Override:
             return False
         return self.match is None or re.search(self.match, name) is not None
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ class RunConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype (see model_io.compute_dtype)
+    save_dtype: str = "auto"  # exported weights (see model_io.save_dtype)
     backend: str = "auto"  # auto | torch | cupy
     name: str | None = None
     description: str | None = None
@@ -201,6 +206,7 @@ class RunConfig:
             },
             "device": self.device,
             "dtype": self.dtype,
+            "save_dtype": self.save_dtype,
             "backend": self.backend,
         }
 
@@ -254,7 +260,7 @@ def _check_types(merged: dict) -> None:
         _str(merged[key], key, optional=True)
     _str(merged["pattern"], "pattern", optional=True)
     _number(merged["sparsity"], "sparsity", optional=True)
-    for key in ("device", "dtype", "backend"):
+    for key in ("device", "dtype", "save_dtype", "backend"):
         _str(merged[key], key)
     cal, act, layerwise = merged["calibration"], merged["activation"], merged["layerwise"]
     _str(cal["dataset"], "calibration.dataset", optional=True)
@@ -474,8 +480,10 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         raise RecipeError("give calibration text files or a dataset, not both")
     if merged["device"] not in DEVICES:
         raise RecipeError(f"device must be one of {', '.join(DEVICES)}, got {merged['device']!r}")
-    if merged["dtype"] not in DTYPE_NAMES:
-        raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {merged['dtype']!r}")
+    for key in ("dtype", "save_dtype"):
+        if merged[key] not in DTYPE_NAMES:
+            raise RecipeError(f"{key} must be one of {', '.join(DTYPE_NAMES)}, got {merged[key]!r}",
+                              hint=did_you_mean(str(merged[key]), list(DTYPE_NAMES)))
     if not isinstance(ev["enabled"], bool):
         raise RecipeError("evaluation.enabled must be true or false")
     return RunConfig(
@@ -508,6 +516,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         ),
         device=merged["device"],
         dtype=merged["dtype"],
+        save_dtype=merged["save_dtype"],
         backend=_backend(merged["backend"]),
         name=merged["name"],
         description=merged["description"],

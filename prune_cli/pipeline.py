@@ -1,7 +1,9 @@
 """The compress and eval pipelines (library API; no printing, no typer/rich).
 
-compress: config -> load -> plan -> windows -> dense ppl -> layer-wise calibrate & prune
-          -> compressed ppl -> report -> atomic export.
+compress: config -> open the model (structure + head; blocks are read as walks reach them)
+          -> plan -> windows -> block walks (OWL, pruning, activation sparsity; the dense and
+          compressed evaluations ride along) -> report -> export (each block written as the last
+          walk finishes it, the folder moved into place at the end).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from prune_cli.calibrators import layerwise
+from prune_cli.activation.modules import SparsityTally
 from prune_cli.allocation import allocate_owl, with_overrides
 from prune_cli.calibrators.sampling import (
     calibration_windows,
@@ -25,23 +27,26 @@ from prune_cli.calibrators.sampling import (
 )
 from prune_cli.calibrators.sources import Text, bundled_text, text_from_dataset, text_from_files
 from prune_cli.config import CalibrationConfig, EvaluationConfig, RunConfig
+from prune_cli.driver import BlockDriver
 from prune_cli.errors import BadInputError, CheckpointError, NonFiniteError
-from prune_cli.finite import check_finite_parameters
-from prune_cli.evaluate import Perplexity, perplexity
-from prune_cli.export import checkpoint_bytes, write_checkpoint
+from prune_cli.evaluate import EvalStage, Perplexity
+from prune_cli.export import WORK_FOLDER, CheckpointWriter, RoundStage, ScratchBlocks, checkpoint_bytes, needs_rounding, weight_specs
 from prune_cli.model_io import (
+    DTYPE_NAMES_BY_DTYPE,
     ModelSource,
+    OpenedModel,
     block_linears,
     decoder_blocks,
     load_config,
-    load_model,
     meta_model,
     offline_requested,
+    open_model,
     resolve_source,
 )
+from prune_cli.model_io import save_dtype as model_save_dtype
 from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
-from prune_cli.patterns import NM, Unstructured
-from prune_cli.plan import LayerPlan, Plan, build_plan
+from prune_cli.plan import Plan, build_plan
+from prune_cli.pruning import CalibrationResult, PruneStage, calibrate_and_prune, check_mask  # noqa: F401 - re-exported
 from prune_cli.report import LayerRecord, Timings, overall_sparsity, versions
 
 log = logging.getLogger(__name__)
@@ -87,81 +92,6 @@ def calibration_text(cal: CalibrationConfig, offline: bool) -> Text:
 
 def evaluation_text(ev: EvaluationConfig) -> Text:
     return text_from_files(list(ev.text)) if ev.text else bundled_text("evaluation")
-
-
-def check_mask(mask: torch.Tensor, pattern, name: str) -> None:
-    """Verify an N:M mask exactly (per group) and an unstructured one per matrix."""
-    out_features, in_features = mask.shape
-    if isinstance(pattern, NM):
-        kept = mask.reshape(out_features, in_features // pattern.m, pattern.m).sum(-1)
-        if not bool((kept == pattern.n_keep).all()):
-            raise RuntimeError(f"{name}: mask violates {pattern.describe()}")
-    elif isinstance(pattern, Unstructured):
-        pruned = int((~mask).sum())
-        expected = pattern.sparsity * mask.numel()
-        if abs(pruned - expected) > out_features + 1:
-            raise RuntimeError(f"{name}: pruned {pruned} weights, expected about {expected:.0f}")
-
-
-@dataclass
-class CalibrationResult:
-    layers: list[LayerRecord]
-
-
-def _prune_block(layer_plans: list[LayerPlan], linears: dict, stats: dict, backend) -> dict:
-    """Prune a block's planned Linears, handing those with the same method over together
-    (:meth:`WeightMethod.prune_group`); results by local name."""
-    by_method: dict[int, tuple] = {}  # by identity: options may hold dicts (unhashable)
-    for lp in layer_plans:
-        by_method.setdefault(id(lp.method), (lp.method, []))[1].append(lp)
-    results = {}
-    for method, group in by_method.values():
-        jobs = [(linears[lp.local_name].weight.data, stats.get(lp.local_name), lp.pattern) for lp in group]
-        for lp, result in zip(group, method.prune_group(jobs, backend)):
-            results[lp.local_name] = result
-    return results
-
-
-@torch.no_grad()
-def calibrate_and_prune(
-    model, plan: Plan, windows: torch.Tensor, batch_size: int, device: torch.device, events: Events | None = None,
-    backend=None,
-) -> CalibrationResult:
-    """Layer-wise: per block, collect the statistics the method needs, prune the planned
-    Linears (weights replaced in place), then propagate the pruned block's outputs."""
-    events = events or Events()
-    blocks = decoder_blocks(model).modules
-    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
-    records: list[LayerRecord] = []
-    events.stage("calibration", len(blocks))
-    for index, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        layer_plans: list[LayerPlan] = plan.for_block(index)
-        if layer_plans:
-            linears = block_linears(block)
-            wanted = {lp.local_name: lp.method.required_stats for lp in layer_plans}
-            stats = layerwise.collect_input_stats(block, batches, linears, wanted, backend=backend)
-            results = _prune_block(layer_plans, linears, stats, backend)
-            for lp in layer_plans:
-                linear = linears[lp.local_name]
-                result = results[lp.local_name]
-                check_mask(result.mask, lp.pattern, lp.name)
-                linear.weight.data.copy_(result.weight)
-                zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
-                records.append(
-                    LayerRecord(
-                        lp.name, (lp.out_features, lp.in_features), lp.method.name, lp.pattern.describe(),
-                        lp.pattern.target_sparsity, zeros,
-                    )
-                )
-            del stats
-        if index + 1 < len(blocks):
-            layerwise.propagate(block, batches, name=f"{decoder_blocks(model).path}.{index}")
-        block.to(home)
-        events.advance("calibration", 1, f"block {index + 1}/{len(blocks)}")
-    events.done("calibration")
-    return CalibrationResult(records)
 
 
 @dataclass
@@ -259,83 +189,160 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
         return _compress(request, source, device, backend, backend_note, target, events)
 
 
-def _compress(request: CompressRequest, source: ModelSource, device, backend, backend_note, target, events) -> dict:
+@dataclass
+class _Job:
+    """What one compress run works with, gathered at load time."""
+
+    opened: OpenedModel
+    save_dtype: torch.dtype
+    plan: Plan | None
+    act_method: object
+    act_targets: list | None
+    cal_text: Text
+    cal_windows: torch.Tensor
+    val_windows: torch.Tensor | None
+    eval_text: Text | None
+    eval_windows: torch.Tensor | None
+
+    @property
+    def driver(self) -> BlockDriver:
+        return self.opened.driver
+
+
+def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job:
+    """Open the model for streaming, build the plan and the token windows."""
     config = request.config
     offline = offline_requested(request.offline)
+    opened = open_model(source, config.dtype, device, offline)
+    if opened.note:
+        log.info(opened.note)
+    model = opened.model
+    saved = model_save_dtype(config.save_dtype, opened.stored_dtype)
+    if target is not None:
+        target.check_free_space(checkpoint_bytes(weight_specs(opened.driver, saved)))
+    plan = build_plan(model, config) if config.method else None
+    act_targets = act_method = None
+    if config.activation is not None:
+        from prune_cli.activation import build_activation_method
+        from prune_cli.activation.calibrate import activation_targets
+
+        act_method = build_activation_method(config.activation.method, config.activation.options)
+        act_targets = activation_targets(model, config.targets.selects)
+        if getattr(act_method, "transform", False):
+            from prune_cli.activation.transform import check_supported
+
+            check_supported(model)  # fail before any walk, not after
+    cal = config.calibration
+    cal_text = calibration_text(cal, offline)
+    cal_ids = tokenize(opened.tokenizer, cal_text.text)
+    cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed)
+    val_windows = None
+    if config.owl is not None and (config.owl.m is None or config.owl.lam is None):
+        val_windows = validation_windows(cal_ids, cal.samples, config.owl.validation_windows, cal.seqlen, cal.seed)
+    ev = config.evaluation
+    eval_text = eval_windows = None
+    if ev.enabled:
+        eval_text = evaluation_text(ev)
+        eval_windows = evaluation_windows(tokenize(opened.tokenizer, eval_text.text), ev.windows, ev.seqlen)
+    return _Job(opened, saved, plan, act_method, act_targets, cal_text, cal_windows, val_windows, eval_text, eval_windows)
+
+
+class _Progress:
+    """One progress stage per walk, advanced per block."""
+
+    def __init__(self, events: Events, driver: BlockDriver):
+        self.events, self.n = events, driver.n_blocks
+
+    @contextmanager
+    def walk(self, name: str, walks: int = 1):
+        self.events.stage(name, self.n * walks)
+        yield lambda index: self.events.advance(name, 1, f"block {index + 1}/{self.n}")
+        self.events.done(name)
+
+
+def _compress(request: CompressRequest, source: ModelSource, device, backend, backend_note, target, events) -> dict:
+    """The walks of one compress run (each block read once per walk, written once):
+
+    1. OWL only: the dense pre-pass (with the dense evaluation riding along), then every
+       candidate allocation at once;
+    2. pruning (with the dense evaluation, unless it already ran, before each block is pruned;
+       and, when nothing follows, the compressed evaluation after it and the export);
+    3. activation sparsity: the greedy allocation's Fisher and error-curve walks, then the
+       calibration walk (with the evaluations and the export).
+
+    A streamed model's blocks pruned in walk 2 are kept in the staging folder's work folder for
+    walk 3. Before the compressed evaluation every block is rounded to the save dtype, so the
+    reported perplexity is that of the checkpoint as written."""
+    config = request.config
     timings = Timings()
     started = time.perf_counter()
 
     events.stage("load")
     with _timed(timings, "load"):
-        model, tokenizer = load_model(source, config.dtype, offline)
-        if target is not None:
-            target.check_free_space(checkpoint_bytes(model))
-        plan = build_plan(model, config) if config.method else None
-        act_targets = act_method = None
-        if config.activation is not None:
-            from prune_cli.activation import build_activation_method
-            from prune_cli.activation.calibrate import activation_targets
-
-            act_method = build_activation_method(config.activation.method, config.activation.options)
-            act_targets = activation_targets(model, config.targets.selects)
-            if getattr(act_method, "transform", False):
-                from prune_cli.activation.transform import check_supported
-
-                check_supported(model)  # fail before the dense evaluation, not after
-        cal = config.calibration
-        cal_text = calibration_text(cal, offline)
-        cal_ids = tokenize(tokenizer, cal_text.text)
-        cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed)
-        val_windows = None
-        if config.owl is not None and (config.owl.m is None or config.owl.lam is None):
-            val_windows = validation_windows(cal_ids, cal.samples, config.owl.validation_windows, cal.seqlen, cal.seed)
-        ev = config.evaluation
-        eval_windows = None
-        if ev.enabled:
-            eval_text = evaluation_text(ev)
-            eval_windows = evaluation_windows(tokenize(tokenizer, eval_text.text), ev.windows, ev.seqlen)
+        job = _load(request, source, device, target)
     events.done("load")
-
-    dense_ppl = compressed_ppl = None
-    if eval_windows is not None:
-        events.stage("eval dense", eval_windows.shape[0])
-        with _timed(timings, "eval"):
-            dense_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval dense", n))
-        events.done("eval dense")
-        _check_dense_loss(dense_ppl, config.dtype)
-
-    allocation = None
-    if config.owl is not None:
-        events.stage("allocation")
-        with _timed(timings, "allocation"):
-            plan, allocation = allocate_owl(
-                model, plan, config.owl, cal_windows, val_windows, cal.batch_size, device, config.pattern.target_sparsity
-            )
-            plan = with_overrides(plan, config.overrides)
-        events.done("allocation")
-
-    layers: list[LayerRecord] = []
+    driver, model, cal, ev = job.driver, job.opened.model, config.calibration, config.evaluation
     if backend_note:
         log.info(backend_note)
+    progress = _Progress(events, driver)
+    rounding = needs_rounding(job.save_dtype, job.opened.compute_dtype)
+    head_dtype = job.save_dtype if rounding else None
+    tally = SparsityTally() if config.activation is not None else None
+    dense_eval = compressed_eval = None
+    if job.eval_windows is not None:
+        dense_eval = EvalStage(job.eval_windows, ev.batch_size, check_finite=True)
+        compressed_eval = EvalStage(job.eval_windows, ev.batch_size, tally=tally, head_dtype=head_dtype)
+    pending = [dense_eval] if dense_eval else []  # stages that ride along the next walk over the dense weights
+    finishing = ([RoundStage(job.save_dtype)] if rounding else []) + ([compressed_eval] if compressed_eval else [])
+
+    writer = scratch = work = None
+    if target is not None:
+        writer = CheckpointWriter(target.staging, driver, job.save_dtype)
+        with _timed(timings, "export"):
+            writer.write_head()
+        work = target.staging / WORK_FOLDER
+    plan, allocation = job.plan, None
+    if config.owl is not None:
+        with progress.walk("allocation", walks=2 if job.val_windows is not None else 1) as step:
+            plan, allocation = allocate_owl(
+                driver, plan, config.owl, job.cal_windows, job.val_windows, cal.batch_size, device,
+                config.pattern.target_sparsity, also=pending, progress=step, timings=timings,
+            )
+        pending = []
+        plan = with_overrides(plan, config.overrides)
+
+    layers: list[LayerRecord] = []
     if plan is not None:
-        with _timed(timings, "calibration"):
-            layers = calibrate_and_prune(model, plan, cal_windows, cal.batch_size, device, events, backend).layers
+        last = config.activation is None
+        pruning = PruneStage(plan, job.cal_windows, cal.batch_size, backend)
+        after = []
+        if last and writer is not None:
+            after = [writer.write_block]
+        elif not last and driver.streamed:
+            import tempfile
+
+            work = work or Path(tempfile.mkdtemp(prefix="prune-cli-work-"))
+            scratch = ScratchBlocks(work / "blocks", driver)
+            after = [scratch.write_block]
+        with progress.walk("calibration") as step:
+            driver.walk([*pending, pruning, *(finishing if last else [])], after_block=after, progress=step, timings=timings)
+        pending = []
+        layers = pruning.records
+        if scratch is not None:
+            driver.weights = scratch.source(driver.weights)
 
     activation_report = None
     if config.activation is not None:
-        activation_report = _activation_stage(
-            model, config, act_method, act_targets, cal_windows, cal, device, timings, events, backend
+        activation_report = _activation_walks(
+            driver, config, job, backend, pending, finishing, writer, progress, timings
         )
 
-    if eval_windows is not None:
-        from prune_cli.activation.modules import count_sparsity
-
-        events.stage("eval compressed", eval_windows.shape[0])
-        with _timed(timings, "eval"), count_sparsity(model) as counted:
-            compressed_ppl = perplexity(model, eval_windows, ev.batch_size, device, lambda n: events.advance("eval compressed", n))
-        events.done("eval compressed")
-        if activation_report is not None:
-            _add_achieved(activation_report, counted)
+    dense_ppl = dense_eval.result if dense_eval else None
+    compressed_ppl = compressed_eval.result if compressed_eval else None
+    if dense_ppl is not None:
+        _check_dense_loss(dense_ppl, DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype, "float32"))
+    if activation_report is not None and tally is not None and compressed_ppl is not None:
+        _add_achieved(activation_report, tally)
 
     report = {
         "format": "prune-cli/sparsity-report",
@@ -353,43 +360,86 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "allocation": allocation.to_dict() if allocation else None,
         "activation": activation_report,
         "calibration": {
-            "source": cal_text.source,
-            "text_sha256": cal_text.sha256,
-            "windows": list(cal_windows.shape),
+            "source": job.cal_text.source,
+            "text_sha256": job.cal_text.sha256,
+            "windows": list(job.cal_windows.shape),
             "seed": cal.seed,
-            "tokens_sha256": fingerprint(cal_windows),
+            "tokens_sha256": fingerprint(job.cal_windows),
         },
         "evaluation": None
-        if eval_windows is None
+        if job.eval_windows is None
         else {
-            "source": eval_text.source,
-            "text_sha256": eval_text.sha256,
-            "windows": list(eval_windows.shape),
-            "tokens_sha256": fingerprint(eval_windows),
+            "source": job.eval_text.source,
+            "text_sha256": job.eval_text.sha256,
+            "windows": list(job.eval_windows.shape),
+            "tokens_sha256": fingerprint(job.eval_windows),
             "dense": dense_ppl.to_dict() if dense_ppl else None,
             "compressed": compressed_ppl.to_dict() if compressed_ppl else None,
         },
         "device": str(device),
-        "dtype": config.dtype,
+        "dtype": DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype, str(job.opened.compute_dtype)),
+        "save_dtype": DTYPE_NAMES_BY_DTYPE.get(job.save_dtype, str(job.save_dtype)),
+        "streamed": driver.streamed,
         "backend": backend.name,
         "layers": [r.to_dict() for r in layers],
         "timings": timings.values,
         "versions": versions(),
         "output": None,
     }
+    if target is None and work is not None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     if target is not None:
         events.stage("export")
         with _timed(timings, "export"):
             report["output"] = str(target.output)
-            report["timings"] = dict(timings.values)  # export itself is not yet timed here
-            check_finite_parameters(model, hint="a pruning or activation stage produced it; please report it")
-            _export(model, tokenizer, target.staging, report)
+            report["timings"] = dict(timings.values)  # the commit itself is not in the written report
+            writer.finish(job.opened.tokenizer, report)
             target.commit()
         events.done("export")
         log.info("wrote %s", target.output)
     timings.add("total", time.perf_counter() - started)
     report["timings"] = timings.values
     return report
+
+
+def _activation_walks(driver: BlockDriver, config: RunConfig, job: _Job, backend, pending, finishing, writer,
+                      progress: _Progress, timings: Timings) -> dict:
+    """Calibrate and install the activation sparsifiers of ``job.act_method`` on the (pruned)
+    model: a dense evaluation not yet done gets a walk of its own first (it must see the blocks
+    before WINA's transform), then the greedy allocation's walks if asked for, then the
+    calibration walk, which carries the compressed evaluation and the export. The transform is
+    applied to each block as it is read (streamed) or once to the whole model (in memory)."""
+    from prune_cli.activation.calibrate import ActivationStage, allocate
+
+    act, cal = config.activation, config.calibration
+    method = job.act_method
+    if pending:
+        with progress.walk("eval dense") as step:
+            driver.walk(pending, progress=step, timings=timings)
+    prepare = None
+    if getattr(method, "transform", False):
+        from prune_cli.activation.transform import apply_transform, rotations_for, transform_block
+
+        if driver.streamed:
+            prepare = lambda index, block: transform_block(block, driver.name(index))  # noqa: E731
+        else:
+            apply_transform(driver.model, rotations_for(driver.model))
+    if act.allocation == "greedy":
+        with progress.walk("activation allocation", walks=3) as step:
+            sparsity, _ = allocate(
+                driver, job.act_targets, method, act.allocation, act.sparsity, job.cal_windows, cal.batch_size,
+                driver.device, act.max_tokens, cal.seed, prepare=prepare, timings=timings, progress=step,
+            )
+    else:
+        sparsity, _ = allocate(driver, job.act_targets, method, act.allocation, act.sparsity, job.cal_windows,
+                               cal.batch_size, driver.device, act.max_tokens, cal.seed)
+    stage = ActivationStage(job.act_targets, method, sparsity, job.cal_windows, cal.batch_size, act.max_tokens, cal.seed, backend)
+    with progress.walk("activation") as step:
+        driver.walk([stage, *finishing], after_block=[writer.write_block] if writer is not None else [], progress=step,
+                    prepare=prepare, timings=timings)
+    return {**act.to_dict(), "target_sparsity": act.sparsity, "tokens": "all", "layers": stage.ordered_records()}
 
 
 def _check_dense_loss(dense: Perplexity, dtype: str) -> None:
@@ -406,106 +456,76 @@ def _check_dense_loss(dense: Perplexity, dtype: str) -> None:
         )
 
 
-def _activation_stage(
-    model, config: RunConfig, method, targets, cal_windows, cal, device, timings, events, backend=None
-) -> dict:
-    """Calibrate and install the activation sparsifiers of ``method`` (built from
-    ``config.activation``) on the pruned model, if a weight method ran; ``backend`` computes the
-    thresholds."""
-    from prune_cli.activation.calibrate import allocate, calibrate_activation
-
-    act = config.activation
-    with _timed(timings, "activation"):
-        if getattr(method, "transform", False):
-            from prune_cli.activation.transform import apply_transform, rotations_for
-
-            apply_transform(model, rotations_for(model))
-        sparsity, _ = allocate(
-            model, targets, method, act.allocation, act.sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed
-        )
-        records = calibrate_activation(
-            model, targets, method, sparsity, cal_windows, cal.batch_size, device, act.max_tokens, cal.seed, events,
-            backend=backend,
-        )
-    return {**act.to_dict(), "target_sparsity": act.sparsity, "tokens": "all", "layers": records}
-
-
-def _add_achieved(report: dict, counted) -> None:
+def _add_achieved(report: dict, tally: SparsityTally) -> None:
     """Achieved sparsity on the held-out tokens (parameter-weighted over the wrapped Linears)."""
-    report["achieved_sparsity"] = counted.overall("compute")
-    report["achieved_input_sparsity"] = counted.overall("input")
-    per_layer = counted.per_layer()
+    report["achieved_sparsity"] = tally.overall("compute")
+    report["achieved_input_sparsity"] = tally.overall("input")
+    per_layer = tally.per_layer()
     for record in report["layers"]:
         record.update({f"achieved_{k}": round(v, 6) for k, v in per_layer.get(record["name"], {}).items()})
 
 
-def _export(model, tokenizer, folder: Path, report: dict) -> None:
-    """Write the checkpoint into the staging ``folder``, the activation sparsifiers' buffers
-    beside the plain weights."""
-    from prune_cli.activation.modules import rewrap_all, unwrap_all
-    from prune_cli.runtime import save_activation
-
-    from prune_cli.activation.transform import plain_norms
-
-    wrappers = unwrap_all(model)
-    try:
-        with plain_norms(model) as rotations:
-            extra = (lambda folder: save_activation(wrappers, folder, rotations)) if wrappers else None
-            write_checkpoint(model, tokenizer, folder, report, extra)
-    finally:
-        rewrap_all(model, wrappers)
+def _zero_fractions(prefix: str, block) -> list[LayerRecord]:
+    records = []
+    for local, linear in block_linears(block).items():
+        w = linear.weight.data
+        zeros = float((w == 0).sum()) / w.numel()
+        records.append(LayerRecord(f"{prefix}.{local}", tuple(w.shape), "-", "measured", 0.0, zeros))
+    return records
 
 
 def measure_checkpoint_sparsity(model) -> list[LayerRecord]:
     """Zero fractions of the Linears inside the decoder blocks of a loaded model."""
     blocks = decoder_blocks(model)
-    records = []
-    for index, block in enumerate(blocks.modules):
-        for local, linear in block_linears(block).items():
-            w = linear.weight.data
-            zeros = float((w == 0).sum()) / w.numel()
-            records.append(LayerRecord(f"{blocks.path}.{index}.{local}", tuple(w.shape), "-", "measured", 0.0, zeros))
-    return records
+    return [r for index, block in enumerate(blocks.modules) for r in _zero_fractions(f"{blocks.path}.{index}", block)]
 
 
 def evaluate_checkpoint(
-    checkpoint: str | None, ev: EvaluationConfig, device_name: str = "auto", dtype: str = "float32",
+    checkpoint: str | None, ev: EvaluationConfig, device_name: str = "auto", dtype: str = "auto",
     offline: bool = False, events: Events | None = None,
 ) -> dict:
-    """Perplexity and measured sparsity of any checkpoint (folder, .gguf, hub id, bundled)."""
+    """Perplexity and measured sparsity of any checkpoint (folder, .gguf, hub id, bundled), block
+    by block (a model larger than memory is measured the same way). A prune-cli checkpoint's
+    activation sparsifiers are installed on each block as it is read."""
     events = events or Events()
     timings = Timings()
     device = resolve_device(device_name)
     source = resolve_source(checkpoint)
     offline = offline_requested(offline)
     check_context(load_config(source, offline), {"--eval-seqlen": ev.seqlen})
+    saved = None
     with _timed(timings, "load"):
         if source.kind == "folder":
-            from prune_cli.finite import check_finite_parameters
-            from prune_cli.model_io import DTYPES
-            from prune_cli.runtime import load as load_checkpoint
+            from prune_cli.checkpoint_files import check_checkpoint_folder
 
-            model, tokenizer = load_checkpoint(source.location, DTYPES[dtype])
-            check_finite_parameters(model)
-        else:
-            model, tokenizer = load_model(source, dtype, offline_requested(offline))
+            check_checkpoint_folder(source.location)  # damaged or missing files: one line, not a crash
+            if (Path(source.location) / REPORT_FILE).is_file():
+                import json
+
+                try:
+                    saved = json.loads((Path(source.location) / REPORT_FILE).read_text())
+                except json.JSONDecodeError:
+                    raise CheckpointError(f"{REPORT_FILE} in {source.location} is not valid JSON") from None
+        opened = open_model(source, dtype, device, offline)
+        if opened.note:
+            log.info(opened.note)
+        driver = opened.driver
+        from prune_cli.runtime import ACTIVATION_FILE, BlockActivation
+
+        if source.kind == "folder" and (Path(source.location) / ACTIVATION_FILE).is_file():
+            driver.prepare_block.append(BlockActivation(Path(source.location), driver))
         text = evaluation_text(ev)
-        windows = evaluation_windows(tokenize(tokenizer, text.text), ev.windows, ev.seqlen)
-    from prune_cli.activation.modules import count_sparsity
+        windows = evaluation_windows(tokenize(opened.tokenizer, text.text), ev.windows, ev.seqlen)
+    from prune_cli.activation.modules import SparsityTally
 
-    events.stage("eval", windows.shape[0])
-    with _timed(timings, "eval"), count_sparsity(model) as counted:
-        ppl = perplexity(model, windows, ev.batch_size, device, lambda n: events.advance("eval", n))
-    events.done("eval")
-    layers = measure_checkpoint_sparsity(model)
-    saved = None
-    if source.kind == "folder" and (Path(source.location) / REPORT_FILE).is_file():
-        import json
-
-        try:
-            saved = json.loads((Path(source.location) / REPORT_FILE).read_text())
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{REPORT_FILE} in {source.location} is not valid JSON") from None
+    tally = SparsityTally()
+    stage = EvalStage(windows, ev.batch_size, tally=tally)
+    layers: list[LayerRecord] = []
+    progress = _Progress(events, driver)
+    with progress.walk("eval") as step:
+        driver.walk([stage], after_block=[lambda i, block: layers.extend(_zero_fractions(driver.name(i), block))],
+                    progress=step, timings=timings, after_key="eval")
+    ppl = stage.result
     return {
         "format": "prune-cli/eval-report",
         "format_version": 1,
@@ -514,10 +534,11 @@ def evaluate_checkpoint(
         "nll": ppl.nll,
         "tokens": ppl.tokens,
         "sparsity": overall_sparsity(layers),
-        "activation_sparsity": counted.overall("compute") if counted.modules else None,
+        "activation_sparsity": tally.overall("compute") if tally.counts else None,
         "evaluation": {"source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape), "tokens_sha256": fingerprint(windows)},
         "recorded": None if saved is None else {"method": saved.get("method"), "pattern": saved.get("pattern"), "ppl": saved.get("ppl")},
         "device": str(device),
+        "dtype": DTYPE_NAMES_BY_DTYPE.get(opened.compute_dtype, str(opened.compute_dtype)),
         "timings": timings.values,
         "versions": versions(),
     }

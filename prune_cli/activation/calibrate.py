@@ -34,6 +34,7 @@ from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.calibrators import layerwise
 from prune_cli.errors import RecipeError
 from prune_cli.finite import check_finite_parameters, check_finite_tensor
+from prune_cli.driver import Stage, as_driver, restore_hidden
 from prune_cli.model_io import block_linears, decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -78,47 +79,34 @@ SPARSIFIER_HINT = (
 FISHER_WINDOWS = 8  # calibration windows whose loss gradients give the Fisher weights
 
 
-def output_fisher(model: nn.Module, targets: list[Target], windows: torch.Tensor, device, n_windows: int = FISHER_WINDOWS) -> dict[str, torch.Tensor]:
+def output_fisher(model, targets: list[Target], windows: torch.Tensor, device, n_windows: int = FISHER_WINDOWS,
+                  **walk) -> dict[str, torch.Tensor]:
     """Empirical Fisher diagonal of every target Linear's output, ``(out,)`` fp32 per name:
     ``F[o] = sum_w sum_t (dL_w / dy_{t,o})^2`` over the first ``n_windows`` calibration windows
-    ``w`` (``L_w``: the window's mean next-token NLL). One forward and backward per window of
-    the whole model on ``device``; weights get no gradient (frozen for the pass)."""
-    blocks = decoder_blocks(model)
-    linears = {f"{blocks.path}.{i}.{local}": lin for i, b in enumerate(blocks.modules) for local, lin in block_linears(b).items()}
-    fisher: dict[str, torch.Tensor] = {}
+    ``w`` (``L_w``: the window's mean next-token NLL). ``model``: a model in memory or a
+    :class:`~prune_cli.driver.BlockDriver`.
 
-    def watch(name: str):
-        def hook(module, args, output):
-            def on_grad(grad):
-                g = grad.detach().float().reshape(-1, grad.shape[-1]).square().sum(dim=0)
-                fisher[name] = g if name not in fisher else fisher[name] + g
-
-            if output.requires_grad:
-                output.register_hook(on_grad)
-
-        return hook
-
-    def needs_grad(module, args, output):
-        return output.requires_grad_()
-
-    home = next(model.parameters()).device
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    handles = [linears[t.name].register_forward_hook(watch(t.name)) for t in targets]
-    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
-    try:
-        model.to(device)
-        for p in frozen:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for window in windows[:n_windows]:
-                ids = window.unsqueeze(0).to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.to(home)
+    Backpropagation one block at a time, so the whole model is never needed at once: a forward
+    walk keeps each block's input for every window (batch 1), the loss gradient with respect to
+    the last block's output comes from the model's head (:meth:`BlockDriver.head_loss`), and a
+    backward walk (last block first) recomputes each block's forward from its kept input and
+    backpropagates the gradient of its output to its input, the next (earlier) block's output
+    gradient. Weights get no gradient; each Linear's squared output gradients are summed window
+    by window, in window order, as one whole-model backward per window would. ``walk``: options
+    of both walks (``prepare``, ``timings``)."""
+    driver = as_driver(model, device)
+    windows = windows[:n_windows]
+    forward = _KeepInputs(windows)
+    driver.walk([forward], **walk)
+    grads = []
+    with driver.head_on_device(), torch.enable_grad():
+        for w, batch in enumerate(forward.batches):
+            hidden = batch.hidden.detach().requires_grad_()
+            loss = driver.head_loss(hidden, windows[w : w + 1])
+            grads.append(torch.autograd.grad(loss, hidden)[0])
+    backward = _BackpropagateBlocks(targets, forward, grads, windows)
+    driver.walk([backward], blocks=range(driver.n_blocks - 1, -1, -1), **walk)
+    fisher = backward.fisher
     missing = [t.name for t in targets if t.name not in fisher]
     if missing:
         raise RuntimeError(f"no loss gradient reached {missing[0]} (and {len(missing) - 1} more)")
@@ -127,38 +115,144 @@ def output_fisher(model: nn.Module, targets: list[Target], windows: torch.Tensor
     return {name: f.cpu() for name, f in fisher.items()}
 
 
-@torch.no_grad()
-def error_curves(
-    model, targets: list[Target], method: ActivationMethod, windows, batch_size, device, max_tokens: int, seed: int,
-    fisher: dict[str, torch.Tensor],
-) -> dict[str, list[float]]:
-    """Fisher-weighted output error of each target Linear at every sparsity of ``GRID`` (dense
-    pass; see the module docstring)."""
-    found = decoder_blocks(model)
-    blocks = found.modules
-    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
-    generator = torch.Generator().manual_seed(seed)
-    curves: dict[str, list[float]] = {}
-    for index, block in enumerate(blocks):
-        mine = [t for t in targets if t.block == index]
+class _KeepInputs(Stage):
+    """Forward walk of :func:`output_fisher`: keeps every block's input of every window (batch 1)."""
+
+    timing_key = "activation"
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+        self.inputs: list[list[torch.Tensor]] = []
+
+    def begin(self, driver) -> None:
+        self.driver = driver
+        self.batches = driver.capture(self.windows, 1)
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        self.inputs.append([b.hidden for b in self.batches])
+        layerwise.propagate(block, self.batches, name=self.driver.name(index))
+
+    def state_dict(self) -> dict:
+        return {"hidden": [b.hidden for b in self.batches], "inputs": self.inputs}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.batches:
+            restore_hidden(self.batches, state["hidden"])
+        else:  # a finished walk: only the last block's outputs are read (by the head)
+            self.batches = [layerwise.BlockBatch(h, (), {}) for h in state["hidden"]]
+        self.inputs = state["inputs"]
+
+
+class _BackpropagateBlocks(Stage):
+    """Backward walk of :func:`output_fisher` (blocks in reverse order)."""
+
+    timing_key = "activation"
+
+    def __init__(self, targets: list[Target], forward: _KeepInputs, grads: list[torch.Tensor], windows: torch.Tensor):
+        self.targets, self.forward, self.grads, self.windows = targets, forward, grads, windows
+        self.fisher: dict[str, torch.Tensor] = {}
+
+    def begin(self, driver) -> None:
+        self.batches = driver.capture(self.windows, 1)  # each window's block arguments (rotary, mask)
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        linears = block_linears(block)
+        mine = [t for t in self.targets if t.block == index]
+
+        def watch(name: str):
+            def hook(module, args, output):
+                def on_grad(grad):
+                    g = grad.detach().float().reshape(-1, grad.shape[-1]).square().sum(dim=0)
+                    self.fisher[name] = g if name not in self.fisher else self.fisher[name] + g
+
+                if output.requires_grad:
+                    output.register_hook(on_grad)
+
+            return hook
+
+        frozen = {p: p.requires_grad for p in block.parameters()}
+        handles = [linears[t.local].register_forward_hook(watch(t.name)) for t in mine]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                for w, batch in enumerate(self.batches):
+                    x = self.forward.inputs[index][w].detach().requires_grad_()
+                    y = layerwise._block_output(block(x, *batch.args, **batch.kwargs))
+                    self.grads[w] = torch.autograd.grad(y, x, self.grads[w])[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+        self.forward.inputs[index] = []
+
+    def state_dict(self) -> dict:
+        return {"grads": self.grads, "fisher": self.fisher}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grads, self.fisher = state["grads"], state["fisher"]
+
+
+class _CurvesStage(Stage):
+    """Per block: the error curves of its targets on a dense pass (see :func:`error_curves`)."""
+
+    timing_key = "activation"
+
+    def __init__(self, targets, method, windows, batch_size, max_tokens, seed, fisher):
+        self.targets, self.method, self.windows, self.batch_size = targets, method, windows, batch_size
+        self.max_tokens, self.fisher = max_tokens, fisher
+        self.generator = torch.Generator().manual_seed(seed)
+        self.curves: dict[str, list[float]] = {}
+
+    def begin(self, driver) -> None:
+        self.driver = driver
+        self.batches = driver.capture(self.windows, self.batch_size)
+
+    @torch.no_grad()
+    def on_block(self, index: int, block: nn.Module) -> None:
+        device = self.driver.device
+        mine = [t for t in self.targets if t.block == index]
         linears = block_linears(block)
         inputs = layerwise.collect_inputs(
-            block, batches, {t.local: linears[t.local] for t in mine}, min(max_tokens, CURVE_TOKENS), generator,
-            update_hidden=True, name=f"{found.path}.{index}",
+            block, self.batches, {t.local: linears[t.local] for t in mine}, min(self.max_tokens, CURVE_TOKENS),
+            self.generator, update_hidden=True, name=self.driver.name(index),
         )
         for t in mine:
             x = inputs[t.local].to(device)
             W = linears[t.local].weight.detach().float()
-            scores = method.scores(linears[t.local], x, {"local": t.local, "linears": linears})
-            weight = fisher[t.name].to(device)
+            scores = self.method.scores(linears[t.local], x, {"local": t.local, "linears": linears})
+            weight = self.fisher[t.name].to(device)
             flat = scores.reshape(-1).sort().values
             curve = []
             for s in GRID:
                 k = int(round(s * flat.numel()))
                 tau = float(flat[k - 1]) if k > 0 else -1.0
                 curve.append(float((((x * (scores <= tau)) @ W.T).square() * weight).sum()))
-            curves[t.name] = curve
-    return curves
+            self.curves[t.name] = curve
+
+    def finish(self, driver) -> None:
+        self.batches = []
+
+    def state_dict(self) -> dict:
+        return {"hidden": [b.hidden for b in self.batches], "generator": self.generator, "curves": self.curves}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.batches:
+            restore_hidden(self.batches, state["hidden"])
+        self.generator, self.curves = state["generator"], state["curves"]
+
+
+@torch.no_grad()
+def error_curves(
+    model, targets: list[Target], method: ActivationMethod, windows, batch_size, device, max_tokens: int, seed: int,
+    fisher: dict[str, torch.Tensor], **walk,
+) -> dict[str, list[float]]:
+    """Fisher-weighted output error of each target Linear at every sparsity of ``GRID`` (dense
+    pass; see the module docstring). ``model``: a model in memory or a driver."""
+    stage = _CurvesStage(targets, method, windows, batch_size, max_tokens, seed, fisher)
+    as_driver(model, device).walk([stage], **walk)
+    return stage.curves
 
 
 def greedy_allocation(curves: dict[str, list[float]], params: dict[str, int], target: float) -> dict[str, float]:
@@ -193,13 +287,65 @@ def greedy_allocation(curves: dict[str, list[float]], params: dict[str, int], ta
     return sparsity
 
 
+class ActivationStage(Stage):
+    """Per block: fit and install the sparsifiers of its targets in forward order (see
+    :func:`calibrate_activation`), then push the calibration batches through the sparsified
+    block. ``prepare(block)`` runs first on every block (the export's rounding to the save
+    dtype). :attr:`records` by target name."""
+
+    timing_key = "activation"
+
+    def __init__(self, targets, method, sparsity, windows, batch_size, max_tokens, seed, backend=None, prepare=None):
+        self.targets, self.method, self.sparsity = targets, method, sparsity
+        self.windows, self.batch_size, self.max_tokens = windows, batch_size, max_tokens
+        self.backend, self.prepare = backend, prepare
+        self.generator = torch.Generator().manual_seed(seed)
+        self.records: dict[str, dict] = {}
+
+    def begin(self, driver) -> None:
+        self.driver = driver
+        self.batches = driver.capture(self.windows, self.batch_size)
+
+    @torch.no_grad()
+    def on_block(self, index: int, block: nn.Module) -> None:
+        if self.prepare is not None:
+            self.prepare(block)
+        mine = [t for t in self.targets if t.block == index]
+        if mine:
+            fitted = _fit_in_forward_order(
+                block, self.batches, mine, self.method, self.sparsity, self.driver.device, self.max_tokens,
+                self.generator, self.backend, name=self.driver.name(index),
+            )
+            for t, module in fitted:
+                self.records[t.name] = {
+                    "name": t.name, "target_sparsity": round(self.sparsity[t.name], 6), "threshold": float(module.threshold),
+                    "rank": module.rank, **({"alpha": module.alpha} if hasattr(module, "alpha") else {}),
+                }
+        if index + 1 < self.driver.n_blocks:
+            layerwise.propagate(block, self.batches, name=self.driver.name(index))
+
+    def finish(self, driver) -> None:
+        self.batches = []
+
+    def state_dict(self) -> dict:
+        return {"hidden": [b.hidden for b in self.batches], "generator": self.generator, "records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.batches:
+            restore_hidden(self.batches, state["hidden"])
+        self.generator, self.records = state["generator"], state["records"]
+
+    def ordered_records(self) -> list[dict]:
+        return [self.records[t.name] for t in self.targets if t.name in self.records]
+
+
 @torch.no_grad()
 def calibrate_activation(
     model, targets: list[Target], method: ActivationMethod, sparsity: dict[str, float], windows, batch_size,
     device, max_tokens: int, seed: int, events=None, backend=None,
 ) -> list[dict]:
     """Fit and install a sparsifier on every target, block by block; returns per-layer records
-    (in ``targets`` order).
+    (in ``targets`` order). ``model``: a model in memory or a driver.
 
     Within a block the targets are fitted in forward order, a stage at a time (the Linears that
     read one input: q/k/v, then o, then gate/up, then down on a Llama block): each stage is
@@ -211,34 +357,16 @@ def calibrate_activation(
 
     ``backend`` (:class:`prune_cli.gpu.backend.Backend` or ``None``: torch) reaches each
     ``method.fit`` and computes the TEAL / WINA thresholds (the same numbers on every backend)."""
-    found = decoder_blocks(model)
-    blocks = found.modules
-    batches = layerwise.capture_block_inputs(model, blocks, windows, batch_size, device)
-    generator = torch.Generator().manual_seed(seed)
-    by_name: dict[str, dict] = {}
+    driver = as_driver(model, device)
+    stage = ActivationStage(targets, method, sparsity, windows, batch_size, max_tokens, seed, backend)
+    progress = None
     if events:
-        events.stage("activation", len(blocks))
-    for index, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        mine = [t for t in targets if t.block == index]
-        if mine:
-            fitted = _fit_in_forward_order(
-                block, batches, mine, method, sparsity, device, max_tokens, generator, backend, name=f"{found.path}.{index}"
-            )
-            for t, module in fitted:
-                by_name[t.name] = {
-                    "name": t.name, "target_sparsity": round(sparsity[t.name], 6), "threshold": float(module.threshold),
-                    "rank": module.rank, **({"alpha": module.alpha} if hasattr(module, "alpha") else {}),
-                }
-        if index + 1 < len(blocks):
-            layerwise.propagate(block, batches, name=f"{found.path}.{index}")
-        block.to(home)
-        if events:
-            events.advance("activation", 1, f"block {index + 1}/{len(blocks)}")
+        events.stage("activation", driver.n_blocks)
+        progress = lambda i: events.advance("activation", 1, f"block {i + 1}/{driver.n_blocks}")  # noqa: E731
+    driver.walk([stage], progress=progress)
     if events:
         events.done("activation")
-    return [by_name[t.name] for t in targets if t.name in by_name]
+    return stage.ordered_records()
 
 
 def _fit_in_forward_order(block, batches, mine: list[Target], method, sparsity, device, max_tokens, generator, backend,
@@ -274,13 +402,13 @@ def uniform_allocation(targets: list[Target], target: float) -> dict[str, float]
     return {t.name: target for t in targets}
 
 
-def allocate(model, targets, method, allocation: str, target: float, windows, batch_size, device, max_tokens, seed):
+def allocate(model, targets, method, allocation: str, target: float, windows, batch_size, device, max_tokens, seed, **walk):
     if allocation == "uniform":
         return uniform_allocation(targets, target), None
     # R-Sparse: the curves are those of its sparse path alone (alpha = 1); each layer's alpha is
     # then chosen at the allocated s by RSparse.fit (the low rank can only lower that error).
-    fisher = output_fisher(model, targets, windows, device)
-    curves = error_curves(model, targets, method, windows, batch_size, device, max_tokens, seed, fisher)
+    fisher = output_fisher(model, targets, windows, device, **walk)
+    curves = error_curves(model, targets, method, windows, batch_size, device, max_tokens, seed, fisher, **walk)
     return greedy_allocation(curves, {t.name: t.params for t in targets}, target), curves
 
 

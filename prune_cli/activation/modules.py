@@ -13,6 +13,8 @@ Batch-1 decode (one token) takes a gather path that reads only the kept channels
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,11 +139,59 @@ def rewrap_all(model: nn.Module, wrappers: dict[str, SparseInputLinear]) -> None
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-class count_sparsity:
-    """Context manager measuring the achieved input sparsity of every wrapper."""
+@dataclass
+class _Count:
+    """What one wrapped Linear saw while counting: kept and seen input entries, and its shape."""
 
-    def __init__(self, model: nn.Module):
+    kept: int
+    seen: int
+    in_features: int
+    out_features: int
+    rank: int
+
+    @property
+    def compute_sparsity(self) -> float:
+        """Skipped fraction of the dense product's work: ``1 - kept/seen - r (in + out) / (in out)``
+        (the low-rank remainder of R-Sparse costs ``r (in + out)`` per token)."""
+        lowrank = self.rank * (self.in_features + self.out_features) / (self.in_features * self.out_features)
+        return 1 - self.kept / self.seen - lowrank
+
+
+class SparsityTally:
+    """Achieved activation sparsity per wrapped Linear (by full name), mergeable across blocks
+    that are counted one at a time (:class:`count_sparsity` with ``into``)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, _Count] = {}
+
+    def per_layer(self) -> dict[str, dict]:
+        return {
+            n: {"input_sparsity": 1 - c.kept / c.seen, "compute_sparsity": c.compute_sparsity}
+            for n, c in self.counts.items() if c.seen
+        }
+
+    def overall(self, kind: str = "compute") -> float:
+        """Parameter-weighted mean over the wrapped Linears of the skipped input fraction
+        (``kind="input"``) or of the skipped work including any low-rank cost (``"compute"``)."""
+        num = den = 0.0
+        for c in self.counts.values():
+            if c.seen:
+                w = c.in_features * c.out_features
+                num += w * (c.compute_sparsity if kind == "compute" else 1 - c.kept / c.seen)
+                den += w
+        return num / den if den else 0.0
+
+
+class count_sparsity(SparsityTally):
+    """Context manager measuring the achieved input sparsity of every wrapper in ``model``;
+    the counts (names prefixed with ``prefix.``) are there after exit, and also added to
+    ``into`` when given."""
+
+    def __init__(self, model: nn.Module, prefix: str = "", into: SparsityTally | None = None):
+        super().__init__()
         self.modules = sparsifiers(model)
+        self.prefix = f"{prefix}." if prefix else ""
+        self.into = into
 
     def __enter__(self):
         for m in self.modules.values():
@@ -149,29 +199,8 @@ class count_sparsity:
         return self
 
     def __exit__(self, *exc):
-        for m in self.modules.values():
+        for name, m in self.modules.items():
             m.counting = False
-
-    @staticmethod
-    def compute_sparsity(m: "SparseInputLinear") -> float:
-        """Skipped fraction of the dense product's work: ``1 - kept/seen - r (in + out) / (in out)``
-        (the low-rank remainder of R-Sparse costs ``r (in + out)`` per token)."""
-        lowrank = m.rank * (m.in_features + m.out_features) / (m.in_features * m.out_features)
-        return 1 - m.kept / m.seen - lowrank
-
-    def per_layer(self) -> dict[str, dict]:
-        return {
-            n: {"input_sparsity": 1 - m.kept / m.seen, "compute_sparsity": self.compute_sparsity(m)}
-            for n, m in self.modules.items() if m.seen
-        }
-
-    def overall(self, kind: str = "compute") -> float:
-        """Parameter-weighted mean over the wrapped Linears of the skipped input fraction
-        (``kind="input"``) or of the skipped work including any low-rank cost (``"compute"``)."""
-        num = den = 0.0
-        for m in self.modules.values():
-            if m.seen:
-                w = m.in_features * m.out_features
-                num += w * (self.compute_sparsity(m) if kind == "compute" else 1 - m.kept / m.seen)
-                den += w
-        return num / den if den else 0.0
+            self.counts[self.prefix + name] = _Count(m.kept, m.seen, m.in_features, m.out_features, m.rank)
+        if self.into is not None:
+            self.into.counts.update(self.counts)

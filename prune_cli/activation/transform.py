@@ -63,25 +63,32 @@ def _reader(block: nn.Module, name: str) -> nn.Linear:
     return module.linear if hasattr(module, "linear") else module  # a sparsifier wraps it
 
 
+def block_sites(block: nn.Module, prefix: str):
+    """The transform's sites in one decoder block (``prefix``: its full name): ``(norm full
+    name, block, norm attribute, norm, readers, index of the key reader)``. Raises
+    :class:`RecipeError` for a block the transform does not support."""
+    for attr, (reader_names, key) in SITES.items():
+        norm = getattr(block, attr, None)
+        try:
+            readers = [_reader(block, n) for n in reader_names]
+        except AttributeError:
+            readers = None
+        if norm is None or readers is None or not all(isinstance(r, nn.Linear) for r in readers):
+            raise RecipeError(
+                "the WINA transform supports Llama-style blocks (input_layernorm -> q/k/v_proj, "
+                "post_attention_layernorm -> gate/up_proj)", hint="drop the wina option transform",
+            )
+        if isinstance(norm, RotatedNorm):
+            raise RecipeError("the model already carries the WINA transform")
+        if getattr(norm, "bias", None) is not None or getattr(norm, "weight", None) is None:
+            raise RecipeError(f"the WINA transform needs weight-only RMS norms; {attr} is {type(norm).__name__}")
+        yield f"{prefix}.{attr}", block, attr, norm, readers, reader_names.index(key)
+
+
 def _sites(model: nn.Module):
     blocks = decoder_blocks(model)
     for index, block in enumerate(blocks.modules):
-        for attr, (reader_names, key) in SITES.items():
-            norm = getattr(block, attr, None)
-            try:
-                readers = [_reader(block, n) for n in reader_names]
-            except AttributeError:
-                readers = None
-            if norm is None or readers is None or not all(isinstance(r, nn.Linear) for r in readers):
-                raise RecipeError(
-                    "the WINA transform supports Llama-style blocks (input_layernorm -> q/k/v_proj, "
-                    "post_attention_layernorm -> gate/up_proj)", hint="drop the wina option transform",
-                )
-            if isinstance(norm, RotatedNorm):
-                raise RecipeError("the model already carries the WINA transform")
-            if getattr(norm, "bias", None) is not None or getattr(norm, "weight", None) is None:
-                raise RecipeError(f"the WINA transform needs weight-only RMS norms; {attr} is {type(norm).__name__}")
-            yield f"{blocks.path}.{index}.{attr}", block, attr, norm, readers, reader_names.index(key)
+        yield from block_sites(block, f"{blocks.path}.{index}")
 
 
 def check_supported(model: nn.Module) -> int:
@@ -90,23 +97,25 @@ def check_supported(model: nn.Module) -> int:
     return sum(1 for _ in _sites(model))
 
 
-def rotations_for(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``Q`` per norm (full name -> ``(hidden, hidden)`` float64): the right singular vectors of
-    the key reader's folded weight ``F_k = W_k diag(gamma)``."""
+def _rotations(sites) -> dict[str, torch.Tensor]:
     out = {}
-    for name, _, _, norm, readers, key in _sites(model):
+    for name, _, _, norm, readers, key in sites:
         folded = readers[key].weight.detach().double() * norm.weight.detach().double()
         _, _, vh = torch.linalg.svd(folded, full_matrices=True)
         out[name] = vh.T.contiguous()
     return out
 
 
+def rotations_for(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``Q`` per norm (full name -> ``(hidden, hidden)`` float64): the right singular vectors of
+    the key reader's folded weight ``F_k = W_k diag(gamma)``."""
+    return _rotations(_sites(model))
+
+
 @torch.no_grad()
-def apply_transform(model: nn.Module, rotations: dict[str, torch.Tensor]) -> int:
-    """Fold every norm's weight into its readers and rotate them by the given ``Q`` (steps 1 and
-    2 of the module docstring); returns the number of norms transformed."""
+def _apply(sites, rotations: dict[str, torch.Tensor]) -> int:
     count = 0
-    for name, block, attr, norm, readers, _ in _sites(model):
+    for name, block, attr, norm, readers, _ in sites:
         if name not in rotations:
             raise RecipeError(f"no WINA rotation for {name}")
         gamma = norm.weight.detach().double()
@@ -123,6 +132,32 @@ def apply_transform(model: nn.Module, rotations: dict[str, torch.Tensor]) -> int
         setattr(block, attr, RotatedNorm(norm, Q32, readers, folded))
         count += 1
     return count
+
+
+def apply_transform(model: nn.Module, rotations: dict[str, torch.Tensor]) -> int:
+    """Fold every norm's weight into its readers and rotate them by the given ``Q`` (steps 1 and
+    2 of the module docstring); returns the number of norms transformed."""
+    return _apply(list(_sites(model)), rotations)
+
+
+def transform_block(block: nn.Module, prefix: str, rotations: dict[str, torch.Tensor] | None = None) -> int:
+    """:func:`apply_transform` on one block (``prefix``: its full name), with its own rotations
+    (computed from the block when ``rotations`` is None)."""
+    sites = list(block_sites(block, prefix))
+    return _apply(sites, _rotations(sites) if rotations is None else rotations)
+
+
+@torch.no_grad()
+def round_transformed(block: nn.Module, dtype: torch.dtype) -> None:
+    """Round a transformed block's stored folded weights ``F_r`` to ``dtype`` and rotate them
+    again, ``W'_r = F_r Q`` in float64 as :func:`prune_cli.runtime.load` does: the block then
+    computes exactly what its export in ``dtype`` computes after loading."""
+    for module in rotated_norms(block).values():
+        Q = module.rotation.double()
+        for i, reader in enumerate(module._readers):
+            f = module._folded[i].to(dtype).to(module._folded[i].dtype)
+            module._folded[i] = f
+            reader.weight.copy_((f.to(reader.weight.device).double() @ Q.to(reader.weight.device)).to(reader.weight.dtype))
 
 
 def rotated_norms(model: nn.Module) -> dict[str, RotatedNorm]:

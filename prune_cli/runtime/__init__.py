@@ -26,11 +26,9 @@ REPORT_FILE = "sparsity.json"
 ROTATION_PREFIX = "wina_rotation."  # + norm name: WINA's transform (prune_cli.activation.transform)
 
 
-def save_activation(wrappers: dict, folder: Path, rotations: dict | None = None) -> None:
-    """Write the buffers of ``wrappers`` (name -> SparseInputLinear) to ``folder``, and the
-    rotations ``Q`` of WINA's transform (norm name -> ``(hidden, hidden)``) when there are any."""
-    from safetensors.torch import save_file
-
+def activation_tensors(wrappers: dict, rotations: dict | None = None) -> dict[str, torch.Tensor]:
+    """The activation file's tensors for ``wrappers`` (full name -> SparseInputLinear) and the
+    rotations ``Q`` of WINA's transform (norm full name -> ``(hidden, hidden)``)."""
     tensors = {f"{ROTATION_PREFIX}{name}": q.detach().cpu().contiguous() for name, q in (rotations or {}).items()}
     for name, module in wrappers.items():
         tensors[f"{name}.threshold"] = module.threshold.detach().cpu().reshape(1)
@@ -39,42 +37,81 @@ def save_activation(wrappers: dict, folder: Path, rotations: dict | None = None)
         if module.lowrank_u is not None:
             tensors[f"{name}.lowrank_u"] = module.lowrank_u.detach().cpu().contiguous()
             tensors[f"{name}.lowrank_v"] = module.lowrank_v.detach().cpu().contiguous()
-    save_file(tensors, str(Path(folder) / ACTIVATION_FILE))
+    return tensors
+
+
+def save_activation(wrappers: dict, folder: Path, rotations: dict | None = None) -> None:
+    """Write the buffers of ``wrappers`` (name -> SparseInputLinear) to ``folder``, and the
+    rotations ``Q`` of WINA's transform (norm name -> ``(hidden, hidden)``) when there are any."""
+    from safetensors.torch import save_file
+
+    save_file(activation_tensors(wrappers, rotations), str(Path(folder) / ACTIVATION_FILE))
+
+
+def install_activation(root: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "", where: str = ACTIVATION_FILE) -> int:
+    """Apply WINA's rotations and wrap the Linears named in ``tensors`` (activation-file entries
+    of the Linears under ``root``; names relative to ``root`` after removing ``prefix.``); returns
+    how many Linears were wrapped."""
+    from prune_cli.activation.modules import SparseInputLinear
+    from prune_cli.errors import CheckpointError
+
+    dot = f"{prefix}." if prefix else ""
+    tensors = dict(tensors)
+    rotations = {k[len(ROTATION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(ROTATION_PREFIX)}
+    if rotations:  # the checkpoint holds F_r with weight-1 norms: rotate them again (bit-identical W'_r)
+        from prune_cli.activation.transform import apply_transform, transform_block
+
+        if prefix:
+            transform_block(root, prefix, rotations)
+        else:
+            apply_transform(root, rotations)
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    for full in names:
+        name = full[len(dot):]
+        try:
+            linear = root.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where} names {full}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{where}: {full} is not a Linear")
+        module = SparseInputLinear(
+            linear,
+            float(tensors[f"{full}.threshold"][0]),
+            tensors[f"{full}.channel_scale"],
+            tensors.get(f"{full}.lowrank_u"),
+            tensors.get(f"{full}.lowrank_v"),
+            int(tensors[f"{full}.keep_count"][0]) if f"{full}.keep_count" in tensors else 0,
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, module)
+    return len(names)
 
 
 def apply_activation(model: nn.Module, folder: Path) -> int:
     """Wrap the Linears named in ``folder``'s activation file; returns how many were wrapped."""
     from safetensors.torch import load_file
 
-    from prune_cli.activation.modules import SparseInputLinear
-    from prune_cli.errors import CheckpointError
+    return install_activation(model, load_file(str(Path(folder) / ACTIVATION_FILE)))
 
-    path = Path(folder) / ACTIVATION_FILE
-    tensors = load_file(str(path))
-    rotations = {k[len(ROTATION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(ROTATION_PREFIX)}
-    if rotations:  # the checkpoint holds F_r with weight-1 norms: rotate them again (bit-identical W'_r)
-        from prune_cli.activation.transform import apply_transform
 
-        apply_transform(model, rotations)
-    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    for name in names:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{path.name} names {name}, which the model does not have") from None
-        if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"{path.name}: {name} is not a Linear")
-        module = SparseInputLinear(
-            linear,
-            float(tensors[f"{name}.threshold"][0]),
-            tensors[f"{name}.channel_scale"],
-            tensors.get(f"{name}.lowrank_u"),
-            tensors.get(f"{name}.lowrank_v"),
-            int(tensors[f"{name}.keep_count"][0]) if f"{name}.keep_count" in tensors else 0,
-        )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
-    return len(names)
+class BlockActivation:
+    """A :class:`~prune_cli.driver.BlockDriver` ``prepare_block`` hook that installs a
+    checkpoint's activation sparsifiers (and WINA rotations) on each block as it is read,
+    reading only that block's entries of the activation file."""
+
+    def __init__(self, folder: Path, driver):
+        from safetensors import safe_open
+
+        self.path = Path(folder) / ACTIVATION_FILE
+        self.driver = driver
+        self._file = safe_open(str(self.path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __call__(self, index: int, block: nn.Module) -> None:
+        prefix = self.driver.name(index)
+        mine = [k for k in self._keys if k.startswith(prefix + ".") or k.startswith(f"{ROTATION_PREFIX}{prefix}.")]
+        tensors = {k: self._file.get_tensor(k).to(self.driver.device) for k in mine}
+        install_activation(block, tensors, prefix, where=self.path.name)
 
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = False):

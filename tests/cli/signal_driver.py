@@ -26,14 +26,14 @@ def _patch(stage: str, flag: str) -> None:
     if stage == "load":
         import prune_cli.pipeline as pipeline
 
-        original = pipeline.load_model
+        original = pipeline.open_model
 
         def load_then_pause(*args, **kwargs):
             result = original(*args, **kwargs)
             _pause(flag)
             return result
 
-        pipeline.load_model = load_then_pause
+        pipeline.open_model = load_then_pause
     elif stage == "calibration":
         from prune_cli.calibrators import layerwise
 

@@ -317,8 +317,9 @@ def _scale_mlp(model):
 @pytest.mark.parametrize(
     "method,needle",
     [
-        # with evaluation, the dense evaluation (the first forward pass) sees it first
-        ("wanda", "the dense model's loss on the evaluation text is nan in float16"),
+        # with evaluation, the dense evaluation (riding along the first walk, before the block is
+        # pruned) sees it first, at the block where it happens
+        ("wanda", "non-finite activations of the evaluation text at the output of model.layers.0: "),
         # without, calibration: wanda reads down_proj's inputs; magnitude only propagates
         ("wanda --no-eval", "non-finite input statistics of model.layers.0.mlp.down_proj"),
         ("magnitude --no-eval", "non-finite calibration activations at the output of model.layers.0: "),

@@ -1,0 +1,369 @@
+"""Where a model's weights come from: read lazily, a few tensors at a time, never the whole model.
+
+A :class:`WeightSource` answers "give me these tensors" by their names in the model's
+``state_dict`` (``model.layers.3.self_attn.q_proj.weight``), as CPU tensors in the stored dtype:
+
+* :class:`SafetensorsWeights`: a folder of ``*.safetensors`` files (one, or shards with
+  ``model.safetensors.index.json``), read through ``safe_open`` one tensor at a time;
+* :class:`TorchBinWeights`: ``pytorch_model*.bin`` files, memory-mapped (``torch.load(mmap=True,
+  weights_only=True)``) so only the tensors read are paged in;
+* :class:`GGUFWeights`: a ``.gguf`` file through the ``gguf`` reader (memory-mapped), each tensor
+  dequantised when it is read, with transformers' own GGUF name map and per-architecture value
+  conversion (``TENSOR_PROCESSORS``: Llama's q/k permutation, Gemma's ``norm - 1``, ...), so the
+  values equal what ``from_pretrained(gguf_file=...)`` builds, bit for bit (tested).
+
+:func:`empty_model` builds the model's structure on the meta device (buffers such as rotary
+frequencies stay real); :func:`materialize` fills one submodule (a decoder block, or everything
+outside the blocks) from a source, in the compute dtype, on a device.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from prune_cli.errors import CheckpointError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_FILE = "activation_sparsity.safetensors"  # prune-cli's own, never model weights
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WeightSource:
+    """Tensors by ``state_dict`` name, read on demand. Subclasses fill ``_names``."""
+
+    description = "weights"
+
+    def __init__(self) -> None:
+        self._names: dict[str, object] = {}  # name -> where it lives (file, reader tensor, ...)
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The floating dtype most of the stored weights have (None: quantised, e.g. GGUF)."""
+        return None
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` as CPU tensors (stored dtype; GGUF: dequantised float32)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files (also done when the source is garbage collected)."""
+
+
+class SafetensorsWeights(WeightSource):
+    """The ``*.safetensors`` files of a model folder (prune-cli's activation file excluded)."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__()
+        from prune_cli.checkpoint_files import check_safetensors
+
+        self.folder = Path(folder)
+        self.description = str(self.folder)
+        files = sorted(p for p in self.folder.glob("*.safetensors") if p.name != ACTIVATION_FILE)
+        if not files:
+            raise CheckpointError(f"no .safetensors weight files in {self.folder}")
+        counts: dict[str, int] = {}
+        self._headers: dict[str, dict] = {}
+        for path in files:
+            header = check_safetensors(path)  # truncated / corrupt: CheckpointError naming the file
+            self._headers[path.name] = header
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._names[name] = path
+                    counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+        self._dtype_counts = counts
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        floating = {k: v for k, v in self._dtype_counts.items() if k in ("F64", "F32", "F16", "BF16")}
+        return SAFETENSORS_DTYPES[max(floating, key=floating.get)] if floating else None
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._headers[self._names[name].name][name]["shape"])
+
+    def _handle(self, path: Path):
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[path]
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            path = self._names[name]
+            try:
+                out[name] = self._handle(path).get_tensor(name)
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"cannot read {name} from {path}: {exc}") from None
+        return out
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchBinWeights(WeightSource):
+    """``pytorch_model*.bin`` files (pickled state dicts), memory-mapped and read lazily; only
+    plain tensors are accepted (``weights_only=True``: no code runs on load)."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__()
+        self.folder = Path(folder)
+        self.description = str(self.folder)
+        self._files = sorted(self.folder.glob("pytorch_model*.bin"))
+        if not self._files:
+            raise CheckpointError(f"no pytorch_model*.bin weight files in {self.folder}")
+        self._loaded: dict[Path, dict] = {}
+        for path in self._files:
+            for name in self._state(path):
+                self._names[name] = path
+
+    def _state(self, path: Path) -> dict:
+        if path not in self._loaded:
+            try:
+                self._loaded[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - pickle / zip errors of a damaged file
+                raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        return self._loaded[path]
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        dtypes = [t.dtype for state in self._loaded.values() for t in state.values() if t.is_floating_point()]
+        return max(set(dtypes), key=dtypes.count) if dtypes else None
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {name: self._state(self._names[name])[name] for name in names}
+
+
+# GGUF tensor processors that map one GGUF tensor to one HF tensor (others merge experts).
+_ONE_TO_ONE_PROCESSORS = {"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "BloomTensorProcessor",
+                          "GPT2TensorProcessor", "NemotronTensorProcessor", "Lfm2TensorProcessor", "MambaTensorProcessor"}
+
+
+class GGUFWeights(WeightSource):
+    """One ``.gguf`` file, dequantised a tensor at a time (see the module docstring).
+
+    ``model`` is the model's structure (meta is fine): transformers derives the GGUF -> HF name
+    map from its ``state_dict`` names."""
+
+    def __init__(self, path: str | Path, model: nn.Module):
+        super().__init__()
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+            read_field,
+        )
+
+        self.path = Path(path)
+        self.description = str(self.path)
+        try:
+            self._reader = GGUFReader(str(self.path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read GGUF file {self.path}: {exc}") from None
+        arch = read_field(self._reader, "general.architecture")[0]
+        processor_class = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+        if processor_class.__name__ not in _ONE_TO_ONE_PROCESSORS:
+            raise UnsupportedArchitectureError(
+                f"streaming GGUF tensors of architecture {arch!r} is not supported (its experts are merged on load)",
+                hint="convert the GGUF file to a safetensors folder first",
+            )
+        self._config = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+        self._processor = processor_class(config=self._config)
+        self._map = get_gguf_hf_weights_map(model, self._processor)
+        for tensor in self._reader.tensors:
+            hf = self._map.get(tensor.name)
+            if hf is not None:
+                self._names[hf] = tensor
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        import numpy as np
+        from gguf import dequantize
+
+        out = {}
+        for name in names:
+            tensor = self._names[name]
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            result = self._processor.process(
+                weights=weights, name=tensor.name, tensor_key_mapping=self._map,
+                parsed_parameters={"tensors": {}, "config": self._config},
+            )
+            if self._map.get(result.name) != name:
+                raise RuntimeError(f"GGUF tensor {tensor.name} was renamed to {result.name} on conversion")
+            out[name] = torch.from_numpy(np.copy(result.weights))
+        return out
+
+
+def open_weights(folder: str | Path, gguf_file: str | None, model: nn.Module) -> WeightSource:
+    """The weight source of a local model folder (or GGUF file in it)."""
+    folder = Path(folder)
+    if gguf_file:
+        return GGUFWeights(folder / gguf_file, model)
+    if any(p.name != ACTIVATION_FILE for p in folder.glob("*.safetensors")) or list(folder.glob("*.safetensors.index.json")):
+        return SafetensorsWeights(folder)
+    if list(folder.glob("pytorch_model*.bin")):
+        return TorchBinWeights(folder)
+    raise CheckpointError(f"no weight files in {folder} (*.safetensors or pytorch_model*.bin)",
+                          hint="a model folder holds config.json and its weight files")
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` with every parameter on the meta device (no memory) and its
+    buffers real (rotary frequencies are computed in ``__init__``), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (KeyError, ValueError) as exc:
+            raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
+    model.tie_weights()  # from_config leaves tied parameters (lm_head -> embeddings) as two
+    return model.eval()
+
+
+def state_names(module: nn.Module) -> list[str]:
+    """Names of the tensors ``module.state_dict()`` would hold: parameters (each Parameter once,
+    under its first name) and persistent buffers."""
+    names, seen = [], set()
+    for name, param in module.named_parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            names.append(name)
+    for name, buf in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        if buf is not None and leaf not in holder._non_persistent_buffers_set:
+            names.append(name)
+    return names
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def source_name(source: WeightSource, full: str, base_prefix: str) -> str | None:
+    """The name ``full`` (a model ``state_dict`` name) has in ``source``: the same, or without /
+    with the base model's prefix (a checkpoint saved from ``LlamaModel`` lacks ``model.``)."""
+    if full in source:
+        return full
+    if base_prefix:
+        stripped = full[len(base_prefix) + 1:] if full.startswith(base_prefix + ".") else None
+        if stripped is not None and stripped in source:
+            return stripped
+        if f"{base_prefix}.{full}" in source:
+            return f"{base_prefix}.{full}"
+    return None
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    if leaf in holder._parameters:
+        holder._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        holder._buffers[leaf] = value
+
+
+@torch.no_grad()
+def materialize(
+    module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype, device: torch.device,
+    base_prefix: str = "", skip: Iterable[str] = (), check_finite: bool = True,
+) -> list[str]:
+    """Fill every meta parameter / persistent buffer of ``module`` (``prefix``: its name in the
+    model, e.g. ``model.layers.3``) from ``source``: floating tensors cast to ``dtype``, all on
+    ``device``. Names in ``skip`` (relative) are left alone (tied weights). Returns the names
+    (relative to ``module``) it filled. Raises :class:`CheckpointError` for a tensor the source
+    lacks or of the wrong shape, and :class:`~prune_cli.errors.NonFiniteError` for NaN / inf."""
+    from prune_cli.errors import NonFiniteError
+    from prune_cli.finite import WEIGHTS_HINT, describe_nonfinite, is_finite
+
+    skip = set(skip)
+    wanted = {}
+    for name in state_names(module):
+        current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
+        if name in skip or (current is not None and current.device.type != "meta"):
+            continue
+        found = source_name(source, _key(prefix, name), base_prefix)
+        if found is None:
+            raise CheckpointError(f"{source.description} has no tensor {_key(prefix, name)}",
+                                  hint="the checkpoint does not match its config.json")
+        wanted[name] = (found, current)
+    tensors = source.read(found for found, _ in wanted.values())
+    for name, (found, current) in wanted.items():
+        value = tensors.pop(found)
+        if tuple(value.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"{source.description}: {found} has shape {list(value.shape)}, the model expects {list(current.shape)}",
+                hint="the checkpoint does not match its config.json",
+            )
+        if check_finite and value.is_floating_point() and not is_finite(value):
+            raise NonFiniteError(f"non-finite weights in {_key(prefix, name)}: {describe_nonfinite(value)}",
+                                 hint=WEIGHTS_HINT)
+        # always a copy: safetensors / mmap'd tensors may share memory with the file's mapping,
+        # where a stage's in-place change (pruning) would outlive the block
+        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
+        _set_tensor(module, name, value)
+    return list(wanted)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Tied parameters: each later name -> the first name of the same Parameter (``lm_head.weight``
+    -> ``model.embed_tokens.weight`` for tied embeddings)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+
+class LayeredWeights(WeightSource):
+    """Tensors from ``top`` where it has them, else from ``base``: the blocks a previous walk
+    modified (written to a work folder) over the original checkpoint."""
+
+    def __init__(self, top: WeightSource, base: WeightSource):
+        super().__init__()
+        self.top, self.base = top, base
+        self.description = f"{top.description} over {base.description}"
+        self._names = {**{n: base for n in base.names()}, **{n: top for n in top.names()}}
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        return self.base.stored_dtype
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        names = list(names)
+        out = self.top.read([n for n in names if self._names[n] is self.top])
+        out.update(self.base.read([n for n in names if self._names[n] is self.base]))
+        return out

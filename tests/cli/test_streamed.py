@@ -1,0 +1,64 @@
+"""The streamed compress through the CLI: dtypes, what is written, and that the reported
+perplexity is the exported checkpoint's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from prune_cli.cli import app
+
+runner = CliRunner()
+SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32", "--device", "cpu"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("method_args", [["--method", "wanda", "--sparsity", "0.5"], ["--method", "teal", "--sparsity", "0.5"]])
+def test_a_bfloat16_export_evaluates_to_exactly_the_reported_perplexity(tmp_path, tiny_llama_dir, method_args):
+    """The compressed evaluation runs on the weights rounded as they are saved, so `prune-cli
+    eval` of the export gives the very number the compress report gave."""
+    out = tmp_path / "out"
+    result = run("compress", tiny_llama_dir, *method_args, *SMALL, "--save-dtype", "bfloat16", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["save_dtype"] == "bfloat16" and report["dtype"] == "float32"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    evaluated = run("eval", out, "--eval-windows", "2", "--eval-seqlen", "32", "--device", "cpu", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["ppl"] == report["ppl"]["compressed"]
+
+
+def test_the_default_save_dtype_is_the_checkpoints(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    result = run("compress", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5", *SMALL, "--no-eval", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["save_dtype"] == "float32" and report["streamed"] is True
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_a_bfloat16_checkpoint_is_computed_in_float32_on_a_cpu_without_fast_bfloat16(tmp_path, tiny_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import prune_cli.model_io as model_io
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    monkeypatch.setattr(model_io, "fast_low_precision_on_cpu", lambda dtype: False)
+    result = run("compress", src, "--method", "wanda", "--sparsity", "0.5", *SMALL, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["dtype"], report["save_dtype"]) == ("float32", "bfloat16")
+    assert "computing in float32" in result.stderr
