@@ -109,6 +109,7 @@ class OwlScoresStage(Stage):
         self.plan, self.windows, self.batch_size, self.ms = plan, windows, batch_size, ms
         self.norms: list[dict[str, torch.Tensor]] = []
         self.ratios: dict[float, list[float]] = {m: [] for m in ms}
+        self.batches: list = []
 
     def begin(self, driver) -> None:
         self.driver = driver
@@ -155,6 +156,7 @@ class OwlCandidatesStage(Stage):
         self.plan, self.norms, self.candidates = plan, norms, candidates
         self.validation, self.batch_size = validation, batch_size
         self.ppl: list[float] = []
+        self.streams: list[list] = []
 
     def begin(self, driver) -> None:
         self.driver = driver

@@ -120,8 +120,25 @@ def _interrupted(exc, as_json: bool) -> None:
         "previous": "its staging folder was removed; the previous checkpoint at --output is intact",
         "written": "the checkpoint had already been written to --output",
     }.get(state, "nothing was written to --output")
-    _emit_error("Interrupted", f"interrupted by {exc.signal_name}: {on_disk}", None, exc.exit_code, as_json, label="stopped")
+    hint = None
+    if state == "resumable":
+        where = "after the current block" if getattr(exc, "at_block_boundary", False) else "at once"
+        on_disk = (f"stopped {where}; the resume state is kept in {getattr(exc, 'staging', '?')} and --output is "
+                   f"unchanged; continue with: {_resume_command()}")
+    _emit_error("Interrupted", f"interrupted by {exc.signal_name}: {on_disk}", hint, exc.exit_code, as_json, label="stopped")
     raise typer.Exit(exc.exit_code)
+
+
+_ARGV: list[str] | None = None  # this process's prune-cli arguments (set by main)
+
+
+def _resume_command() -> str:
+    """The command that continues this run: the same arguments plus --resume."""
+    import shlex
+
+    args = list(_ARGV if _ARGV is not None else sys.argv[1:])
+    args = [a for a in args if a not in ("--resume", "--no-resume")] + ["--resume"]
+    return shlex.join(["prune-cli", *args])
 
 
 @contextlib.contextmanager
@@ -135,9 +152,13 @@ def _signals_as_interrupts():
         yield
         return
 
+    from prune_cli import stopping
+
+    stopping.reset()
+
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        raise InterruptedRun(name, 128 + signum)
+        stopping.request(InterruptedRun(name, 128 + signum))  # inside a walk: after the current block
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -296,6 +317,8 @@ def compress(
     backend: Optional[str] = typer.Option(None, "--backend", help="Kernels: auto, torch or cupy (cupy needs CUDA and the gpu extra: pip install 'prune-cli\\[gpu]')."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Checkpoint folder to write (required unless --dry-run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder that prune-cli wrote (others are refused)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an interrupted run to the same --output from its last finished block (--no-resume: discard its state and start over)."),
+    checkpoint_interval: float = typer.Option(30.0, "--checkpoint-interval", min=0, help="Seconds between writes of the resume state (0: after every block)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (like HF_HUB_OFFLINE=1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without calibrating."),
@@ -347,7 +370,8 @@ def compress(
         config = resolve(recipe_data, overrides)
         if not dry_run and output is None:
             raise typer.BadParameter("--output DIR is required (or pass --dry-run)", param_hint="--output")
-        request = CompressRequest(config, model, Path(output) if output is not None else None, overwrite, offline)
+        request = CompressRequest(config, model, Path(output) if output is not None else None, overwrite, offline,
+                                  resume, checkpoint_interval)
         if dry_run:
             plan = run_dry(request)
             _emit_json(plan) if as_json else _print_plan(plan)
@@ -422,7 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     from prune_cli.allocator import keep_freed_memory
 
     keep_freed_memory()  # a CLI run owns its process: no page-fault storms (see prune_cli.allocator)
+    global _ARGV
     args = sys.argv[1:] if argv is None else list(argv)
+    _ARGV = args
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="prune-cli", standalone_mode=False)

@@ -24,14 +24,13 @@ import torch
 from torch import nn
 
 from prune_cli.model_io import DTYPE_NAMES_BY_DTYPE, prepare_for_save
-from prune_cli.output import OWNER_FILE, REPORT_FILE, fix_modes
+from prune_cli.output import OWNER_FILE, REPORT_FILE, WORK_FOLDER, fix_modes
 from prune_cli.report import json_ready
 from prune_cli.shards import StreamingCheckpoint, TensorSpec
 from prune_cli.weights import SAFETENSORS_DTYPES, state_names, tied_names
 
 log = logging.getLogger(__name__)
 
-WORK_FOLDER = ".work"  # inside the staging folder: never part of a finished checkpoint
 
 
 def file_list(folder: Path) -> list[dict]:
@@ -170,6 +169,12 @@ class CheckpointWriter:
         self.work = self.folder / WORK_FOLDER
         self.work.mkdir(exist_ok=True)
         self._inside = driver.path + "."
+        self._done = self.work / "written-blocks.json"  # blocks already in the shards (for a resumed run)
+        self.blocks: set[int] = set()
+        if resume and self._done.is_file():
+            self.blocks = set(json.loads(self._done.read_text()))
+            prefixes = tuple(f"{driver.name(i)}." for i in self.blocks)
+            self.weights.written.update(s.name for s in self.specs if s.name.startswith(prefixes))
 
     @torch.no_grad()
     def write_head(self) -> None:
@@ -201,6 +206,10 @@ class CheckpointWriter:
             from safetensors.torch import save_file
 
             save_file(tensors, str(self.work / f"activation-{index:05d}.safetensors"))
+        self.blocks.add(index)
+        tmp = self._done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(self.blocks)))
+        tmp.replace(self._done)
 
     def finish(self, tokenizer, report: dict, source_folder: Path | None = None) -> dict:
         """Close the weight files, write config, generation config, tokenizer, the merged
@@ -217,9 +226,6 @@ class CheckpointWriter:
             generation.save_pretrained(self.folder)
         tokenizer.save_pretrained(self.folder)
         self._merge_activation()
-        import shutil
-
-        shutil.rmtree(self.work, ignore_errors=True)
         fix_modes(self.folder)
         report["files"] = file_list(self.folder)
         log.debug("wrote %s", ", ".join(files))

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "sparsity.json"
 REPORT_FORMAT = "prune-cli/sparsity-report"
 OWNER_FILE = ".prune-cli-owner.json"
+WORK_FOLDER = ".work"  # in a staging folder: resume state and blocks kept between walks, never exported
 
 
 class OutputNotWritableError(BadInputError):
@@ -78,6 +79,7 @@ class Owner:
     boot_id: str
     start_ticks: int | None
     started: str  # local time, for people
+    stopped: bool = False  # the run ended, keeping its staging folder for --resume
 
     @classmethod
     def current(cls) -> "Owner":
@@ -89,7 +91,7 @@ class Owner:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(int(data["pid"]), str(data["host"]), str(data.get("boot_id", "")),
-                       data.get("start_ticks"), str(data.get("started", "?")))
+                       data.get("start_ticks"), str(data.get("started", "?")), bool(data.get("stopped", False)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -103,6 +105,8 @@ class Owner:
     def alive(self) -> bool:
         """Whether the owning process still runs. Only answerable on this host; a run on
         another host counts as alive (its folders are left alone)."""
+        if self.stopped:
+            return False
         if not self.local:
             return True
         if self.boot_id and _boot_id() and self.boot_id != _boot_id():
@@ -316,13 +320,30 @@ def _remove_owned(folder: Path) -> None:
         folder.rmdir()
 
 
-def clean_leftovers(output: Path) -> list[str]:
+def _resumable(folder: Path) -> dict | None:
+    """The resume state an interrupted run left in staging ``folder``, when it finished at least
+    one block (:mod:`prune_cli.resume`)."""
+    from prune_cli.resume import ResumeState
+
+    state = ResumeState.saved_progress(folder)
+    return state if state and (state.get("blocks_done") or state.get("finished")) else None
+
+
+def describe_progress(state: dict) -> str:
+    walks = len(state.get("finished") or {})
+    return f"{state.get('blocks_done', 0)} blocks done over {walks} finished walk(s), saved {state.get('written', '?')}"
+
+
+def clean_leftovers(output: Path, keep_resumable: bool = False) -> tuple[list[str], list[Path]]:
     """Deal with staging (``.NAME.partial-*``) and replaced (``.NAME.old-*``) folders that
     earlier runs to ``output`` left behind: remove those of dead runs on this host, restore a
     previous checkpoint that a killed ``--overwrite`` moved aside when nothing replaced it, and
-    report the rest. Call with the output's lock held. Returns the messages (also logged)."""
+    report the rest. A dead run's staging folder that holds resume state is kept (and returned,
+    newest first) with ``keep_resumable``. Call with the output's lock held. Returns the
+    messages (also logged) and the resumable folders."""
     partial, old, _ = _names(output)
     messages: list[str] = []
+    resumable: list[Path] = []
     parent = output.parent
     try:
         entries = sorted(parent.iterdir())
@@ -342,6 +363,11 @@ def clean_leftovers(output: Path) -> list[str]:
         elif owner.alive():
             msg = f"found {folder} ({kind} folder, {size}) of a live run ({owner.describe()}); left alone"
             log.warning(msg)
+        elif kind == "staging" and keep_resumable and (state := _resumable(folder)) is not None:
+            resumable.append(folder)
+            msg = (f"found {folder.name}, the resume state of an interrupted run ({owner.describe()}; "
+                   f"{describe_progress(state)}): kept")
+            log.info(msg)
         elif kind == "replaced-checkpoint" and (folder / "old").is_dir() and not output.exists():
             os.replace(folder / "old", output)
             _remove_owned(folder)
@@ -353,7 +379,8 @@ def clean_leftovers(output: Path) -> list[str]:
             msg = f"removed {folder.name} ({kind} folder, {size}) left by a run that ended ({owner.describe()})"
             log.warning(msg)
         messages.append(msg)
-    return messages
+    resumable.sort(key=lambda f: (f / WORK_FOLDER / "resume" / "state.json").stat().st_mtime, reverse=True)
+    return messages, resumable
 
 
 # ----------------------------------------------------------------------------- the target
@@ -395,11 +422,22 @@ class OutputTarget:
     the finished staging folder onto the output. On exit without commit (error, Ctrl-C,
     SIGTERM) the staging folder is removed, parents this run made are removed again, and the
     lock released: ``state`` then says what the output holds ("absent" or "previous").
+
+    Resume (``resume``): a dead run's staging folder with resume state is never removed by
+    another run that did not ask: ``resume=True`` adopts the newest one as this run's staging
+    folder (:attr:`adopted`), ``None`` keeps them (and says so), ``False`` (``--no-resume``)
+    removes them. A run that stops with resume state worth keeping (:attr:`keep_for_resume`)
+    leaves its staging folder in place; a run that commits removes the resume states it
+    superseded.
     """
 
-    def __init__(self, output: Path, overwrite: bool):
+    def __init__(self, output: Path, overwrite: bool, resume: bool | None = None):
         self.output = output_path(output)
         self.overwrite = overwrite
+        self.resume = resume
+        self.adopted = False
+        self.keep_for_resume = False
+        self.superseded: list[Path] = []
         self.staging: Path | None = None
         self.lock = OutputLock(self.output)
         self.created_parents: list[Path] = []
@@ -410,6 +448,8 @@ class OutputTarget:
     def state(self) -> str:
         if self.committed:
             return "written"
+        if self.keep_for_resume:
+            return "resumable"
         return "previous" if self.output.exists() else "absent"
 
     def __enter__(self) -> "OutputTarget":
@@ -417,11 +457,22 @@ class OutputTarget:
         try:
             self._make_parents()
             self.lock.acquire()
-            self.notes = clean_leftovers(self.output)
+            self.notes, resumable = clean_leftovers(self.output, keep_resumable=self.resume is not False)
             check_output(self.output, self.overwrite)  # a restored checkpoint counts as existing
             partial, _, _ = _names(self.output)
             try:
-                self.staging = Path(tempfile.mkdtemp(prefix=partial, dir=self.output.parent))
+                if self.resume and resumable:
+                    self.staging, self.adopted = resumable[0], True
+                    log.info("resuming the interrupted run in %s", self.staging.name)
+                    resumable = resumable[1:]
+                else:
+                    if self.resume:
+                        log.info("nothing to resume for %s: starting from the first block", self.output)
+                    self.staging = Path(tempfile.mkdtemp(prefix=partial, dir=self.output.parent))
+                    for folder in resumable:
+                        log.warning("kept %s, the resume state of an interrupted run: rerun with --resume to continue "
+                                    "it (or --no-resume to remove it)", folder.name)
+                self.superseded = resumable
                 (self.staging / OWNER_FILE).write_text(Owner.current().to_json(), encoding="utf-8")
             except OSError as exc:
                 raise _not_writable(self.output.parent, self.output, exc) from None
@@ -462,9 +513,10 @@ class OutputTarget:
     def commit(self) -> Path:
         """Move the staging folder onto the output (replacing a previous checkpoint)."""
         assert self.staging is not None
-        fix_modes(self.staging)
         _, old, _ = _names(self.output)
         with _signals_held():
+            shutil.rmtree(self.staging / WORK_FOLDER, ignore_errors=True)  # resume state, blocks kept between walks
+            fix_modes(self.staging)
             if self.output.exists():
                 check_replaceable(self.output)  # it may have changed during the run
                 trash = Path(tempfile.mkdtemp(prefix=old, dir=self.output.parent))
@@ -479,10 +531,21 @@ class OutputTarget:
                 os.replace(self.staging, self.output)
                 self.committed = True
         self.staging = None
+        for folder in self.superseded:  # resume states of runs this one replaced
+            owner = Owner.read(folder / OWNER_FILE)
+            if owner is None or not owner.alive():
+                _remove_owned(folder)
+                log.info("removed %s, the resume state of an earlier run that this checkpoint supersedes", folder.name)
         return self.output
 
     def _undo(self) -> None:
-        if self.staging is not None:
+        if self.staging is not None and self.keep_for_resume:
+            from dataclasses import replace
+
+            stopped = replace(Owner.current(), stopped=True)
+            with contextlib.suppress(OSError):
+                (self.staging / OWNER_FILE).write_text(stopped.to_json(), encoding="utf-8")
+        elif self.staging is not None:
             _remove_owned(self.staging)
             self.staging = None
         if not self.committed:

@@ -28,7 +28,7 @@ from prune_cli.calibrators.sampling import (
 from prune_cli.calibrators.sources import Text, bundled_text, text_from_dataset, text_from_files
 from prune_cli.config import CalibrationConfig, EvaluationConfig, RunConfig
 from prune_cli.driver import BlockDriver
-from prune_cli.errors import BadInputError, CheckpointError, NonFiniteError
+from prune_cli.errors import BadInputError, CheckpointError, InterruptedRun, NonFiniteError
 from prune_cli.evaluate import EvalStage, Perplexity
 from prune_cli.export import WORK_FOLDER, CheckpointWriter, RoundStage, ScratchBlocks, checkpoint_bytes, needs_rounding, weight_specs
 from prune_cli.model_io import (
@@ -48,6 +48,7 @@ from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
 from prune_cli.plan import Plan, build_plan
 from prune_cli.pruning import CalibrationResult, PruneStage, calibrate_and_prune, check_mask  # noqa: F401 - re-exported
 from prune_cli.report import LayerRecord, Timings, overall_sparsity, versions
+from prune_cli.resume import ResumeState
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class CompressRequest:
     output: Path | None
     overwrite: bool = False
     offline: bool = False
+    resume: bool | None = None  # True: continue an interrupted run; False: discard its state; None: keep it
+    checkpoint_interval: float = 30.0  # seconds between resume-state writes (0: after every block)
 
 
 def context_length(model_config) -> int | None:
@@ -185,8 +188,16 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     check_context(load_config(source, offline), _window_lengths(config))
     if request.output is None:
         return _compress(request, source, device, backend, backend_note, None, events)
-    with OutputTarget(request.output, request.overwrite) as target:
-        return _compress(request, source, device, backend, backend_note, target, events)
+    with OutputTarget(request.output, request.overwrite, request.resume) as target:
+        try:
+            return _compress(request, source, device, backend, backend_note, target, events)
+        except BaseException as exc:
+            # an interrupted run's state is kept for --resume; so is one adopted from another run
+            if target.adopted or (isinstance(exc, InterruptedRun) and target.staging is not None
+                                  and ResumeState.saved_progress(target.staging)):
+                target.keep_for_resume = True
+                exc.staging = target.staging
+            raise
 
 
 @dataclass
@@ -297,7 +308,11 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
 
     writer = scratch = work = None
     if target is not None:
-        writer = CheckpointWriter(target.staging, driver, job.save_dtype)
+        resume = ResumeState(target.staging, run_fingerprint(source, config, job, device, backend), request.checkpoint_interval)
+        if target.adopted and not resume.load():
+            raise CheckpointError(f"{target.staging} holds no resume state", hint="pass --no-resume to start over")
+        driver.resume = resume
+        writer = CheckpointWriter(target.staging, driver, job.save_dtype, resume=target.adopted)
         with _timed(timings, "export"):
             writer.write_head()
         work = target.staging / WORK_FOLDER
@@ -384,6 +399,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "layers": [r.to_dict() for r in layers],
         "timings": timings.values,
         "versions": versions(),
+        "resumed": driver.resume.resumed_from if driver.resume is not None else None,
         "output": None,
     }
     if target is None and work is not None:
@@ -440,6 +456,45 @@ def _activation_walks(driver: BlockDriver, config: RunConfig, job: _Job, backend
         driver.walk([stage, *finishing], after_block=[writer.write_block] if writer is not None else [], progress=step,
                     prepare=prepare, timings=timings)
     return {**act.to_dict(), "target_sparsity": act.sparsity, "tokens": "all", "layers": stage.ordered_records()}
+
+
+def _file_digest(path: Path, edge: int = 1 << 20) -> str:
+    """sha256 of a file's size, first and last MiB: tells a changed or other checkpoint file
+    from the same one (copied elsewhere, too) without reading gigabytes."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(edge))
+        if size > edge:
+            handle.seek(max(edge, size - edge))
+            digest.update(handle.read(edge))
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(source: ModelSource, config: RunConfig, job: "_Job", device, backend) -> dict:
+    """What a resumed run must share with the interrupted one: the model's files, the resolved
+    recipe, the token windows, devices, dtypes and versions."""
+    from prune_cli.model_io import local_folder
+
+    folder = local_folder(source, offline=True) if source.kind != "hub" else None
+    files = {}
+    if folder is not None:
+        names = [source.gguf_file] if source.gguf_file else sorted(
+            p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        files = {name: _file_digest(Path(folder) / name) for name in names}
+    return {
+        "model": {**source.to_dict(), "files": files},
+        "recipe": config.to_recipe(),
+        "calibration_tokens": fingerprint(job.cal_windows),
+        "evaluation_tokens": None if job.eval_windows is None else fingerprint(job.eval_windows),
+        "device": str(device),
+        "backend": backend.name,
+        "dtype": DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype),
+        "save_dtype": DTYPE_NAMES_BY_DTYPE.get(job.save_dtype),
+        "versions": {k: v for k, v in versions().items() if k != "python"},
+    }
 
 
 def _check_dense_loss(dense: Perplexity, dtype: str) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from prune_cli.errors import BadInputError
+from prune_cli.output import WORK_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class ResumeState:
     """The resume state of one run in ``staging/.work/resume`` (see the module docstring)."""
 
     def __init__(self, staging: Path, fingerprint: dict, interval: float = 30.0):
-        self.folder = Path(staging) / ".work" / "resume"
+        self.folder = Path(staging) / WORK_FOLDER / "resume"
         self.fingerprint = fingerprint
         self.interval = interval
         self.finished: dict[int, object] = {}  # walk id -> packed finished states
@@ -121,7 +122,7 @@ class ResumeState:
     def saved_progress(staging: Path) -> dict | None:
         """What an interrupted run in ``staging`` got done: ``{"walks", "position",
         "blocks_done", "fingerprint"}``, or None when it left no resume state."""
-        path = Path(staging) / ".work" / "resume" / STATE_FILE
+        path = Path(staging) / WORK_FOLDER / "resume" / STATE_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -123,6 +123,7 @@ class _KeepInputs(Stage):
     def __init__(self, windows: torch.Tensor):
         self.windows = windows
         self.inputs: list[list[torch.Tensor]] = []
+        self.batches: list = []
 
     def begin(self, driver) -> None:
         self.driver = driver
@@ -151,6 +152,7 @@ class _BackpropagateBlocks(Stage):
     def __init__(self, targets: list[Target], forward: _KeepInputs, grads: list[torch.Tensor], windows: torch.Tensor):
         self.targets, self.forward, self.grads, self.windows = targets, forward, grads, windows
         self.fisher: dict[str, torch.Tensor] = {}
+        self.batches: list = []
 
     def begin(self, driver) -> None:
         self.batches = driver.capture(self.windows, 1)  # each window's block arguments (rotary, mask)
@@ -204,6 +206,7 @@ class _CurvesStage(Stage):
         self.max_tokens, self.fisher = max_tokens, fisher
         self.generator = torch.Generator().manual_seed(seed)
         self.curves: dict[str, list[float]] = {}
+        self.batches: list = []
 
     def begin(self, driver) -> None:
         self.driver = driver
@@ -301,6 +304,7 @@ class ActivationStage(Stage):
         self.backend, self.prepare = backend, prepare
         self.generator = torch.Generator().manual_seed(seed)
         self.records: dict[str, dict] = {}
+        self.batches: list = []
 
     def begin(self, driver) -> None:
         self.driver = driver

@@ -5,8 +5,9 @@
 When the run reaches STAGE it writes its PID to FLAG_FILE and sleeps, so the test can send a
 signal at a known point. Stages: ``load`` (weights loaded), ``calibration`` (first block
 propagated), ``export`` (weights and tokenizer written into the staging folder, report not
-yet), ``swap`` (an ``--overwrite`` has moved the previous checkpoint aside and not yet moved the
-new one in; SIGINT/SIGTERM are held there, so only SIGKILL lands).
+yet), ``resume-state`` (the first resume state of a block written), ``swap`` (an
+``--overwrite`` has moved the previous checkpoint aside and not yet moved the new one in;
+SIGINT/SIGTERM are held there, so only SIGKILL lands).
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from pathlib import Path
 
 
 def _pause(flag: str) -> None:
+    """Sleep up to 120 s; a stop request that waits for the end of the block (prune-cli defers
+    the first SIGINT / SIGTERM inside a walk) ends the pause, as the block would end."""
+    from prune_cli import stopping
+
     Path(flag).write_text(str(os.getpid()))
-    time.sleep(120)
+    for _ in range(2400):
+        time.sleep(0.05)
+        if stopping.pending():
+            return
 
 
 def _patch(stage: str, flag: str) -> None:
@@ -55,6 +63,18 @@ def _patch(stage: str, flag: str) -> None:
             _pause(flag)
 
         export.fix_modes = fix_modes_then_pause
+    elif stage == "resume-state":
+        from prune_cli.resume import ResumeState
+
+        original = ResumeState.block_done
+
+        def block_done_then_pause(self, *args, **kwargs):
+            wrote = original(self, *args, **kwargs)
+            if wrote:
+                _pause(flag)
+            return wrote
+
+        ResumeState.block_done = block_done_then_pause
     elif stage == "swap":
         import prune_cli.output as output
 

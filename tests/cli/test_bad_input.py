@@ -14,11 +14,13 @@ import os
 import signal
 import stat
 import subprocess
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
@@ -362,12 +364,32 @@ def _wait_for(flag: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stage", ["load", "calibration", "export"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, tiny_llama_dir, checkpoint, stage, signum):
-    """Ctrl-C or SIGTERM at any stage: the run's staging folder is removed, the previous
-    checkpoint at --output is untouched, one line says so, and the exit code names the signal."""
+def test_interrupt_before_any_block_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, tiny_llama_dir, checkpoint, signum):
+    """Ctrl-C or SIGTERM before any block is done (loading): the run's staging folder is removed,
+    the previous checkpoint at --output is untouched, one line says so, and the exit code names
+    the signal."""
     before = fingerprint(checkpoint.parent)
+    flag = tmp_path / "reached"
+    args = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", checkpoint, "--overwrite", "--json"]
+    proc = _start("load", flag, args, tmp_path)
+    _wait_for(flag, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    last = [l for l in err.splitlines() if l.strip()][-1]
+    assert last.startswith("stopped:") and signal.Signals(signum).name in last and "previous checkpoint" in last, err
+    assert json.loads(out)["exit_code"] == 128 + signum
+    assert fingerprint(checkpoint.parent) == before
+
+
+@pytest.mark.parametrize("stage", ["calibration", "export"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_after_a_block_keeps_the_resume_state_and_prints_the_command(tmp_path, tiny_llama_dir, checkpoint, stage, signum):
+    """Ctrl-C or SIGTERM in a walk stops after the current block, at export at once; either way
+    the resume state is kept beside --output (the previous checkpoint untouched), the last line
+    gives the exact command that continues the run, and that command finishes it."""
+    before = fingerprint(checkpoint)
     flag = tmp_path / "reached"
     args = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", checkpoint, "--overwrite", "--json"]
     proc = _start(stage, flag, args, tmp_path)
@@ -378,15 +400,24 @@ def test_interrupt_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, tin
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, err
     last = [l for l in err.splitlines() if l.strip()][-1]
-    assert last.startswith("stopped:") and signal.Signals(signum).name in last and "previous checkpoint" in last, err
+    assert last.startswith("stopped:") and signal.Signals(signum).name in last and "resume state is kept" in last, err
     assert json.loads(out)["exit_code"] == 128 + signum
-    assert fingerprint(checkpoint.parent) == before
+    assert fingerprint(checkpoint) == before
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert command[0] == "prune-cli" and command[-1] == "--resume"
+    resumed = run(*command[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed"] is not None
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("stage", ["load", "calibration", "export"])
-def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path, tiny_llama_dir, checkpoint, stage):
+@pytest.mark.parametrize("stage,said", [("load", "left by a run that ended"), ("calibration", "left by a run that ended"),
+                                        ("export", "supersedes")])
+def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path, tiny_llama_dir, checkpoint, stage, said):
     """SIGKILL cannot be caught: the previous checkpoint is still intact, and the next run to
-    the same output removes what the killed run left (its staging folder, its lock) and says so."""
+    the same output removes what the killed run left (its staging folder, its lock) and says so;
+    a staging folder with resume state (after the walks, at export) is kept until this run's
+    checkpoint supersedes it."""
     before = fingerprint(checkpoint)
     flag = tmp_path / "reached"
     args = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", checkpoint, "--overwrite"]
@@ -399,8 +430,30 @@ def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path, tiny_llama_dir,
     assert any(n.startswith(".out.partial-") for n in leftovers) and ".out.prune-cli.lock" in leftovers
     result = run("compress", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5", *FAST, "-o", checkpoint, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert "left by a run that ended" in result.stderr and f"PID {proc.pid}" in result.stderr
+    assert said in result.stderr and f"PID {proc.pid}" in result.stderr
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["out"]
+
+
+def test_sigkill_mid_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_llama_dir):
+    """A run killed (SIGKILL: nothing of it runs again) after the resume state of a block was
+    written continues with --resume to exactly the checkpoint of an uninterrupted run."""
+    args = ["--method", "sparsegpt", "--sparsity", "0.5", "--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1",
+            "--eval-seqlen", "16", "--device", "cpu"]
+    assert run("compress", tiny_llama_dir, *args, "-o", tmp_path / "reference").exit_code == 0
+    out = tmp_path / "out"
+    flag = tmp_path / "reached"
+    proc = _start("resume-state", flag, ["compress", tiny_llama_dir, *args, "-o", out, "--checkpoint-interval", "0"], tmp_path)
+    _wait_for(flag, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    result = run("compress", tiny_llama_dir, *args, "-o", out, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["resumed"]["blocks_done"] == 1
+    from safetensors.torch import load_file
+
+    ours, theirs = (load_file(str(p / "model.safetensors")) for p in (out, tmp_path / "reference"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((out / "sparsity.json").read_text())["ppl"] == json.loads((tmp_path / "reference" / "sparsity.json").read_text())["ppl"]
 
 
 def test_sigkill_during_the_overwrite_swap_restores_the_previous_checkpoint(tmp_path, tiny_llama_dir, checkpoint):
