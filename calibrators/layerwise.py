@@ -27,7 +27,8 @@ remembers the names of the blocks it was given.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -69,14 +70,14 @@ def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str
     """Raise :class:`NonFiniteError` unless the hidden states of ``batches`` (just computed by
     ``block``) are all finite: naming a non-finite parameter of the block if there is one
     (pruning changed it), else the block. One host sync. (The block's inputs are gone by now,
-    replaced to keep one block's activations in memory, so the submodule is not searched.)"""
-    hidden = [b.hidden for b in batches]
-    if all_finite(hidden):
+    replaced to keep one block's activations in memory, so the submodule is not searched.)
+    Batches are read one at a time (spilled batches are never all in memory)."""
+    if all_finite(b.hidden for b in batches):
         return
     check_finite_parameters(block, prefix=_known_name(block, name), hint=CHANGED_WEIGHTS_HINT)
     raise NonFiniteError(
-        f"non-finite {what} at the output of {block_name(block, name)}: {describe_nonfinite(hidden)}",
-        hint=_overflow_hint(hidden[0].dtype),
+        f"non-finite {what} at the output of {block_name(block, name)}: {describe_nonfinite(b.hidden for b in batches)}",
+        hint=_overflow_hint(batches[0].dtype),
     )
 
 
@@ -115,33 +116,39 @@ class _SharedInputs:
 
 @dataclass
 class BlockBatch:
-    """One batch of block inputs: ``hidden`` is ``(batch, seqlen, hidden_size)``."""
+    """One batch of block inputs: ``hidden`` is ``(batch, seqlen, hidden_size)``. (A
+    :class:`~prune_cli.calibrators.spill.SpilledBatch` keeps ``hidden`` in a file.)"""
 
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
 
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
 
-def _to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def held(self):
+        """The current hidden states, kept as they are by later assignments."""
+        return self.hidden
+
+    def copy(self) -> "BlockBatch":
+        return replace(self)
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device,
+    keep: Callable[[BlockBatch], BlockBatch] | None = None,
 ) -> list[BlockBatch]:
     """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches.
     Records the blocks' names (:func:`block_name`); raises :class:`NonFiniteError` when the
     inputs are not finite. Moves nothing: the parts of the model before the first block must be
-    on ``device`` already (the :class:`~prune_cli.driver.BlockDriver` places them)."""
+    on ``device`` already (the :class:`~prune_cli.driver.BlockDriver` places them). ``keep``
+    turns each batch, as soon as it is captured, into what is kept (e.g. a spilled batch)."""
     path = next((n for n, m in model.named_modules() if m is blocks), None)
     if path:
         for index, block in enumerate(blocks):
@@ -157,7 +164,8 @@ def capture_block_inputs(
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        captured.append(BlockBatch(hidden.detach(), rest, kwargs))
+        batch = BlockBatch(hidden.detach(), rest, kwargs)
+        captured.append(keep(batch) if keep is not None else batch)
         raise _StopAtFirstBlock
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -177,8 +185,8 @@ def capture_block_inputs(
         first = block_name(blocks[0])
         raise NonFiniteError(
             f"non-finite calibration activations at the input of {first} (the embeddings' output): "
-            f"{describe_nonfinite([b.hidden for b in captured])}",
-            hint=_overflow_hint(captured[0].hidden.dtype),
+            f"{describe_nonfinite(b.hidden for b in captured)}",
+            hint=_overflow_hint(captured[0].dtype),
         )
     return captured
 
@@ -253,8 +261,9 @@ def collect_input_stats(
     try:
         for batch in batches:
             called.clear()
+            hidden = batch.hidden
             try:
-                output = block(batch.hidden, *batch.args, **batch.kwargs)
+                output = block(hidden, *batch.args, **batch.kwargs)
             except _InputsSeen:
                 output = None
             for leader, x in pending:
@@ -262,7 +271,7 @@ def collect_input_stats(
                 if leader not in groups:
                     union = frozenset().union(*(wanted[n] for n in names))
                     groups[leader] = InputStats(
-                        x.shape[-1], union, consumers=list(names), tokens_per_window=batch.hidden.shape[1], block=label
+                        x.shape[-1], union, consumers=list(names), tokens_per_window=hidden.shape[1], block=label
                     )
                     readers[leader] = tuple(names)
                     for n in names:
@@ -327,7 +336,7 @@ def collect_inputs(
     result = {local: torch.cat(chunks) for local, chunks in parts.items() if chunks}
     for local, matrix in result.items():
         readers = [local, *(r for r, leader in shared.items() if leader == local)]
-        _check_sample(matrix, block, name, readers, batches[0].hidden.dtype)
+        _check_sample(matrix, block, name, readers, batches[0].dtype)
     if update_hidden:
         check_block_outputs(block, batches, name)
     for local, leader in shared.items():
@@ -388,7 +397,7 @@ def collect_first_input(
             parts.append(sample.rows(seen["x"], index))
     x = torch.cat(parts) if parts else None
     if x is not None:
-        _check_sample(x, block, name, names, batches[0].hidden.dtype)
+        _check_sample(x, block, name, names, batches[0].dtype)
     return names, x
 
 
@@ -397,7 +406,7 @@ class _TokenSample:
     when there are no more): one ``randperm`` from ``generator``, drawn at construction."""
 
     def __init__(self, batches: list[BlockBatch], max_tokens: int, generator: torch.Generator):
-        sizes = [b.hidden.shape[0] * b.hidden.shape[1] for b in batches]
+        sizes = [b.tokens for b in batches]
         total = sum(sizes)
         chosen = torch.randperm(total, generator=generator)[:max_tokens].sort().values if total > max_tokens else None
         self.local: list[torch.Tensor | None] = []  # per batch: its chosen token positions

@@ -130,7 +130,7 @@ class OwlScoresStage(Stage):
         self.batches = []
 
     def state_dict(self) -> dict:
-        return {"hidden": [b.hidden for b in self.batches], "norms": self.norms, "ratios": self.ratios}
+        return {"hidden": [b.held() for b in self.batches], "norms": self.norms, "ratios": self.ratios}
 
     def load_state_dict(self, state: dict) -> None:
         if self.batches:
@@ -161,7 +161,7 @@ class OwlCandidatesStage(Stage):
     def begin(self, driver) -> None:
         self.driver = driver
         first = driver.capture(self.validation, self.batch_size)
-        self.streams = [first] + [[replace(b) for b in first] for _ in self.candidates[1:]]
+        self.streams = [first] + [[b.copy() for b in first] for _ in self.candidates[1:]]
 
     @torch.no_grad()
     def on_block(self, index: int, block) -> None:
@@ -194,7 +194,7 @@ class OwlCandidatesStage(Stage):
         self.streams = []
 
     def state_dict(self) -> dict:
-        return {"streams": [[b.hidden for b in stream] for stream in self.streams], "ppl": self.ppl}
+        return {"streams": [[b.held() for b in stream] for stream in self.streams], "ppl": self.ppl}
 
     def load_state_dict(self, state: dict) -> None:
         for stream, hidden in zip(self.streams, state["streams"]):

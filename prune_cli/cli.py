@@ -319,6 +319,7 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder that prune-cli wrote (others are refused)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an interrupted run to the same --output from its last finished block (--no-resume: discard its state and start over)."),
     checkpoint_interval: float = typer.Option(30.0, "--checkpoint-interval", min=0, help="Seconds between writes of the resume state (0: after every block)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory for the calibration activations, e.g. 8GB; beyond it they are kept on disk (default: 40% of the RAM or cgroup limit)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (like HF_HUB_OFFLINE=1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without calibrating."),
@@ -365,13 +366,17 @@ def compress(
             "save_dtype": save_dtype,
             "backend": backend,
         }
+        if max_memory is not None:
+            from prune_cli.memory import parse_size
+
+            parse_size(max_memory)  # a bad size is a usage error now, not after loading
         if output is not None and not output.strip():
             raise typer.BadParameter("must not be empty", param_hint="--output")
         config = resolve(recipe_data, overrides)
         if not dry_run and output is None:
             raise typer.BadParameter("--output DIR is required (or pass --dry-run)", param_hint="--output")
         request = CompressRequest(config, model, Path(output) if output is not None else None, overwrite, offline,
-                                  resume, checkpoint_interval)
+                                  resume, checkpoint_interval, max_memory)
         if dry_run:
             plan = run_dry(request)
             _emit_json(plan) if as_json else _print_plan(plan)

@@ -112,10 +112,12 @@ class Stage:
 def restore_hidden(batches: list[BlockBatch], hidden: list[torch.Tensor]) -> None:
     """Put saved hidden states back into freshly captured ``batches`` (their other inputs, e.g.
     rotary embeddings and masks, are the capture's own)."""
+    from prune_cli.calibrators.spill import SpilledBatch, value
+
     if len(hidden) != len(batches):
         raise RuntimeError(f"resume state holds {len(hidden)} batches, the capture made {len(batches)}")
     for batch, h in zip(batches, hidden):
-        batch.hidden = h
+        batch.hidden = h if isinstance(batch, SpilledBatch) else value(h)
 
 
 class _Replay(nn.Module):
@@ -153,6 +155,7 @@ class BlockDriver:
         self.tuple_output = False
         self._replayed: torch.Tensor | None = None
         self.resume = None  # a prune_cli.resume.ResumeState: walks keep and resume their state
+        self.spill_folder = None  # a folder: captured hidden states are kept there, not in memory
         self._walks = 0
         if weights is not None:
             self.templates = list(self.found.modules)
@@ -265,9 +268,15 @@ class BlockDriver:
     # ------------------------------------------------------------------ streams
 
     def capture(self, windows: torch.Tensor, batch_size: int) -> list[BlockBatch]:
-        """The first block's inputs for ``windows`` (``(n, seqlen)`` ids) in batches, on the device."""
+        """The first block's inputs for ``windows`` (``(n, seqlen)`` ids) in batches, on the device
+        (in files of :attr:`spill_folder` when it is set)."""
+        keep = None
+        if self.spill_folder is not None:
+            from prune_cli.calibrators.spill import spill
+
+            keep = lambda batch: spill(batch, self.spill_folder)  # noqa: E731
         with self.head_on_device():
-            return layerwise.capture_block_inputs(self.model, self.found.modules, windows, batch_size, self.device)
+            return layerwise.capture_block_inputs(self.model, self.found.modules, windows, batch_size, self.device, keep)
 
     @torch.no_grad()
     def head_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

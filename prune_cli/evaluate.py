@@ -99,7 +99,7 @@ class EvalStage(Stage):
 
     def state_dict(self) -> dict:
         return {
-            "hidden": [b.hidden for b in self.batches],
+            "hidden": [b.held() for b in self.batches],
             "result": None if self.result is None else [self.result.ppl, self.result.nll, self.result.tokens],
             "tally": None if self.tally is None else {n: list(vars(c).values()) for n, c in self.tally.counts.items()},
         }

@@ -104,6 +104,7 @@ class CompressRequest:
     offline: bool = False
     resume: bool | None = None  # True: continue an interrupted run; False: discard its state; None: keep it
     checkpoint_interval: float = 30.0  # seconds between resume-state writes (0: after every block)
+    max_memory: str | None = None  # budget of the calibration activations ("8GB"); None: a share of the RAM
 
 
 def context_length(model_config) -> int | None:
@@ -307,6 +308,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     finishing = ([RoundStage(job.save_dtype)] if rounding else []) + ([compressed_eval] if compressed_eval else [])
 
     writer = scratch = work = None
+    spill_to = _plan_memory(request, job, target)
     if target is not None:
         resume = ResumeState(target.staging, run_fingerprint(source, config, job, device, backend), request.checkpoint_interval)
         if target.adopted and not resume.load():
@@ -316,6 +318,13 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         with _timed(timings, "export"):
             writer.write_head()
         work = target.staging / WORK_FOLDER
+    if spill_to is not None:
+        import shutil
+        import tempfile
+
+        work = work or Path(tempfile.mkdtemp(prefix="prune-cli-work-"))
+        shutil.rmtree(work / "activations", ignore_errors=True)  # an interrupted run's (its resume state links what it needs)
+        driver.spill_folder = work / "activations"
     plan, allocation = job.plan, None
     if config.owl is not None:
         with progress.walk("allocation", walks=2 if job.val_windows is not None else 1) as step:
@@ -456,6 +465,35 @@ def _activation_walks(driver: BlockDriver, config: RunConfig, job: _Job, backend
         driver.walk([stage, *finishing], after_block=[writer.write_block] if writer is not None else [], progress=step,
                     prepare=prepare, timings=timings)
     return {**act.to_dict(), "target_sparsity": act.sparsity, "tokens": "all", "layers": stage.ordered_records()}
+
+
+def _plan_memory(request: CompressRequest, job: "_Job", target) -> bool | None:
+    """Whether the job's calibration activations go to disk: their estimate (every stream of
+    hidden states the walks keep) against ``--max-memory`` (default: a share of the machine's or
+    cgroup's memory). Returns True to spill, None to keep them in memory; says which."""
+    from prune_cli import memory
+
+    config, driver = request.config, job.driver
+    text = driver.model.config.get_text_config() if hasattr(driver.model.config, "get_text_config") else driver.model.config
+    cal, ev = config.calibration, config.evaluation
+    streams = {
+        "calibration": cal.samples * cal.seqlen,
+        "evaluation": 2 * ev.windows * ev.seqlen if job.eval_windows is not None else 0,
+        "OWL candidates": 0 if job.val_windows is None else
+        len(config.owl.m_grid) * len(config.owl.lambda_grid) * job.val_windows.numel(),
+        "fisher inputs": 8 * cal.seqlen if config.activation is not None and config.activation.allocation == "greedy" else 0,
+    }
+    element = torch.empty((), dtype=job.opened.compute_dtype).element_size()
+    sizes = memory.activation_bytes(text.hidden_size, element, driver.n_blocks, streams)
+    total = sum(sizes.values())
+    budget = memory.parse_size(request.max_memory) if request.max_memory else int(memory.memory_limit() * memory.DEFAULT_FRACTION)
+    detail = ", ".join(f"{k} {memory.human(v)}" for k, v in sizes.items())
+    if total <= budget:
+        log.debug("calibration activations %s (%s) fit in --max-memory %s", memory.human(total), detail, memory.human(budget))
+        return None
+    log.info("calibration activations need about %s (%s), more than --max-memory %s: they are kept on disk",
+             memory.human(total), detail, memory.human(budget))
+    return True
 
 
 def _file_digest(path: Path, edge: int = 1 << 20) -> str:

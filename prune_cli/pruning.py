@@ -105,7 +105,7 @@ class PruneStage(Stage):
         self.batches = []
 
     def state_dict(self) -> dict:
-        return {"hidden": [b.hidden for b in self.batches],
+        return {"hidden": [b.held() for b in self.batches],
                 "records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity]
                             for r in self.records]}
 

@@ -69,10 +69,19 @@ def differences(old: dict, new: dict, limit: int = 3) -> list[str]:
 class _Tensors:
     """Splits tensors out of nested state data (into ``{"__tensor__": key}`` markers) and back."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path | None = None, stamp: str = "") -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.folder, self.stamp = folder, stamp
+        self.files: list[str] = []  # spilled tensors linked into the state folder
 
     def pack(self, data):
+        from prune_cli.calibrators.spill import FileTensor
+
+        if isinstance(data, FileTensor):  # spilled hidden states: linked, never read
+            name = f"{self.stamp}-f{len(self.files)}.safetensors"
+            data.link(self.folder / name)
+            self.files.append(name)
+            return {"__file__": name, "__shape__": list(data.shape), "__dtype__": str(data.dtype), "__device__": data.device}
         if isinstance(data, torch.Tensor):
             key = f"t{len(self.tensors)}"
             self.tensors[key] = data.detach().cpu().contiguous().clone()
@@ -86,18 +95,26 @@ class _Tensors:
         return data
 
     @staticmethod
-    def unpack(data, tensors: dict[str, torch.Tensor]):
+    def unpack(data, tensors: dict[str, torch.Tensor], folder: Path | None = None):
         if isinstance(data, dict):
+            if "__file__" in data:
+                from prune_cli.calibrators.spill import FileTensor
+
+                dtype = getattr(torch, data["__dtype__"].split(".")[-1])
+                saved = FileTensor(Path(folder) / data["__file__"], tuple(data["__shape__"]), dtype, data["__device__"])
+                # a link of its own: the state's files are replaced by the next write, a restored
+                # handle (the Fisher pass's kept inputs) must outlive that
+                return saved.link(Path(folder) / f"live-{time.time_ns()}-{data['__file__']}")
             if "__tensor__" in data:
                 return tensors[data["__tensor__"]].to(data["__device__"])
             if "__generator__" in data:
                 generator = torch.Generator()
-                generator.set_state(_Tensors.unpack(data["__generator__"], tensors).cpu())
+                generator.set_state(_Tensors.unpack(data["__generator__"], tensors, folder).cpu())
                 return generator
             if "__dict__" in data:
-                return {k: _Tensors.unpack(v, tensors) for k, v in data["__dict__"]}
+                return {k: _Tensors.unpack(v, tensors, folder) for k, v in data["__dict__"]}
         if isinstance(data, list):
-            return [_Tensors.unpack(v, tensors) for v in data]
+            return [_Tensors.unpack(v, tensors, folder) for v in data]
         return data
 
 
@@ -115,6 +132,7 @@ class ResumeState:
         self._last_write = time.monotonic()
         self.resumed_from: dict | None = None
         self.blocks_done = 0
+        self._files: list[str] = []  # spilled tensors the current state links to
 
     # -------------------------------------------------------------- reading
 
@@ -146,6 +164,7 @@ class ResumeState:
         from safetensors.torch import load_file
 
         self.tensor_file = data.get("tensors")
+        self._files = list(data.get("files", []))
         self._tensors = load_file(str(self.folder / self.tensor_file)) if self.tensor_file else {}
         self.finished = {int(k): v for k, v in data["finished"].items()}
         self.current = data.get("current")
@@ -157,14 +176,14 @@ class ResumeState:
     def finished_states(self, walk: int) -> list | None:
         if walk not in self.finished:
             return None
-        return _Tensors.unpack(self.finished[walk], self._tensors)
+        return _Tensors.unpack(self.finished[walk], self._tensors, self.folder)
 
     def current_states(self, walk: int) -> tuple[int, list] | None:
         """``(position of the next block in the walk, the stages' states)`` when ``walk`` is the
         one that was in progress."""
         if self.current is None or self.current["walk"] != walk:
             return None
-        return self.current["position"], _Tensors.unpack(self.current["states"], self._tensors)
+        return self.current["position"], _Tensors.unpack(self.current["states"], self._tensors, self.folder)
 
     # -------------------------------------------------------------- writing
 
@@ -188,26 +207,30 @@ class ResumeState:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        packer = _Tensors()
+        base = f"state-{time.time_ns()}"
+        stamp = f"{base}.safetensors"
+        packer = _Tensors(self.folder, base)
         # finished walks' tensors are re-packed into each file, so one file holds the whole state
         finished = {}
         for walk, packed in self.finished.items():
-            value = packed if walk == fresh_finished else _Tensors.unpack(packed, self._tensors)
+            value = packed if walk == fresh_finished else _Tensors.unpack(packed, self._tensors, self.folder)
             finished[str(walk)] = packer.pack(value)
         packed_current = None if current is None else {**current, "states": packer.pack(current["states"])}
-        stamp = f"state-{time.time_ns()}.safetensors"
         save_file(packer.tensors, str(self.folder / stamp))
         data = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-            "finished": finished, "current": packed_current, "tensors": stamp, "blocks_done": self.blocks_done,
-            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "finished": finished, "current": packed_current, "tensors": stamp, "files": packer.files,
+            "blocks_done": self.blocks_done, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         tmp = self.folder / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.folder / STATE_FILE)
         old, self.tensor_file = self.tensor_file, stamp
+        old_files, self._files = self._files, packer.files
         self._tensors = packer.tensors
         self.finished = {int(k): v for k, v in finished.items()}
         if old and old != stamp:
             (self.folder / old).unlink(missing_ok=True)
+        for name in old_files:
+            (self.folder / name).unlink(missing_ok=True)
         self._last_write = time.monotonic()

@@ -31,7 +31,7 @@ from torch import nn
 
 from prune_cli.activation.methods import ActivationMethod
 from prune_cli.activation.modules import SparseInputLinear
-from prune_cli.calibrators import layerwise
+from prune_cli.calibrators import layerwise, spill
 from prune_cli.errors import RecipeError
 from prune_cli.finite import check_finite_parameters, check_finite_tensor
 from prune_cli.driver import Stage, as_driver, restore_hidden
@@ -130,17 +130,17 @@ class _KeepInputs(Stage):
         self.batches = driver.capture(self.windows, 1)
 
     def on_block(self, index: int, block: nn.Module) -> None:
-        self.inputs.append([b.hidden for b in self.batches])
+        self.inputs.append([b.held() for b in self.batches])
         layerwise.propagate(block, self.batches, name=self.driver.name(index))
 
     def state_dict(self) -> dict:
-        return {"hidden": [b.hidden for b in self.batches], "inputs": self.inputs}
+        return {"hidden": [b.held() for b in self.batches], "inputs": self.inputs}
 
     def load_state_dict(self, state: dict) -> None:
         if self.batches:
             restore_hidden(self.batches, state["hidden"])
         else:  # a finished walk: only the last block's outputs are read (by the head)
-            self.batches = [layerwise.BlockBatch(h, (), {}) for h in state["hidden"]]
+            self.batches = [layerwise.BlockBatch(spill.value(h), (), {}) for h in state["hidden"]]
         self.inputs = state["inputs"]
 
 
@@ -179,7 +179,7 @@ class _BackpropagateBlocks(Stage):
                 p.requires_grad_(False)
             with torch.enable_grad():
                 for w, batch in enumerate(self.batches):
-                    x = self.forward.inputs[index][w].detach().requires_grad_()
+                    x = spill.value(self.forward.inputs[index][w]).detach().requires_grad_()
                     y = layerwise._block_output(block(x, *batch.args, **batch.kwargs))
                     self.grads[w] = torch.autograd.grad(y, x, self.grads[w])[0]
         finally:
@@ -187,6 +187,9 @@ class _BackpropagateBlocks(Stage):
                 handle.remove()
             for p, flag in frozen.items():
                 p.requires_grad_(flag)
+        for kept in self.forward.inputs[index]:
+            if isinstance(kept, spill.FileTensor):
+                kept.path.unlink(missing_ok=True)
         self.forward.inputs[index] = []
 
     def state_dict(self) -> dict:
@@ -238,7 +241,7 @@ class _CurvesStage(Stage):
         self.batches = []
 
     def state_dict(self) -> dict:
-        return {"hidden": [b.hidden for b in self.batches], "generator": self.generator, "curves": self.curves}
+        return {"hidden": [b.held() for b in self.batches], "generator": self.generator, "curves": self.curves}
 
     def load_state_dict(self, state: dict) -> None:
         if self.batches:
@@ -332,7 +335,7 @@ class ActivationStage(Stage):
         self.batches = []
 
     def state_dict(self) -> dict:
-        return {"hidden": [b.hidden for b in self.batches], "generator": self.generator, "records": self.records}
+        return {"hidden": [b.held() for b in self.batches], "generator": self.generator, "records": self.records}
 
     def load_state_dict(self, state: dict) -> None:
         if self.batches:

@@ -135,3 +135,20 @@ def test_resume_with_nothing_to_resume_starts_over(tmp_path, tiny_llama_dir):
     result = run("compress", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5", *SMALL, "-o", tmp_path / "o", "--resume")
     assert result.exit_code == 0, result.output
     assert "nothing to resume" in result.stderr
+
+
+def test_a_run_with_activations_on_disk_resumes_to_the_same_checkpoint(tmp_path, tiny_llama_dir, monkeypatch):
+    """Spilled hidden states are linked into the resume state, not read, and come back exactly."""
+    method = ["-r", RECIPES / "wina-greedy-50.yaml", "--max-memory", "1"]
+    reference = tmp_path / "reference"
+    assert run("compress", tiny_llama_dir, *method, *SMALL, "-o", reference).exit_code == 0
+    out = tmp_path / "out"
+    for k in (3, 7):  # in the Fisher forward walk, then (resumed) in the curves walk
+        with monkeypatch.context() as m:
+            stop_at_block(m, k)
+            stopped = run("compress", tiny_llama_dir, *method, *SMALL, "-o", out, "--resume", "--checkpoint-interval", "3600")
+        assert stopped.exit_code == 130, stopped.output
+    resumed = run("compress", tiny_llama_dir, *method, *SMALL, "-o", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_checkpoint(out, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]

@@ -62,3 +62,37 @@ def test_a_bfloat16_checkpoint_is_computed_in_float32_on_a_cpu_without_fast_bflo
     report = json.loads(result.stdout)
     assert (report["dtype"], report["save_dtype"]) == ("float32", "bfloat16")
     assert "computing in float32" in result.stderr
+
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.mark.parametrize("method_args", [
+    ["--method", "sparsegpt", "--sparsity", "0.5"],
+    ["--method", "wanda", "--sparsity", "0.6", "--layerwise", "owl"],
+    ["-r", RECIPES / "wanda-2of4-wina-40.yaml"],
+], ids=["sparsegpt", "owl", "wanda-2of4-wina-greedy"])
+def test_activations_kept_on_disk_give_the_same_checkpoint(tmp_path, tiny_llama_dir, method_args):
+    """Beyond --max-memory the calibration activations live in files: same bytes out, and the
+    files are gone after the run."""
+    from safetensors.torch import load_file
+
+    outs = []
+    for name, extra in (("ram", []), ("disk", ["--max-memory", "1"])):
+        out = tmp_path / name
+        result = run("compress", tiny_llama_dir, *method_args, *SMALL, *extra, "-o", out, "--json")
+        assert result.exit_code == 0, result.output
+        assert ("kept on disk" in result.stderr) == bool(extra)
+        outs.append((out, json.loads(result.stdout)))
+    (a, ra), (b, rb) = outs
+    for name in ("model.safetensors", "activation_sparsity.safetensors"):
+        if (a / name).exists():
+            wa, wb = load_file(str(a / name)), load_file(str(b / name))
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ra["ppl"] == rb["ppl"] and ra["layers"] == rb["layers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "ram"]
+
+
+def test_a_bad_max_memory_is_a_usage_error(tmp_path, tiny_llama_dir):
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", "--max-memory", "lots", "-o", tmp_path / "o")
+    assert result.exit_code == 2 and "--max-memory must be a size" in result.stderr
