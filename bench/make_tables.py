@@ -2,8 +2,8 @@
 
     python bench/make_tables.py > docs/quality.md
 
-Reads docs/quality*.json (weight methods, merged: later files add runs the earlier lack) and
-docs/activation_quality.json. Nothing here is typed by hand: every number comes from a run.
+Reads docs/quality.json (weight methods) and docs/activation_quality.json (one file per
+benchmark; bench/merge_quality.py folds re-measured runs into them). Nothing here is typed by hand: every number comes from a run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def weight_table() -> str:
     runs: dict[tuple[str, str], dict] = {}
     dense = None
     setup = None
-    for path in sorted(DOCS.glob("quality*.json")):
+    for path in [DOCS / "quality.json"]:
         data = json.loads(path.read_text())
         dense, setup = data["dense"], data["setup"]
         for r in data["runs"]:
@@ -47,7 +47,7 @@ def weight_table() -> str:
 
 
 def activation_table() -> str:
-    paths = sorted(DOCS.glob("activation_quality*.json"))
+    paths = [p for p in [DOCS / "activation_quality.json"] if p.exists()]
     if not paths:
         return ""
     data = {"runs": []}

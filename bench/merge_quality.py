@@ -4,11 +4,9 @@ committed result files.
     python bench/merge_quality.py NEW.json [NEW2.json ...] [--docs docs] [--activation]
 
 Every run of a new file (keyed by method and level, or method and target with ``--activation``)
-replaces the run with the same key in whichever ``docs/quality*.json``
-(``docs/activation_quality*.json``) holds it; runs no file holds go to
-``docs/quality_rerun.json`` (``docs/activation_quality_rerun.json``).
-The new files must come from the same setup (windows, seed, evaluation) and the same dense
-perplexity as the file they land in, or nothing is written. Then regenerate the tables:
+replaces the run with the same key in ``docs/quality.json`` (``docs/activation_quality.json``),
+or is added to it: one file per benchmark. The new files must come from the same setup
+(windows, seed, evaluation) and the same dense perplexity, or nothing is written. Then regenerate the tables:
 ``python bench/make_tables.py > docs/quality.md``.
 """
 
@@ -29,9 +27,10 @@ def main() -> int:
     parser.add_argument("--activation", action="store_true", help="results of bench/activation_quality.py")
     args = parser.parse_args()
     stem, level = ("activation_quality", "target") if args.activation else ("quality", "level")
-    targets = {path: json.loads(path.read_text()) for path in sorted(args.docs.glob(f"{stem}*.json"))}
+    home = args.docs / f"{stem}.json"
+    targets = {home: json.loads(home.read_text())} if home.exists() else {}
     owner = {(r["method"], r[level]): path for path, data in targets.items() for r in data["runs"]}
-    rerun = args.docs / f"{stem}_rerun.json"
+    rerun = home
     changed: set[Path] = set()
     for new_path in args.new:
         new = json.loads(new_path.read_text())

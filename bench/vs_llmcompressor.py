@@ -331,7 +331,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to run (default: all)")
     parser.add_argument("--bench-python", default=str(DEFAULT_BENCH_PYTHON), help="python of the llm-compressor venv")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results into this file (e.g. docs/vs_llmcompressor.json)")
+    parser.add_argument("--run-name", default="latest", help="the entry of --json's runs this invocation writes")
     parser.add_argument("--verbose", action="store_true", help="show llm-compressor's own log output")
     parser.add_argument("--worker", nargs=3, metavar=("GGUF_DIR", "GGUF_FILE", "TMP"), help=argparse.SUPPRESS)
     parser.add_argument("--default-malloc", action="store_true", help="our side: leave glibc malloc as it is")
@@ -494,8 +495,12 @@ def main() -> None:
             "dense_ppl": dense_ppl,
             "runs": results,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        # one file per benchmark: each invocation is a named entry of its "runs"
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+        merged["runs"][args.run_name] = payload
+        path.write_text(json.dumps(merged, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -286,7 +286,10 @@ def collect_input_stats(
     finally:
         for handle in handles:
             handle.remove()
+    from prune_cli import distributed
+
     for stats in groups.values():
+        distributed.sum_stats(stats)  # data-parallel ranks: every rank gets the sums over all
         stats.check_finite()
     if update_hidden:
         check_block_outputs(block, batches, name)

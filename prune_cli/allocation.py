@@ -190,7 +190,10 @@ class OwlCandidatesStage(Stage):
                     ids = self.validation[start : start + self.batch_size].to(driver.device)
                     nll, n = batch_nll(driver.head_logits(stream[k].hidden, ids), ids)
                     total, tokens = total + nll, tokens + n
-                self.ppl.append(Perplexity.from_sums(total, tokens).ppl)
+                from prune_cli import distributed
+
+                total, tokens = distributed.sum_numbers(total, tokens)
+                self.ppl.append(Perplexity.from_sums(total, int(tokens)).ppl)
         self.streams = []
 
     def state_dict(self) -> dict:

@@ -53,6 +53,14 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def _launcher_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def _setup_logging(verbose: bool) -> None:
     if stderr.is_terminal:
         handler: logging.Handler = RichHandler(console=stderr, show_time=False, show_path=False)
@@ -60,7 +68,7 @@ def _setup_logging(verbose: bool) -> None:
         handler = _StderrHandler()
         handler.setFormatter(_PlainLogFormat())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True)
-    logging.getLogger("prune_cli").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("prune_cli").setLevel(logging.DEBUG if verbose else logging.WARNING if _launcher_rank() > 0 else logging.INFO)
     if not verbose:
         import warnings
 
@@ -183,7 +191,8 @@ class RichEvents:
     }
 
     def __init__(self, live: bool | None = None):
-        self.live = stderr.is_terminal if live is None else live
+        self.quiet = _launcher_rank() > 0  # under torchrun, rank 0 alone shows progress
+        self.live = (stderr.is_terminal and not self.quiet) if live is None else live
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -205,7 +214,7 @@ class RichEvents:
         self.progress.stop()
 
     def _line(self, text: str) -> None:
-        if not self.live:
+        if not self.live and not self.quiet:
             stderr.print(f"[prune-cli] {text}", highlight=False, markup=False)
 
     def stage(self, name: str, total: int | None = None) -> None:
@@ -383,7 +392,10 @@ def compress(
             return
         with _signals_as_interrupts(), RichEvents() as events:
             report = run_compress(request, events)
-        _emit_json(report) if as_json else _print_compress_table(report)
+        if as_json:
+            _emit_json(report)  # every rank's, under torchrun (they hold the same masks)
+        elif _launcher_rank() == 0:
+            _print_compress_table(report)
     except typer.Exit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the CLI boundary

@@ -120,6 +120,9 @@ def restore_hidden(batches: list[BlockBatch], hidden: list[torch.Tensor]) -> Non
         batch.hidden = h if isinstance(batch, SpilledBatch) else value(h)
 
 
+_CHUNK = 1 << 22  # elements rounded at a time by rounded_head
+
+
 class _Replay(nn.Module):
     """Stands in for decoder block ``index`` in :meth:`BlockDriver.head_logits`: passes the hidden
     states on, and the last one returns the stored output of the real last block instead."""
@@ -217,7 +220,7 @@ class BlockDriver:
         if dtype is None:
             yield
             return
-        saved = []
+        saved = []  # (tensor, its original): clones in memory, or (streamed) names to read back
         inside = self.found.path + "."
         with torch.no_grad():
             for name in state_names(self.model):  # what an export holds: not e.g. rotary buffers
@@ -228,13 +231,20 @@ class BlockDriver:
                 tensor = holder._parameters.get(leaf)
                 tensor = holder._buffers.get(leaf) if tensor is None else tensor
                 if tensor.is_floating_point() and tensor.dtype != dtype:
-                    saved.append((tensor, tensor.detach().clone()))
-                    tensor.data.copy_(tensor.data.to(dtype))
+                    # streamed: the original is read back from the checkpoint (no second copy)
+                    saved.append((tensor, name if self.weights is not None else tensor.detach().clone()))
+                    for part in tensor.data.view(-1).split(_CHUNK):  # in place, a chunk at a time
+                        part.copy_(part.to(dtype))
         try:
             yield
         finally:
             with torch.no_grad():
                 for tensor, original in saved:
+                    if isinstance(original, str):
+                        from prune_cli.weights import source_name
+
+                        found = source_name(self.weights, original, self.base_prefix)
+                        original = self.weights.read([found])[found]
                     tensor.data.copy_(original)
 
     def _note_output(self, module, args, output) -> None:

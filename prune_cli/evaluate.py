@@ -95,7 +95,10 @@ class EvalStage(Stage):
                 if self.on_batch:
                     self.on_batch(ids.shape[0])
         self.batches = []
-        self.result = Perplexity.from_sums(total_nll, total_tokens)
+        from prune_cli import distributed
+
+        total_nll, total_tokens = distributed.sum_numbers(total_nll, total_tokens)
+        self.result = Perplexity.from_sums(total_nll, int(total_tokens))
 
     def state_dict(self) -> dict:
         return {

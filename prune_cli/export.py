@@ -183,7 +183,7 @@ class CheckpointWriter:
         for spec in self.specs:
             if not spec.name.startswith(self._inside):
                 tensor = model.get_parameter(spec.name) if _is_param(model, spec.name) else model.get_buffer(spec.name)
-                self.weights.write(spec.name, tensor.detach().to(spec.dtype))
+                self.weights.write(spec.name, tensor)
 
     @torch.no_grad()
     def write_block(self, index: int, block: nn.Module) -> None:
@@ -198,7 +198,7 @@ class CheckpointWriter:
         found = strip_transform(block)
         for local, tensor in block.state_dict().items():
             name = f"{prefix}.{local}"
-            self.weights.write(name, tensor.detach().to(self.weights.specs[name].dtype))
+            self.weights.write(name, tensor)
         rotations = {f"{prefix}.{name}": m.rotation for name, m in found.items()}
         wrapped = {f"{prefix}.{name}": m for name, m in wrappers.items()}
         tensors = activation_tensors(wrapped, rotations)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from prune_cli import distributed
 from prune_cli.activation.modules import SparsityTally
 from prune_cli.allocation import allocate_owl, with_overrides
 from prune_cli.calibrators.sampling import (
@@ -187,9 +188,14 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     source: ModelSource = resolve_source(request.model)
     backend, backend_note = resolve_backend(config.backend, device)  # an explicit cupy fails here, early
     check_context(load_config(source, offline), _window_lengths(config))
-    if request.output is None:
+    if distributed.requested():
+        _check_data_parallel(request)
+        distributed.init(device)
+    if request.output is None or distributed.rank() != 0:
+        if distributed.active():
+            _claimed_on_rank_0(None)
         return _compress(request, source, device, backend, backend_note, None, events)
-    with OutputTarget(request.output, request.overwrite, request.resume) as target:
+    with _claim(request) as target:
         try:
             return _compress(request, source, device, backend, backend_note, target, events)
         except BaseException as exc:
@@ -199,6 +205,42 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
                 target.keep_for_resume = True
                 exc.staging = target.staging
             raise
+
+
+def _check_data_parallel(request: CompressRequest) -> None:
+    if request.config.activation is not None:
+        raise BadInputError("activation sparsity runs in one process (its thresholds are quantiles over all tokens)",
+                            hint="run it without torchrun / accelerate launch")
+    if request.resume:
+        raise BadInputError("--resume runs in one process (each rank holds part of the state)",
+                            hint="run without torchrun, or without --resume")
+
+
+def _claimed_on_rank_0(error: BaseException | None) -> None:
+    """All ranks learn whether rank 0 could claim --output (so none waits forever for it)."""
+    (failed,) = distributed.sum_numbers(0.0 if error is None else 1.0)
+    if failed and error is None:
+        raise BadInputError("rank 0 could not claim --output (see its error)")
+
+
+@contextmanager
+def _claim(request: CompressRequest):
+    """:class:`OutputTarget` for this run; with several ranks, the others are told whether it worked."""
+    target = OutputTarget(request.output, request.overwrite, request.resume)
+    try:
+        target.__enter__()
+    except BaseException as exc:
+        if distributed.active():
+            _claimed_on_rank_0(exc)
+        raise
+    if distributed.active():
+        _claimed_on_rank_0(None)
+    try:
+        yield target
+    except BaseException as exc:
+        target.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    target.__exit__(None, None, None)
 
 
 @dataclass
@@ -219,6 +261,25 @@ class _Job:
     @property
     def driver(self) -> BlockDriver:
         return self.opened.driver
+
+    # this process's share of the windows (all of them but under torchrun)
+    @property
+    def local_cal(self) -> torch.Tensor:
+        return distributed.shard(self.cal_windows, "calibration")
+
+    @property
+    def local_val(self) -> torch.Tensor | None:
+        return distributed.shard(self.val_windows, "validation")
+
+    @property
+    def local_eval(self) -> torch.Tensor | None:
+        return distributed.shard(self.eval_windows, "evaluation")
+
+    def shares(self) -> dict:
+        """Windows per rank, by kind (for the report)."""
+        n = distributed.size()
+        kinds = {"calibration": self.cal_windows, "validation": self.val_windows, "evaluation": self.eval_windows}
+        return {k: [len(range(r, w.shape[0], n)) for r in range(n)] for k, w in kinds.items() if w is not None}
 
 
 def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job:
@@ -302,18 +363,19 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     tally = SparsityTally() if config.activation is not None else None
     dense_eval = compressed_eval = None
     if job.eval_windows is not None:
-        dense_eval = EvalStage(job.eval_windows, ev.batch_size, check_finite=True)
-        compressed_eval = EvalStage(job.eval_windows, ev.batch_size, tally=tally, head_dtype=head_dtype)
+        dense_eval = EvalStage(job.local_eval, ev.batch_size, check_finite=True)
+        compressed_eval = EvalStage(job.local_eval, ev.batch_size, tally=tally, head_dtype=head_dtype)
     pending = [dense_eval] if dense_eval else []  # stages that ride along the next walk over the dense weights
     finishing = ([RoundStage(job.save_dtype)] if rounding else []) + ([compressed_eval] if compressed_eval else [])
 
     writer = scratch = work = None
     spill_to = _plan_memory(request, job, target)
-    if target is not None:
+    if target is not None and not distributed.active():
         resume = ResumeState(target.staging, run_fingerprint(source, config, job, device, backend), request.checkpoint_interval)
         if target.adopted and not resume.load():
             raise CheckpointError(f"{target.staging} holds no resume state", hint="pass --no-resume to start over")
         driver.resume = resume
+    if target is not None:
         writer = CheckpointWriter(target.staging, driver, job.save_dtype, resume=target.adopted)
         with _timed(timings, "export"):
             writer.write_head()
@@ -329,7 +391,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     if config.owl is not None:
         with progress.walk("allocation", walks=2 if job.val_windows is not None else 1) as step:
             plan, allocation = allocate_owl(
-                driver, plan, config.owl, job.cal_windows, job.val_windows, cal.batch_size, device,
+                driver, plan, config.owl, job.local_cal, job.local_val, cal.batch_size, device,
                 config.pattern.target_sparsity, also=pending, progress=step, timings=timings,
             )
         pending = []
@@ -338,7 +400,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     layers: list[LayerRecord] = []
     if plan is not None:
         last = config.activation is None
-        pruning = PruneStage(plan, job.cal_windows, cal.batch_size, backend)
+        pruning = PruneStage(plan, job.local_cal, cal.batch_size, backend)
         after = []
         if last and writer is not None:
             after = [writer.write_block]
@@ -409,6 +471,8 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "timings": timings.values,
         "versions": versions(),
         "resumed": driver.resume.resumed_from if driver.resume is not None else None,
+        "world_size": distributed.size(),
+        "rank_windows": job.shares() if distributed.active() else None,
         "output": None,
     }
     if target is None and work is not None:

@@ -17,7 +17,7 @@ from prune_cli.driver import BlockDriver, Stage, as_driver, restore_hidden
 from prune_cli.model_io import block_linears
 from prune_cli.patterns import NM, Unstructured
 from prune_cli.plan import LayerPlan, Plan
-from prune_cli.report import LayerRecord
+from prune_cli.report import LayerRecord, tensor_sha256
 
 
 def check_mask(mask: torch.Tensor, pattern, name: str) -> None:
@@ -94,7 +94,7 @@ class PruneStage(Stage):
                 zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
                 self.records.append(
                     LayerRecord(lp.name, (lp.out_features, lp.in_features), lp.method.name, lp.pattern.describe(),
-                                lp.pattern.target_sparsity, zeros)
+                                lp.pattern.target_sparsity, zeros, tensor_sha256(result.mask), tensor_sha256(linear.weight))
                 )
         if self.finalize is not None:
             self.finalize(block)
@@ -106,13 +106,13 @@ class PruneStage(Stage):
 
     def state_dict(self) -> dict:
         return {"hidden": [b.held() for b in self.batches],
-                "records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity]
-                            for r in self.records]}
+                "records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity,
+                             r.mask_sha256, r.weight_sha256] for r in self.records]}
 
     def load_state_dict(self, state: dict) -> None:
         if self.batches:
             restore_hidden(self.batches, state["hidden"])
-        self.records = [LayerRecord(n, tuple(shape), m, p, t, a) for n, shape, m, p, t, a in state["records"]]
+        self.records = [LayerRecord(n, tuple(shape), *rest) for n, shape, *rest in state["records"]]
 
 
 @torch.no_grad()

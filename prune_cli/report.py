@@ -31,9 +31,11 @@ class LayerRecord:
     pattern: str
     target_sparsity: float
     achieved_sparsity: float  # fraction of exact zeros in the stored weight
+    mask_sha256: str | None = None  # of the keep mask's bytes (row-major bool), first 16 hex digits
+    weight_sha256: str | None = None  # of the pruned weight's bytes in the compute dtype
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "shape": list(self.shape),
             "method": self.method,
@@ -41,6 +43,19 @@ class LayerRecord:
             "target_sparsity": round(self.target_sparsity, 6),
             "achieved_sparsity": round(self.achieved_sparsity, 6),
         }
+        if self.mask_sha256 is not None:
+            out.update(mask_sha256=self.mask_sha256, weight_sha256=self.weight_sha256)
+        return out
+
+
+def tensor_sha256(t) -> str:
+    """First 16 hex digits of the sha256 of a tensor's bytes (on the CPU, contiguous)."""
+    import hashlib
+
+    data = t.detach().contiguous().cpu()
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    return hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 @dataclass

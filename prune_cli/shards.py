@@ -110,16 +110,23 @@ class StreamingCheckpoint:
                 self._where[spec_name] = (index, len(head) + begin)
         self.written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (exactly the planned shape and dtype) at its place."""
+    def write(self, name: str, tensor: torch.Tensor, chunk_bytes: int = 64 << 20) -> None:
+        """Write ``tensor`` (the planned shape; a floating tensor is cast to the planned dtype)
+        at its place, ``chunk_bytes`` at a time: a cast never copies the whole tensor."""
         spec = self.specs[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        same_kind = tensor.dtype == spec.dtype or (tensor.is_floating_point() and spec.dtype.is_floating_point)
+        if tuple(tensor.shape) != spec.shape or not same_kind:
             raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)}")
-        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        flat = tensor.detach().reshape(-1)
+        per_chunk = max(1, chunk_bytes // max(1, torch.empty((), dtype=spec.dtype).element_size()))
         index, offset = self._where[name]
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fds[index], data[done:], offset + done)
+        for start in range(0, flat.numel(), per_chunk):
+            part = flat[start : start + per_chunk].to(device="cpu", dtype=spec.dtype).contiguous()
+            data = memoryview(part.view(torch.uint8).numpy())
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._fds[index], data[done:], offset + done)
+            offset += len(data)
         self.written.add(name)
 
     def missing(self) -> list[str]:

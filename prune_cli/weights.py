@@ -20,6 +20,7 @@ outside the blocks) from a source, in the compute dtype, on a device.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -43,6 +44,8 @@ class WeightSource:
     """Tensors by ``state_dict`` name, read on demand. Subclasses fill ``_names``."""
 
     description = "weights"
+    # True when read() returns tensors nobody else holds (no copy needed before changing them)
+    private_tensors = False
 
     def __init__(self) -> None:
         self._names: dict[str, object] = {}  # name -> where it lives (file, reader tensor, ...)
@@ -67,7 +70,13 @@ class WeightSource:
 
 
 class SafetensorsWeights(WeightSource):
-    """The ``*.safetensors`` files of a model folder (prune-cli's activation file excluded)."""
+    """The ``*.safetensors`` files of a model folder (prune-cli's activation file excluded).
+
+    Tensors are read with ``os.pread`` into memory of their own, not through a memory map: a map
+    would leave every page of the checkpoint a walk has read resident in this process (the
+    resident size would grow with the model, and in-place changes would reach the map)."""
+
+    private_tensors = True
 
     def __init__(self, folder: str | Path):
         super().__init__()
@@ -80,15 +89,18 @@ class SafetensorsWeights(WeightSource):
             raise CheckpointError(f"no .safetensors weight files in {self.folder}")
         counts: dict[str, int] = {}
         self._headers: dict[str, dict] = {}
+        self._data_start: dict[Path, int] = {}
         for path in files:
             header = check_safetensors(path)  # truncated / corrupt: CheckpointError naming the file
             self._headers[path.name] = header
+            with path.open("rb") as handle:
+                self._data_start[path] = 8 + int.from_bytes(handle.read(8), "little")
             for name, entry in header.items():
                 if name != "__metadata__":
                     self._names[name] = path
                     counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
         self._dtype_counts = counts
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
 
     @property
     def stored_dtype(self) -> torch.dtype | None:
@@ -98,25 +110,40 @@ class SafetensorsWeights(WeightSource):
     def shape(self, name: str) -> list[int]:
         return list(self._headers[self._names[name].name][name]["shape"])
 
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path]
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             path = self._names[name]
+            entry = self._headers[path.name][name]
+            begin, end = entry["data_offsets"]
+            buffer = bytearray(end - begin)
+            view, done = memoryview(buffer), 0
             try:
-                out[name] = self._handle(path).get_tensor(name)
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                while done < len(buffer):
+                    n = os.preadv(self._fd(path), [view[done:]], self._data_start[path] + begin + done)
+                    if n == 0:
+                        raise OSError("unexpected end of file")
+                    done += n
+            except OSError as exc:
                 raise CheckpointError(f"cannot read {name} from {path}: {exc}") from None
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+            out[name] = flat.view(dtype).reshape(entry["shape"])
         return out
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
 
 
 class TorchBinWeights(WeightSource):
@@ -162,6 +189,8 @@ class GGUFWeights(WeightSource):
 
     ``model`` is the model's structure (meta is fine): transformers derives the GGUF -> HF name
     map from its ``state_dict`` names."""
+
+    private_tensors = True  # dequantised into fresh arrays
 
     def __init__(self, path: str | Path, model: nn.Module):
         super().__init__()
@@ -311,9 +340,8 @@ def materialize(
             raise CheckpointError(f"{source.description} has no tensor {_key(prefix, name)}",
                                   hint="the checkpoint does not match its config.json")
         wanted[name] = (found, current)
-    tensors = source.read(found for found, _ in wanted.values())
     for name, (found, current) in wanted.items():
-        value = tensors.pop(found)
+        value = source.read([found])[found]  # one at a time: one stored copy in memory at once
         if tuple(value.shape) != tuple(current.shape):
             raise CheckpointError(
                 f"{source.description}: {found} has shape {list(value.shape)}, the model expects {list(current.shape)}",
@@ -322,9 +350,10 @@ def materialize(
         if check_finite and value.is_floating_point() and not is_finite(value):
             raise NonFiniteError(f"non-finite weights in {_key(prefix, name)}: {describe_nonfinite(value)}",
                                  hint=WEIGHTS_HINT)
-        # always a copy: safetensors / mmap'd tensors may share memory with the file's mapping,
-        # where a stage's in-place change (pruning) would outlive the block
-        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
+        # a copy unless the source's tensor is ours alone: mmap'd tensors (.bin, GGUF) share memory
+        # with the file's mapping, where a stage's in-place change (pruning) would outlive the block
+        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype,
+                         copy=not source.private_tensors)
         _set_tensor(module, name, value)
     return list(wanted)
 
@@ -356,6 +385,7 @@ class LayeredWeights(WeightSource):
         super().__init__()
         self.top, self.base = top, base
         self.description = f"{top.description} over {base.description}"
+        self.private_tensors = top.private_tensors and base.private_tensors
         self._names = {**{n: base for n in base.names()}, **{n: top for n in top.names()}}
 
     @property

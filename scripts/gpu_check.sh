@@ -10,7 +10,9 @@
 #      radix select, rows act_threshold, vs torch kthvalue)
 #   5. python bench/gpu_compress.py   (the whole compress job per recipe with the torch and the cupy
 #      backend: stage times, speedup, perplexities, checkpoint / threshold agreement)
-#   6. writes a short markdown summary to $OUT/gpu_results.md (logs beside it: 8 files at most,
+#   6. python scripts/gpu_streamed_check.py (--device cuda compress + eval of a stand-in model: the
+#      block driver's placement on a real GPU, perplexity and masks against the same on the CPU);
+#   7. writes a short markdown summary to $OUT/gpu_results.md (logs beside it: 8 files at most,
 #      what the device tool brings back).
 #
 # Each step has its own time limit, cut to what is left of a 9-minute deadline (GPU_CHECK_DEADLINE
@@ -108,6 +110,11 @@ timeout $(limit 240) $PY bench/gpu_compress.py --markdown "$MD/compress.md" --js
 rc_compress=${PIPESTATUS[0]}
 [ "$rc_compress" = 0 ] || status=1
 
+log "scripts/gpu_streamed_check.py (--device cuda compress + eval of a stand-in model, against the CPU)"
+timeout $(limit 150) $PY scripts/gpu_streamed_check.py 2>&1 | tee "$OUT/streamed.log"
+rc_streamed=${PIPESTATUS[0]}
+[ "$rc_streamed" = 0 ] || status=1
+
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
@@ -120,6 +127,10 @@ rc_compress=${PIPESTATUS[0]}
   echo "- $(grep -m1 '^dsnot_swap: speedup' "$OUT/bench.log" || echo 'dsnot_swap: no speedup line (see bench.log)')"
   echo
   if [ -s "$MD/bench.md" ]; then cat "$MD/bench.md"; else echo '(no kernel benchmark table; see bench.log)'; fi
+  echo
+  echo "## Streamed compress and eval on --device cuda vs cpu (exit $rc_streamed)"
+  echo
+  grep '^|' "$OUT/streamed.log" || echo '(no table; see streamed.log)'
   echo
   echo "## Whole compress per backend"
   echo

@@ -50,3 +50,22 @@ def test_gpu_compress_smoke(tmp_path):
 def test_gpu_compress_refuses_without_cuda(tmp_path):
     proc = run_bench("gpu_compress.py", "--recipes", "wanda-50", tmp_path=tmp_path, returncode=2)
     assert "no CUDA device" in proc.stderr
+
+
+def _streamed_check(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_streamed_check.py"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_streamed_check_smoke(tmp_path):
+    """gpu_check.sh's --device cuda compress/eval step, with the CPU on both sides."""
+    proc = _streamed_check("--smoke", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| recipe")]
+    assert len(rows) == 5 and all("FAILED" not in r and r.endswith("| 1.00000 |") for r in rows), proc.stdout
+
+
+def test_gpu_streamed_check_refuses_without_cuda(tmp_path):
+    proc = _streamed_check(tmp_path=tmp_path)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr

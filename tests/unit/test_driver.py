@@ -238,7 +238,9 @@ def test_shards_refuse_a_wrong_tensor_and_report_missing_ones(tmp_path):
     specs = [TensorSpec("a", (2, 2), torch.float32), TensorSpec("b", (2,), torch.float32)]
     files = StreamingCheckpoint(tmp_path, specs)
     with pytest.raises(ValueError, match="planned"):
-        files.write("a", torch.zeros(2, 2, dtype=torch.float16))
+        files.write("a", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="planned"):
+        files.write("b", torch.zeros(2, dtype=torch.int64))
     files.write("a", torch.zeros(2, 2))
     with pytest.raises(RuntimeError, match="never written"):
         files.finish()
@@ -249,3 +251,33 @@ def test_shards_refuse_a_wrong_tensor_and_report_missing_ones(tmp_path):
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["b"], torch.ones(2))
     with pytest.raises(ValueError, match="laid out for other tensors"):
         StreamingCheckpoint(tmp_path, [TensorSpec("a", (3,), torch.float32)], resume=True)
+
+
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "pytorch-bin"])
+def test_other_checkpoint_layouts_stream_to_the_same_result(llama3, tmp_path, layout):
+    """A sharded safetensors folder (with its index) and a pickled ``pytorch_model.bin`` folder
+    give the same pruned weights as the single safetensors file."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama3)
+    other = tmp_path / layout
+    if layout == "pytorch-bin":
+        other.mkdir()
+        model.config.save_pretrained(other)  # transformers 5 writes safetensors only: the old format by hand
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, other / "pytorch_model.bin")
+    else:
+        model.save_pretrained(other, max_shard_size="40KB")
+        assert (other / "model.safetensors.index.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((llama3 / name).read_bytes())
+    config = resolve(None, {"method": "wanda", "sparsity": 0.5})
+    ids = windows()
+    results = []
+    for folder in (llama3, other):
+        driver = opened(folder).driver
+        seen = {}
+        driver.walk([PruneStage(build_plan(driver.model, config), ids, 4)],
+                    after_block=[lambda i, b, d=driver, s=seen: s.update({f"{d.name(i)}.{k}": v.clone() for k, v in b.state_dict().items()})])
+        results.append(seen)
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
