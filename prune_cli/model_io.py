@@ -116,13 +116,22 @@ def _hub_error(source: ModelSource, offline: bool, exc: Exception) -> ModelNotFo
     return ModelNotFoundError(f"cannot load model {source.describe()}: {first}", hint="check the id or path")
 
 
+_CONFIGS: dict = {}  # (source, offline) -> config: a GGUF file's metadata takes seconds to parse
+
+
 def load_config(source: ModelSource, offline: bool = False):
+    """The model's config (a fresh copy each call; parsed once per process and source)."""
+    import copy
+
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
-    except (OSError, ValueError) as exc:
-        raise _hub_error(source, offline, exc) from None
+    key = (source, offline)
+    if key not in _CONFIGS:
+        try:
+            _CONFIGS[key] = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
+        except (OSError, ValueError) as exc:
+            raise _hub_error(source, offline, exc) from None
+    return copy.deepcopy(_CONFIGS[key])
 
 
 def load_tokenizer(source: ModelSource, offline: bool = False):

@@ -199,7 +199,6 @@ class GGUFWeights(WeightSource):
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
             read_field,
         )
 
@@ -216,7 +215,9 @@ class GGUFWeights(WeightSource):
                 f"streaming GGUF tensors of architecture {arch!r} is not supported (its experts are merged on load)",
                 hint="convert the GGUF file to a safetensors folder first",
             )
-        self._config = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+        # the processors read head counts and such from the config: the model's own, already parsed
+        # from this file (parsing the GGUF metadata again costs seconds)
+        self._config = model.config.to_dict()
         self._processor = processor_class(config=self._config)
         self._map = get_gguf_hf_weights_map(model, self._processor)
         for tensor in self._reader.tensors:

@@ -59,3 +59,22 @@ def test_eval_command_matches_in_memory(wanda_checkpoint):
     assert report["save_dtype"] == "bfloat16"
     assert ev["ppl"] == report["ppl"]["compressed"]
     assert ev["recorded"]["method"] == "wanda"
+
+
+def test_gguf_tensors_read_one_at_a_time_equal_transformers_whole_load():
+    """The streamed GGUF source (dequantised per tensor with transformers' name map and
+    processors, Llama's q/k permutation included) gives exactly from_pretrained's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from prune_cli.model_io import bundled_source, load_config
+    from prune_cli.weights import GGUFWeights, empty_model
+
+    source = bundled_source()
+    whole = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    reference = whole.state_dict()
+    skeleton = empty_model(load_config(source), torch.float32)
+    weights = GGUFWeights(f"{source.location}/{source.gguf_file}", skeleton)
+    names = sorted(weights.names())
+    assert len(names) == 272 and "lm_head.weight" not in names  # tied
+    for name in names:
+        assert torch.equal(weights.read([name])[name].float(), reference[name]), name
