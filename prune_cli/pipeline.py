@@ -279,7 +279,8 @@ class _Job:
         """Windows per rank, by kind (for the report)."""
         n = distributed.size()
         kinds = {"calibration": self.cal_windows, "validation": self.val_windows, "evaluation": self.eval_windows}
-        return {k: [len(range(r, w.shape[0], n)) for r in range(n)] for k, w in kinds.items() if w is not None}
+        return {k: [b - a for a, b in (distributed.bounds(w.shape[0], n, r) for r in range(n))]
+                for k, w in kinds.items() if w is not None}
 
 
 def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job:
