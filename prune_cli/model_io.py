@@ -127,16 +127,31 @@ def load_config(source: ModelSource, offline: bool = False):
 
     key = (source, offline)
     if key not in _CONFIGS:
+        cache = _gguf_cache(source)
         try:
-            _CONFIGS[key] = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
+            _CONFIGS[key] = AutoConfig.from_pretrained(cache) if cache else \
+                AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
         except (OSError, ValueError) as exc:
             raise _hub_error(source, offline, exc) from None
     return copy.deepcopy(_CONFIGS[key])
 
 
+def _gguf_cache(source: ModelSource) -> Path | None:
+    """The dequantised-weights cache folder of a GGUF source, when it is complete."""
+    if not source.gguf_file:
+        return None
+    from prune_cli import gguf_cache
+
+    path = Path(source.location) / source.gguf_file
+    return gguf_cache.cached(path) if gguf_cache.enabled() and path.is_file() else None
+
+
 def load_tokenizer(source: ModelSource, offline: bool = False):
     from transformers import AutoTokenizer
 
+    cache = _gguf_cache(source)
+    if cache is not None:
+        return AutoTokenizer.from_pretrained(cache)
     try:
         return AutoTokenizer.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
     except (OSError, ValueError) as exc:
@@ -304,10 +319,15 @@ def open_model(source: ModelSource, dtype: str, device: torch.device, offline: b
 
         check_weight_files(folder)
     if source.gguf_file:
+        from prune_cli import gguf_cache
+        from prune_cli.weights import SafetensorsWeights
+
         compute, note = compute_dtype(dtype, torch.float32, device)
         skeleton = empty_model(config, compute)
-        weights = open_weights(folder, source.gguf_file, skeleton)
-        stored = None
+        gguf = Path(folder) / source.gguf_file
+        cache = _gguf_cache(source) or gguf_cache.build(gguf, config, load_tokenizer(source, offline))
+        weights = SafetensorsWeights(cache) if cache else open_weights(folder, source.gguf_file, skeleton)
+        stored = None  # saves bfloat16 by default, cached or not
     else:
         probe = empty_model(config, torch.float32)
         weights = open_weights(folder, None, probe)

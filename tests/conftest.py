@@ -6,6 +6,8 @@ import importlib.util
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# the dequantised-GGUF cache of this test session (never the user's ~/.cache); subprocesses inherit it
+os.environ.setdefault("PRUNE_CLI_CACHE", __import__("tempfile").mkdtemp(prefix="prune-cli-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 

@@ -78,3 +78,28 @@ def test_gguf_tensors_read_one_at_a_time_equal_transformers_whole_load():
     assert len(names) == 272 and "lm_head.weight" not in names  # tied
     for name in names:
         assert torch.equal(weights.read([name])[name].float(), reference[name]), name
+
+
+def test_the_gguf_cache_is_written_once_and_reads_the_same_weights(tmp_path, monkeypatch):
+    from prune_cli import gguf_cache
+    from prune_cli.model_io import _CONFIGS, bundled_source, open_model
+
+    monkeypatch.setenv("PRUNE_CLI_CACHE", str(tmp_path / "cache"))
+    _CONFIGS.clear()
+    source = bundled_source()
+    gguf = tmp_path.__class__(source.location) / source.gguf_file
+    assert gguf_cache.cached(gguf) is None
+    first = open_model(source, "auto", torch.device("cpu"))
+    folder = gguf_cache.cached(gguf)
+    assert folder is not None and first.stored_dtype is None  # still a GGUF source: saves bfloat16
+    names = sorted(first.driver.weights.names())
+    head = first.driver.model.model.embed_tokens.weight.clone()
+    second = open_model(source, "auto", torch.device("cpu"))
+    assert type(second.driver.weights).__name__ == "SafetensorsWeights" and second.driver.weights.folder == folder
+    assert torch.equal(second.driver.model.model.embed_tokens.weight, head)
+    monkeypatch.setenv("PRUNE_CLI_GGUF_CACHE", "0")
+    _CONFIGS.clear()
+    direct = open_model(source, "auto", torch.device("cpu"))
+    assert type(direct.driver.weights).__name__ == "GGUFWeights"
+    for name in names[:40]:  # the cache holds what the GGUF reader dequantises, bit for bit
+        assert torch.equal(second.driver.weights.read([name])[name], direct.driver.weights.read([name])[name].float()), name

@@ -1,0 +1,121 @@
+"""A cache of dequantised GGUF weights, so a GGUF model loads like a safetensors folder.
+
+Reading a GGUF file means parsing its metadata (the tokenizer's whole vocabulary, in Python:
+seconds, and ~170 MB of objects for the bundled 135M model) and dequantising every tensor of a
+block each time a walk reads it. The first run of a GGUF file therefore writes its dequantised
+weights once, tensor by tensor, as float32 safetensors (exactly the values transformers'
+loader builds; GGUF's dequantised values need float32's mantissa), with ``config.json``,
+``generation_config.json`` and the tokenizer, into
+
+    $PRUNE_CLI_CACHE (default: $XDG_CACHE_HOME/prune-cli, else ~/.cache/prune-cli) /gguf/<name>-<digest>/
+
+keyed by the file's size and a digest of its first and last MiB; every later run reads that
+folder (``pread``, one tensor at a time). ``PRUNE_CLI_GGUF_CACHE=0`` turns the cache off. A cache
+that would leave less than its own size free on the disk is not written (said in the log). The
+model stays a GGUF source for everything else: its report, its resume fingerprint, and its save
+dtype (``auto``: bfloat16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DONE = "prune-cli-gguf-cache.json"
+
+
+def cache_root() -> Path:
+    if os.environ.get("PRUNE_CLI_CACHE"):
+        return Path(os.environ["PRUNE_CLI_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "prune-cli"
+
+
+def enabled() -> bool:
+    return os.environ.get("PRUNE_CLI_GGUF_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _digest(path: Path, edge: int = 1 << 20) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        h.update(handle.read(edge))
+        if size > edge:
+            handle.seek(max(edge, size - edge))
+            h.update(handle.read(edge))
+    return h.hexdigest()[:16]
+
+
+def folder_for(gguf: Path) -> Path:
+    return cache_root() / "gguf" / f"{gguf.stem}-{_digest(gguf)}"
+
+
+def cached(gguf: Path) -> Path | None:
+    """The cache folder of ``gguf`` if it is complete, else None."""
+    folder = folder_for(gguf)
+    return folder if (folder / DONE).is_file() else None
+
+
+def build(gguf: Path, config, tokenizer) -> Path | None:
+    """Write the cache of ``gguf`` (see the module docstring); returns its folder, or None when
+    it was not written (disabled, too little disk, an unwritable cache folder)."""
+    import json
+
+    from prune_cli.shards import StreamingCheckpoint, TensorSpec
+    from prune_cli.weights import GGUFWeights, empty_model, state_names, tied_names
+
+    if not enabled():
+        return None
+    folder = folder_for(gguf)
+    if (folder / DONE).is_file():
+        return folder
+    model = empty_model(config, torch.float32)
+    weights = GGUFWeights(gguf, model)
+    tied = tied_names(model)
+    params = dict(model.named_parameters())
+    specs = [TensorSpec(n, tuple((params[n] if n in params else model.get_buffer(n)).shape), torch.float32)
+             for n in state_names(model) if n not in tied and n in weights]
+    size = sum(s.nbytes for s in specs)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder.parent).free
+    except OSError as exc:
+        log.info("not caching the dequantised GGUF weights (%s: %s)", folder.parent, exc.strerror or exc)
+        return None
+    if free < 2 * size:
+        log.info("not caching the dequantised GGUF weights: %.1f GB needed, %.1f GB free in %s", size / 1e9, free / 1e9,
+                 folder.parent)
+        return None
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        files = StreamingCheckpoint(staging, specs, max_shard_bytes=2 << 30)
+        for spec in specs:
+            files.write(spec.name, weights.read([spec.name])[spec.name])
+        files.finish()
+        plain = config.__class__.from_dict(config.to_dict())
+        if hasattr(plain, "quantization_config"):
+            del plain.quantization_config
+        plain.dtype = "float32"
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / DONE).write_text(json.dumps({"gguf": str(gguf), "bytes": size}) + "\n")
+        os.replace(staging, folder)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if (folder / DONE).is_file():  # another run finished it first
+            return folder
+        log.info("not caching the dequantised GGUF weights (%s)", exc.strerror or exc)
+        return None
+    finally:
+        weights.close()
+    log.info("cached the dequantised weights of %s in %s (%.2f GB): later runs read them from there", gguf.name, folder,
+             size / 1e9)
+    return folder
