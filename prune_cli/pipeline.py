@@ -23,6 +23,7 @@ from prune_cli.calibrators.sampling import (
     calibration_windows,
     evaluation_windows,
     fingerprint,
+    resolve_bos,
     tokenize,
     validation_windows,
 )
@@ -257,6 +258,7 @@ class _Job:
     val_windows: torch.Tensor | None
     eval_text: Text | None
     eval_windows: torch.Tensor | None
+    bos: int | None = None  # the token id every window starts with (calibrators.sampling.resolve_bos)
 
     @property
     def driver(self) -> BlockDriver:
@@ -308,17 +310,21 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
             check_supported(model)  # fail before any walk, not after
     cal = config.calibration
     cal_text = calibration_text(cal, offline)
+    bos = resolve_bos(opened.tokenizer, config.bos)
+    if bos is not None:
+        log.info("every window starts with the BOS token (id %d), as this tokenizer does by default", bos)
     cal_ids = tokenize(opened.tokenizer, cal_text.text)
-    cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed)
+    cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed, bos)
     val_windows = None
     if config.owl is not None and (config.owl.m is None or config.owl.lam is None):
-        val_windows = validation_windows(cal_ids, cal.samples, config.owl.validation_windows, cal.seqlen, cal.seed)
+        val_windows = validation_windows(cal_ids, cal.samples, config.owl.validation_windows, cal.seqlen, cal.seed, bos)
     ev = config.evaluation
     eval_text = eval_windows = None
     if ev.enabled:
         eval_text = evaluation_text(ev)
-        eval_windows = evaluation_windows(tokenize(opened.tokenizer, eval_text.text), ev.windows, ev.seqlen)
-    return _Job(opened, saved, plan, act_method, act_targets, cal_text, cal_windows, val_windows, eval_text, eval_windows)
+        eval_windows = evaluation_windows(tokenize(opened.tokenizer, eval_text.text), ev.windows, ev.seqlen, bos)
+    return _Job(opened, saved, plan, act_method, act_targets, cal_text, cal_windows, val_windows, eval_text, eval_windows,
+                bos)
 
 
 class _Progress:
@@ -451,6 +457,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
             "text_sha256": job.cal_text.sha256,
             "windows": list(job.cal_windows.shape),
             "seed": cal.seed,
+            "bos": job.bos is not None,
             "tokens_sha256": fingerprint(job.cal_windows),
         },
         "evaluation": None
@@ -459,6 +466,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
             "source": job.eval_text.source,
             "text_sha256": job.eval_text.sha256,
             "windows": list(job.eval_windows.shape),
+            "bos": job.bos is not None,
             "tokens_sha256": fingerprint(job.eval_windows),
             "dense": dense_ppl.to_dict() if dense_ppl else None,
             "compressed": compressed_ppl.to_dict() if compressed_ppl else None,
@@ -591,6 +599,7 @@ def run_fingerprint(source: ModelSource, config: RunConfig, job: "_Job", device,
         "model": {**source.to_dict(), "files": files},
         "recipe": config.to_recipe(),
         "calibration_tokens": fingerprint(job.cal_windows),
+        "bos": job.bos,
         "evaluation_tokens": None if job.eval_windows is None else fingerprint(job.eval_windows),
         "device": str(device),
         "backend": backend.name,
@@ -638,9 +647,21 @@ def measure_checkpoint_sparsity(model) -> list[LayerRecord]:
     return [r for index, block in enumerate(blocks.modules) for r in _zero_fractions(f"{blocks.path}.{index}", block)]
 
 
+def _recorded_dtype(saved: dict | None, requested: str) -> str:
+    """``--dtype auto`` on a prune-cli checkpoint computes in the dtype its compress run measured
+    the compressed perplexity in (``sparsity.json``'s ``dtype``), so that ``eval`` gives the
+    report's number: a bfloat16 export of a float32 run would otherwise be computed in bfloat16
+    on a CPU or GPU with fast bfloat16 kernels, and score differently."""
+    recorded = (saved or {}).get("dtype")
+    if requested != "auto" or recorded not in ("float32", "bfloat16", "float16"):
+        return requested
+    log.info("computing in %s, as the compress run that wrote this checkpoint did (--dtype to change)", recorded)
+    return recorded
+
+
 def evaluate_checkpoint(
     checkpoint: str | None, ev: EvaluationConfig, device_name: str = "auto", dtype: str = "auto",
-    offline: bool = False, events: Events | None = None,
+    offline: bool = False, events: Events | None = None, bos_mode: str = "auto",
 ) -> dict:
     """Perplexity and measured sparsity of any checkpoint (folder, .gguf, hub id, bundled), block
     by block (a model larger than memory is measured the same way). A prune-cli checkpoint's
@@ -664,6 +685,7 @@ def evaluate_checkpoint(
                     saved = json.loads((Path(source.location) / REPORT_FILE).read_text())
                 except json.JSONDecodeError:
                     raise CheckpointError(f"{REPORT_FILE} in {source.location} is not valid JSON") from None
+        dtype = _recorded_dtype(saved, dtype)
         opened = open_model(source, dtype, device, offline)
         if opened.note:
             log.info(opened.note)
@@ -673,7 +695,8 @@ def evaluate_checkpoint(
         if source.kind == "folder" and (Path(source.location) / ACTIVATION_FILE).is_file():
             driver.prepare_block.append(BlockActivation(Path(source.location), driver))
         text = evaluation_text(ev)
-        windows = evaluation_windows(tokenize(opened.tokenizer, text.text), ev.windows, ev.seqlen)
+        bos = resolve_bos(opened.tokenizer, bos_mode)
+        windows = evaluation_windows(tokenize(opened.tokenizer, text.text), ev.windows, ev.seqlen, bos)
     from prune_cli.activation.modules import SparsityTally
 
     tally = SparsityTally()
@@ -693,7 +716,8 @@ def evaluate_checkpoint(
         "tokens": ppl.tokens,
         "sparsity": overall_sparsity(layers),
         "activation_sparsity": tally.overall("compute") if tally.counts else None,
-        "evaluation": {"source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape), "tokens_sha256": fingerprint(windows)},
+        "evaluation": {"source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape),
+                       "bos": bos is not None, "tokens_sha256": fingerprint(windows)},
         "recorded": None if saved is None else {"method": saved.get("method"), "pattern": saved.get("pattern"), "ppl": saved.get("ppl")},
         "device": str(device),
         "dtype": DTYPE_NAMES_BY_DTYPE.get(opened.compute_dtype, str(opened.compute_dtype)),

@@ -21,9 +21,16 @@ def run(*args):
 
 
 @pytest.mark.parametrize("method_args", [["--method", "wanda", "--sparsity", "0.5"], ["--method", "teal", "--sparsity", "0.5"]])
-def test_a_bfloat16_export_evaluates_to_exactly_the_reported_perplexity(tmp_path, tiny_llama_dir, method_args):
+@pytest.mark.parametrize("fast_bfloat16", [False, True])
+def test_a_bfloat16_export_evaluates_to_exactly_the_reported_perplexity(tmp_path, tiny_llama_dir, method_args,
+                                                                        fast_bfloat16, monkeypatch):
     """The compressed evaluation runs on the weights rounded as they are saved, so `prune-cli
-    eval` of the export gives the very number the compress report gave."""
+    eval` of the export gives the very number the compress report gave, also on a CPU with fast
+    bfloat16 kernels (where `--dtype auto` of a bfloat16 checkpoint would compute in bfloat16:
+    eval follows the compress run's recorded compute dtype instead)."""
+    import prune_cli.model_io as model_io
+
+    monkeypatch.setattr(model_io, "fast_low_precision_on_cpu", lambda dtype: fast_bfloat16)
     out = tmp_path / "out"
     result = run("compress", tiny_llama_dir, *method_args, *SMALL, "--save-dtype", "bfloat16", "-o", out, "--json")
     assert result.exit_code == 0, result.output
@@ -35,6 +42,7 @@ def test_a_bfloat16_export_evaluates_to_exactly_the_reported_perplexity(tmp_path
     evaluated = run("eval", out, "--eval-windows", "2", "--eval-seqlen", "32", "--device", "cpu", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["ppl"] == report["ppl"]["compressed"]
+    assert json.loads(evaluated.stdout)["dtype"] == "float32"
 
 
 def test_the_default_save_dtype_is_the_checkpoints(tmp_path, tiny_llama_dir):
