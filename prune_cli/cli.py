@@ -320,6 +320,7 @@ def compress(
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Evaluation windows (default 16)."),
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Tokens per evaluation window (default 512)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
+    bos: Optional[str] = typer.Option(None, "--bos", help="Start every calibration/evaluation window with the BOS token: auto (when the tokenizer adds one by default), always or never."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Exported weights: auto (the checkpoint's; a GGUF file: bfloat16), float32, bfloat16 or float16."),
@@ -374,6 +375,7 @@ def compress(
             "dtype": dtype,
             "save_dtype": save_dtype,
             "backend": backend,
+            "bos": bos,
         }
         if max_memory is not None:
             from prune_cli.memory import parse_size
@@ -408,6 +410,7 @@ def eval_command(
     eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help="Held-out evaluation text file(s)."),
     eval_windows: int = typer.Option(16, "--eval-windows", min=1, help="Evaluation windows."),
     eval_seqlen: int = typer.Option(512, "--eval-seqlen", min=2, help="Tokens per evaluation window."),
+    bos: str = typer.Option("auto", "--bos", help="Start every window with the BOS token: auto (when the tokenizer adds one by default), always or never."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
@@ -418,7 +421,7 @@ def eval_command(
     """Evaluate any checkpoint: perplexity on held-out text and measured sparsity."""
     _setup_logging(verbose)
     try:
-        from prune_cli.config import DEVICES, DTYPE_NAMES, EvaluationConfig
+        from prune_cli.config import BOS_MODES, DEVICES, DTYPE_NAMES, EvaluationConfig
         from prune_cli.errors import RecipeError
         from prune_cli.pipeline import evaluate_checkpoint
 
@@ -426,9 +429,11 @@ def eval_command(
             raise RecipeError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if dtype not in DTYPE_NAMES:
             raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        if bos not in BOS_MODES:
+            raise RecipeError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
         ev = EvaluationConfig(windows=eval_windows, seqlen=eval_seqlen, text=tuple(eval_text or ()))
         with _signals_as_interrupts(), RichEvents() as events:
-            report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events)
+            report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events, bos_mode=bos)
         if as_json:
             _emit_json(report)
         else:

@@ -27,6 +27,8 @@ A recipe (version 1)::
                                    # checkpoint's; float32 on a CPU without fast bfloat16/float16)
     save_dtype: auto               # dtype of the exported weights: auto (the checkpoint's; a GGUF
                                    # source: bfloat16) | float32 | bfloat16 | float16
+    bos: auto                      # every calibration/evaluation window starts with the BOS token:
+                                   # auto (when the tokenizer adds one by default) | always | never
 
 Unknown keys anywhere are errors with "did you mean"; so is a key given twice in one mapping, and
 a value of the wrong type (``method: [wanda]``) is a one-line RecipeError naming its key.
@@ -75,9 +77,11 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "auto",
     "save_dtype": "auto",
     "backend": "auto",
+    "bos": "auto",
 }
 
 DEVICES = ("auto", "cpu", "cuda")
+BOS_MODES = ("auto", "always", "never")  # as calibrators.sampling.BOS_MODES
 DEFAULT_M_GRID = (3.0, 5.0, 7.0, 10.0)
 DEFAULT_LAMBDA_GRID = (0.0, 0.04, 0.08, 0.12, 0.16)
 
@@ -168,6 +172,7 @@ class RunConfig:
     dtype: str = "auto"  # compute dtype (see model_io.compute_dtype)
     save_dtype: str = "auto"  # exported weights (see model_io.save_dtype)
     backend: str = "auto"  # auto | torch | cupy
+    bos: str = "auto"  # auto | always | never (see calibrators.sampling.resolve_bos)
     name: str | None = None
     description: str | None = None
 
@@ -208,6 +213,7 @@ class RunConfig:
             "dtype": self.dtype,
             "save_dtype": self.save_dtype,
             "backend": self.backend,
+            "bos": self.bos,
         }
 
 
@@ -260,7 +266,7 @@ def _check_types(merged: dict) -> None:
         _str(merged[key], key, optional=True)
     _str(merged["pattern"], "pattern", optional=True)
     _number(merged["sparsity"], "sparsity", optional=True)
-    for key in ("device", "dtype", "save_dtype", "backend"):
+    for key in ("device", "dtype", "save_dtype", "backend", "bos"):
         _str(merged[key], key)
     cal, act, layerwise = merged["calibration"], merged["activation"], merged["layerwise"]
     _str(cal["dataset"], "calibration.dataset", optional=True)
@@ -486,6 +492,9 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
                               hint=did_you_mean(str(merged[key]), list(DTYPE_NAMES)))
     if not isinstance(ev["enabled"], bool):
         raise RecipeError("evaluation.enabled must be true or false")
+    if merged["bos"] not in BOS_MODES:
+        raise RecipeError(f"bos must be one of {', '.join(BOS_MODES)}, got {merged['bos']!r}",
+                          hint=did_you_mean(str(merged["bos"]), list(BOS_MODES)))
     return RunConfig(
         method=None if method is None else method.name,
         method_options={} if method is None else method.options(),
@@ -518,6 +527,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         dtype=merged["dtype"],
         save_dtype=merged["save_dtype"],
         backend=_backend(merged["backend"]),
+        bos=merged["bos"],
         name=merged["name"],
         description=merged["description"],
     )

@@ -12,8 +12,10 @@ VOCAB = 384
 
 
 @lru_cache(maxsize=4)
-def tiny_tokenizer(vocab: int = VOCAB):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab: int = VOCAB, adds_bos: bool = False):
+    """A byte-level BPE tokenizer trained on the bundled text; ``adds_bos``: it prepends ``<s>``
+    by default (a ``TemplateProcessing`` post-processor, as Gemma's and Llama 3's do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from prune_cli.calibrators.sources import bundled_text
@@ -25,6 +27,9 @@ def tiny_tokenizer(vocab: int = VOCAB):
         vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([bundled_text("calibration").text[:200_000]], trainer=trainer)
+    if adds_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
@@ -58,8 +63,8 @@ def tiny_model(family: str, layers: int = 2, seed: int = 0):
     return model.eval()
 
 
-def save_tiny_model(family: str, folder: Path, layers: int = 2) -> Path:
+def save_tiny_model(family: str, folder: Path, layers: int = 2, adds_bos: bool = False) -> Path:
     model = tiny_model(family, layers)
     model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    tiny_tokenizer(adds_bos=adds_bos).save_pretrained(folder)
     return Path(folder)

@@ -4,9 +4,16 @@ import random
 import pytest
 import torch
 
-from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, fingerprint
+from prune_cli.calibrators.sampling import (
+    adds_bos,
+    calibration_windows,
+    evaluation_windows,
+    fingerprint,
+    resolve_bos,
+    validation_windows,
+)
 from prune_cli.calibrators.sources import bundled_text, text_from_dataset, text_from_files
-from prune_cli.errors import BadInputError, NotEnoughTextError
+from prune_cli.errors import BadInputError, NotEnoughTextError, RecipeError
 
 
 def test_bundled_parts_are_disjoint_and_nonempty():
@@ -145,3 +152,58 @@ def test_latin1_jsonl_decoded_with_warning(tmp_path, caplog):
     assert t.text == ASCII_PROSE + "\n\ncaf\ufffd"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and str(path) in warnings[0] and "1 byte" in warnings[0]
+
+
+def test_windows_with_bos_start_with_it_and_keep_their_length():
+    ids = torch.arange(10, 10_010)
+    plain = calibration_windows(ids, 8, 100, seed=3)
+    with_bos = calibration_windows(ids, 8, 100, seed=3, bos=1)
+    assert with_bos.shape == plain.shape == (8, 100)
+    assert (with_bos[:, 0] == 1).all() and not (plain[:, 0] == 1).any()
+    body = with_bos[:, 1:]
+    assert body.unique().numel() == body.numel()  # text slots of 99 tokens, still disjoint
+    assert ((body[:, 1:] - body[:, :-1]) == 1).all()  # each a consecutive run of the text
+    assert fingerprint(plain) != fingerprint(with_bos)
+    ev = evaluation_windows(ids, 3, 10, bos=1)
+    assert ev.shape == (3, 10) and (ev[:, 0] == 1).all() and ev[1, 1].item() == 10 + 9
+    val = validation_windows(ids, 8, 2, 100, seed=3, bos=1)
+    assert (val[:, 0] == 1).all() and not set(val[:, 1:].flatten().tolist()) & set(body.flatten().tolist())
+
+
+def test_windows_without_bos_are_unchanged():
+    """bos=None gives exactly the plain slots (numbers measured before BOS handling stay comparable)."""
+    ids = torch.arange(10_000)
+    w = calibration_windows(ids, 8, 100, seed=3, bos=None)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:8]
+    assert torch.equal(w, torch.stack([ids[s * 100 : s * 100 + 100] for s in order.tolist()]))
+    assert torch.equal(evaluation_windows(ids, 3, 10, bos=None), ids[:30].reshape(3, 10))
+
+
+def test_bos_needs_room_for_text():
+    with pytest.raises(NotEnoughTextError, match="room for 9 windows"):
+        calibration_windows(torch.arange(99 * 9 + 5), 10, 100, seed=0, bos=1)  # 9 slots of 99 tokens
+
+
+def test_resolve_bos_follows_the_tokenizer():
+    from tests.tiny_models import tiny_tokenizer
+
+    plain, adding = tiny_tokenizer(), tiny_tokenizer(adds_bos=True)
+    assert not adds_bos(plain) and adds_bos(adding)
+    bos = adding.bos_token_id
+    assert resolve_bos(plain, "auto") is None and resolve_bos(adding, "auto") == bos
+    assert resolve_bos(plain, "always") == plain.bos_token_id and resolve_bos(adding, "never") is None
+    assert adding("The cat")["input_ids"][0] == bos  # the convention auto follows
+
+
+def test_resolve_bos_refusals():
+    from tests.tiny_models import tiny_tokenizer
+
+    with pytest.raises(RecipeError, match="bos must be one of"):
+        resolve_bos(tiny_tokenizer(), "sometimes")
+
+    class NoBos:
+        bos_token_id = None
+
+    with pytest.raises(RecipeError, match="no BOS token"):
+        resolve_bos(NoBos(), "always")
+    assert resolve_bos(NoBos(), "auto") is None
