@@ -1,8 +1,12 @@
 """The layer-wise calibrator: streams calibration activations one decoder block at a time.
 
-1. :func:`capture_block_inputs` runs the model up to the first block and stops there, keeping
-   the block's hidden states and ALL its keyword arguments (rotary ``position_embeddings``,
-   masks, positions) through ``register_forward_pre_hook(with_kwargs=True)``.
+1. :func:`capture_block_inputs` runs the model with every decoder block replaced by a recorder,
+   keeping the first block's hidden states and ALL the keyword arguments each block is called
+   with (rotary ``position_embeddings``, masks, positions). Blocks may differ in them: Gemma 3
+   (and Gemma 2, Qwen2 with ``max_window_layers``, GPT-OSS) give sliding-window layers another
+   mask and rotary embedding than global ones; a batch keeps block 0's keyword arguments and,
+   per block, the ones that differ (:attr:`BlockBatch.layer_kwargs`), and every block is
+   called with its own (:meth:`BlockBatch.inputs`).
 2. Per block, :func:`collect_input_stats` runs the calibration batches through it with hooks
    on the target Linears, accumulating only the requested statistics, once per shared input
    (q/k/v read the same tensor, so do gate/up).
@@ -37,8 +41,18 @@ from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.errors import NonFiniteError
 from prune_cli.finite import WEIGHTS_HINT, all_finite, check_finite_parameters, check_finite_tensor, describe_nonfinite
 
-# Block -> its full name (e.g. ``model.layers.5``), recorded by capture_block_inputs.
+# Block -> its full name (e.g. ``model.layers.5``) and index, recorded by capture_block_inputs
+# and by register_block (the block driver, for each block it materialises).
 _BLOCK_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_BLOCK_INDEX: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def register_block(block: nn.Module, index: int, name: str | None = None) -> None:
+    """Record that ``block`` is decoder block ``index`` (named ``name``): it gets that block's
+    own keyword arguments from :meth:`BlockBatch.inputs`."""
+    _BLOCK_INDEX[block] = index
+    if name:
+        _BLOCK_NAMES[block] = name
 
 CHANGED_WEIGHTS_HINT = (
     "prune-cli checks the weights when it loads a model, so the step that changed this block "
@@ -81,6 +95,44 @@ def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str
     )
 
 
+def _same(a, b) -> bool:
+    """Whether two keyword-argument values are the same object (tensors, or tuples of them such
+    as ``(cos, sin)``) or equal plain values."""
+    if a is b:
+        return True
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain comparison
+        return False
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder block ``index`` while the inputs are captured: records what the
+    block is called with and passes the hidden states on; the last one stops the forward."""
+
+    def __init__(self, index: int, last: bool, seen: list):
+        super().__init__()
+        self.index, self.last, self.seen = index, last, seen
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        self.seen.append((self.index, hidden, rest, kwargs))
+        if self.last:
+            raise _StopAtFirstBlock
+        return hidden
+
+
 class _StopAtFirstBlock(Exception):
     """Private: raised by the capture hook to stop the model's forward at block 0."""
 
@@ -121,7 +173,15 @@ class BlockBatch:
 
     hidden: torch.Tensor
     args: tuple
-    kwargs: dict
+    kwargs: dict  # block 0's keyword arguments
+    layer_kwargs: dict = None  # block index -> the keyword arguments that differ from block 0's
+
+    def inputs(self, block: nn.Module) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` to call ``block`` with besides the hidden states: block 0's, with
+        the block's own values where they differ (a sliding-window layer's mask and rotary
+        embedding). A block not registered (:func:`register_block`) gets block 0's."""
+        extra = (self.layer_kwargs or {}).get(_BLOCK_INDEX.get(block))
+        return self.args, ({**self.kwargs, **extra} if extra else self.kwargs)
 
     @property
     def tokens(self) -> int:
@@ -144,42 +204,43 @@ def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device,
     keep: Callable[[BlockBatch], BlockBatch] | None = None,
 ) -> list[BlockBatch]:
-    """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches.
+    """Inputs of ``blocks[0]`` for ``windows`` (``(n, seqlen)`` token ids), in batches, with
+    every block's own keyword arguments (see the module docstring). The blocks are replaced by
+    recorders for the forward (and put back), so none of them runs and none needs its weights.
     Records the blocks' names (:func:`block_name`); raises :class:`NonFiniteError` when the
     inputs are not finite. Moves nothing: the parts of the model before the first block must be
     on ``device`` already (the :class:`~prune_cli.driver.BlockDriver` places them). ``keep``
     turns each batch, as soon as it is captured, into what is kept (e.g. a spilled batch)."""
     path = next((n for n, m in model.named_modules() if m is blocks), None)
-    if path:
-        for index, block in enumerate(blocks):
-            _BLOCK_NAMES[block] = f"{path}.{index}"
+    for index, block in enumerate(blocks):
+        register_block(block, index, f"{path}.{index}" if path else None)
     captured: list[BlockBatch] = []
-
-    def hook(module, args, kwargs):
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        batch = BlockBatch(hidden.detach(), rest, kwargs)
-        captured.append(keep(batch) if keep is not None else batch)
-        raise _StopAtFirstBlock
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    originals = list(blocks)
     try:
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
+            seen: list = []
+            for index in range(len(originals)):
+                blocks[index] = _Recorder(index, index == len(originals) - 1, seen)
             try:
                 model(input_ids=ids, use_cache=False)
             except _StopAtFirstBlock:
                 pass
             else:
-                raise RuntimeError("the first decoder block was never called")
+                raise RuntimeError("the last decoder block was never called")
+            if [entry[0] for entry in seen] != list(range(len(originals))):
+                raise RuntimeError(f"the decoder blocks were called in the order {[e[0] for e in seen]}")
+            _, hidden, rest, kwargs = seen[0]
+            layer_kwargs = {}
+            for index, _, _, own in seen[1:]:
+                differ = {k: v for k, v in own.items() if k not in kwargs or not _same(v, kwargs[k])}
+                if differ:
+                    layer_kwargs[index] = differ
+            batch = BlockBatch(hidden.detach(), rest, kwargs, layer_kwargs)
+            captured.append(keep(batch) if keep is not None else batch)
     finally:
-        handle.remove()
+        for index, original in enumerate(originals):
+            blocks[index] = original
     if not all_finite(b.hidden for b in captured):
         check_finite_parameters(model)  # weights not checked at load (a library caller)
         first = block_name(blocks[0])
@@ -204,7 +265,8 @@ def propagate(block: nn.Module, batches: list[BlockBatch], name: str | None = No
     ``check=False``: non-finite outputs are passed on (a compressed model's evaluation); ``what``
     names the activations in the error."""
     for batch in batches:
-        batch.hidden = _block_output(block(batch.hidden, *batch.args, **batch.kwargs))
+        args, kwargs = batch.inputs(block)
+        batch.hidden = _block_output(block(batch.hidden, *args, **kwargs))
     if check:
         check_block_outputs(block, batches, name, what)
 
@@ -262,8 +324,9 @@ def collect_input_stats(
         for batch in batches:
             called.clear()
             hidden = batch.hidden
+            args, kwargs = batch.inputs(block)
             try:
-                output = block(hidden, *batch.args, **batch.kwargs)
+                output = block(hidden, *args, **kwargs)
             except _InputsSeen:
                 output = None
             for leader, x in pending:
@@ -329,8 +392,9 @@ def collect_inputs(
             return hook
 
         handles = [linear.register_forward_pre_hook(make_hook(name)) for name, linear in linears.items()]
+        args, kwargs = batch.inputs(block)
         try:
-            output = block(batch.hidden, *batch.args, **batch.kwargs)
+            output = block(batch.hidden, *args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -384,8 +448,9 @@ def collect_first_input(
             return hook
 
         handles = [linear.register_forward_pre_hook(make_hook(name)) for name, linear in linears.items()]
+        args, kwargs = batch.inputs(block)
         try:
-            block(batch.hidden, *batch.args, **batch.kwargs)
+            block(batch.hidden, *args, **kwargs)
         except _InputsSeen:
             pass
         finally:

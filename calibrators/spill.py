@@ -67,12 +67,13 @@ def value(x):
 class SpilledBatch(BlockBatch):
     """A batch whose hidden states are kept in a file in ``folder`` (see the module docstring)."""
 
-    def __init__(self, hidden, args: tuple, kwargs: dict, folder: Path):
+    def __init__(self, hidden, args: tuple, kwargs: dict, folder: Path, layer_kwargs: dict | None = None):
         self._folder = Path(folder)
         self._path = self._folder / f"batch-{os.getpid()}-{next(_counter)}.safetensors"
         self._held: FileTensor | None = None
         self.args = args
         self.kwargs = kwargs
+        self.layer_kwargs = layer_kwargs
         self.hidden = hidden
 
     @property
@@ -102,7 +103,7 @@ class SpilledBatch(BlockBatch):
         return self._held.link(self._folder / f"kept-{os.getpid()}-{next(_counter)}.safetensors")
 
     def copy(self) -> "SpilledBatch":
-        return SpilledBatch(self.held(), self.args, self.kwargs, self._folder)
+        return SpilledBatch(self.held(), self.args, self.kwargs, self._folder, self.layer_kwargs)
 
     def __del__(self) -> None:
         try:
@@ -114,4 +115,4 @@ class SpilledBatch(BlockBatch):
 def spill(batch: BlockBatch, folder: Path) -> SpilledBatch:
     """``batch`` with its hidden states moved to a file in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    return SpilledBatch(batch.hidden, batch.args, batch.kwargs, folder)
+    return SpilledBatch(batch.hidden, batch.args, batch.kwargs, folder, batch.layer_kwargs)

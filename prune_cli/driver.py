@@ -262,6 +262,7 @@ class BlockDriver:
         else:
             block = self.found.modules[index]
             token = self.placement.move(block, self.device)
+        layerwise.register_block(block, index, self.name(index))
         handle = block.register_forward_hook(self._note_output)
         try:
             for prepare in self.prepare_block:

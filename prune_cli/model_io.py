@@ -297,6 +297,16 @@ class OpenedModel:
         return self.driver.model
 
 
+def _opened_whole(source: ModelSource, config, dtype: str, device: torch.device, offline: bool, placement) -> OpenedModel:
+    from prune_cli.driver import BlockDriver
+
+    compute, note = compute_dtype(dtype, getattr(config, "dtype", None), device)
+    model, tokenizer = load_model(source, DTYPE_NAMES_BY_DTYPE[compute], offline)
+    log.info("%s: its checkpoint is converted on load, so it is loaded whole (not streamed)", source.describe())
+    return OpenedModel(BlockDriver(model, device, placement=placement), tokenizer, config, compute,
+                       getattr(config, "dtype", None), False, note)
+
+
 def open_model(source: ModelSource, dtype: str, device: torch.device, offline: bool = False, placement=None) -> OpenedModel:
     """Open ``source`` for a block walk on ``device`` without loading its blocks: the model is
     built on the meta device, everything outside the decoder blocks is read once, and each block
@@ -308,11 +318,7 @@ def open_model(source: ModelSource, dtype: str, device: torch.device, offline: b
     config = load_config(source, offline)
     _check_causal(config)
     if needs_weight_conversion(config):
-        compute, note = compute_dtype(dtype, getattr(config, "dtype", None), device)
-        model, tokenizer = load_model(source, DTYPE_NAMES_BY_DTYPE[compute], offline)
-        log.info("%s: its checkpoint is converted on load, so it is loaded whole (not streamed)", source.describe())
-        return OpenedModel(BlockDriver(model, device, placement=placement), tokenizer, config, compute,
-                           getattr(config, "dtype", None), False, note)
+        return _opened_whole(source, config, dtype, device, offline, placement)
     folder = local_folder(source, offline)
     if source.kind == "folder":
         from prune_cli.checkpoint_files import check_weight_files
@@ -329,8 +335,17 @@ def open_model(source: ModelSource, dtype: str, device: torch.device, offline: b
         weights = SafetensorsWeights(cache) if cache else open_weights(folder, source.gguf_file, skeleton)
         stored = None  # saves bfloat16 by default, cached or not
     else:
+        from prune_cli.weights import RenamedWeights, checkpoint_renames
+
         probe = empty_model(config, torch.float32)
         weights = open_weights(folder, None, probe)
+        renames = checkpoint_renames(probe, weights.names())
+        if renames is None:  # merged on load (MoE experts in a model type not listed above)
+            weights.close()
+            return _opened_whole(source, config, dtype, device, offline, placement)
+        if renames:
+            log.debug("stored names renamed as transformers does on load: %s", renames)
+            weights = RenamedWeights(weights, renames)
         stored = weights.stored_dtype
         compute, note = compute_dtype(dtype, stored, device)
         skeleton = probe if compute == torch.float32 else empty_model(config, compute)

@@ -179,6 +179,58 @@ class TorchBinWeights(WeightSource):
         return {name: self._state(self._names[name])[name] for name in names}
 
 
+class RenamedWeights(WeightSource):
+    """A source whose stored names differ from the model's ``state_dict`` names by transformers'
+    load-time renamings (GPT-NeoX stores ``embed_out.weight`` for the model's ``lm_head.weight``;
+    old checkpoints store LayerNorm ``gamma``/``beta``). Tensors are asked for by model name."""
+
+    def __init__(self, inner: WeightSource, stored_by_model: dict[str, str]):
+        super().__init__()
+        self.inner = inner
+        self.description = inner.description
+        self.private_tensors = inner.private_tensors
+        renamed = set(stored_by_model.values())
+        self._names = {name: name for name in inner.names() if name not in renamed}
+        self._names.update(stored_by_model)
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        return self.inner.stored_dtype
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        names = list(names)
+        stored = self.inner.read([self._names[n] for n in names])
+        return {n: stored[self._names[n]] for n in names}
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, str] | None:
+    """Model name -> stored name for the stored tensors transformers renames on load, ``{}`` when
+    none is, or ``None`` when some stored tensor is *converted* (several merged into one, e.g. MoE
+    experts into one 3-D tensor): such a checkpoint cannot be read tensor by tensor.
+
+    Uses transformers' own conversion list for ``model`` (by class name, model type and the
+    legacy renamings), so the names are the ones ``from_pretrained`` would give."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # another transformers: no load-time renaming known
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out = {}
+    for name in stored:
+        renamed, converted = rename_source_key(name, renamings, converters)
+        if converted is not None:
+            return None
+        if renamed != name:
+            out[renamed] = name
+    return out
+
+
 # GGUF tensor processors that map one GGUF tensor to one HF tensor (others merge experts).
 _ONE_TO_ONE_PROCESSORS = {"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "BloomTensorProcessor",
                           "GPT2TensorProcessor", "NemotronTensorProcessor", "Lfm2TensorProcessor", "MambaTensorProcessor"}

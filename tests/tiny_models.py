@@ -1,5 +1,6 @@
-"""Tiny random causal LMs of two families (Llama and OPT), built in-process, with a tiny BPE
-tokenizer trained on the bundled text, saved as ordinary Hugging Face folders."""
+"""Tiny random causal LMs of the common decoder families (Llama, Mistral, Qwen2, Qwen3, Gemma 3,
+Phi-3, OPT, GPT-NeoX, GPT-2), built in-process, with a tiny BPE tokenizer trained on the bundled
+text, saved as ordinary Hugging Face folders."""
 
 from __future__ import annotations
 
@@ -47,6 +48,53 @@ def tiny_config(family: str, layers: int = 2):
         return OPTConfig(
             vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
             max_position_embeddings=1024, word_embed_proj_dim=64,
+        )
+    if family == "mistral":
+        from transformers import MistralConfig
+
+        return MistralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=16,
+            tie_word_embeddings=False,
+        )
+    if family == "qwen2":  # biases in q/k/v
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        )
+    if family == "qwen3":  # q/k RMSNorm, explicit head_dim
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, head_dim=32,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        )
+    if family == "gemma3":  # sliding and global layers (two rotary embeddings), scaled embeddings, tied head
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=max(layers, 2), head_dim=16,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * (max(layers, 2) // 2)
+            + ["sliding_attention"] * (max(layers, 2) % 2),
+            query_pre_attn_scalar=16, tie_word_embeddings=True,
+        )
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        from transformers import Phi3Config
+
+        return Phi3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            original_max_position_embeddings=1024, pad_token_id=0, tie_word_embeddings=False,
+        )
+    if family == "gpt_neox":  # Pythia: parallel attention + MLP, fused query_key_value, partial rotary
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, max_position_embeddings=1024, rotary_pct=0.25, tie_word_embeddings=False,
         )
     if family == "gpt2":
         from transformers import GPT2Config

@@ -180,7 +180,8 @@ class _BackpropagateBlocks(Stage):
             with torch.enable_grad():
                 for w, batch in enumerate(self.batches):
                     x = spill.value(self.forward.inputs[index][w]).detach().requires_grad_()
-                    y = layerwise._block_output(block(x, *batch.args, **batch.kwargs))
+                    args, kwargs = batch.inputs(block)
+                    y = layerwise._block_output(block(x, *args, **kwargs))
                     self.grads[w] = torch.autograd.grad(y, x, self.grads[w])[0]
         finally:
             for handle in handles:

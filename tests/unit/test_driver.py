@@ -281,3 +281,34 @@ def test_other_checkpoint_layouts_stream_to_the_same_result(llama3, tmp_path, la
         results.append(seen)
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_capture_keeps_each_blocks_own_keyword_arguments():
+    """Gemma 3's sliding-window and global layers get different masks and rotary embeddings;
+    the capture records, per block, the ones that differ from block 0's (Llama: none)."""
+    from prune_cli.calibrators.layerwise import capture_block_inputs
+    from tests.tiny_models import tiny_model
+
+    windows = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    llama = tiny_model("llama", layers=3)
+    batches = capture_block_inputs(llama, llama.model.layers, windows, 2, torch.device("cpu"))
+    assert batches[0].layer_kwargs == {}
+
+    gemma = tiny_model("gemma3", layers=4)
+    types = gemma.config.layer_types
+    assert types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    (batch,) = capture_block_inputs(gemma, gemma.model.layers, windows, 2, torch.device("cpu"))
+    assert sorted(batch.layer_kwargs) == [1, 3]  # the global layers; block 2 is like block 0
+    assert {"attention_mask", "position_embeddings"} <= set(batch.layer_kwargs[1])
+    # each block called with its own arguments reproduces the model's hidden states
+    hidden = batch.hidden
+    for index, block in enumerate(gemma.model.layers):
+        args, kwargs = batch.inputs(block)
+        hidden = block(hidden, *args, **kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    with torch.no_grad():
+        reference = gemma.model(windows, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(gemma.model.norm(hidden), reference, atol=1e-5)
+    # an unregistered block gets block 0's
+    stranger = torch.nn.Identity()
+    assert batch.inputs(stranger)[1] is batch.kwargs
