@@ -20,11 +20,11 @@ import warnings
 
 import torch
 
+from prune_cli.config import BOS_MODES
 from prune_cli.errors import NotEnoughTextError, RecipeError
 
 log = logging.getLogger(__name__)
 
-BOS_MODES = ("auto", "always", "never")  # also prune_cli.config.BOS_MODES (the recipe key)
 
 
 def adds_bos(tokenizer) -> bool:

@@ -115,8 +115,10 @@ def decode_text_file(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_jsonl(path: Path, column: str) -> list[str]:
-    """The ``column`` field of every JSON object in the ``.jsonl`` file ``path`` (blank lines skipped)."""
+def _read_jsonl(path: Path, column: str, chat=None) -> list[str]:
+    """The ``column`` field of every JSON object in the ``.jsonl`` file ``path`` (blank lines
+    skipped). With ``chat`` (``messages -> str``, a tokenizer's chat template), rows holding a
+    ``messages`` list (``[{"role": ..., "content": ...}, ...]``) are rendered by it instead."""
     docs = []
     for line_no, line in enumerate(decode_text_file(path).split("\n"), 1):
         if not line.strip():
@@ -128,26 +130,40 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
                 f"{path}:{line_no}: not valid JSON ({exc.msg})",
                 hint="a .jsonl file holds one JSON object per line",
             ) from None
+        if chat is not None and isinstance(record, dict) and "messages" in record:
+            docs.append(_render_chat(chat, record["messages"], f"{path}:{line_no}"))
+            continue
         if not isinstance(record, dict) or column not in record:
+            has_messages = isinstance(record, dict) and "messages" in record
             raise BadInputError(
                 f"{path}:{line_no}: no field {column!r}",
-                hint="name the text field with --calib-column",
+                hint="render chat rows with --calib-chat-template" if has_messages else "name the text field with --calib-column",
             )
         docs.append(str(record[column]))
     return docs
 
 
-def text_from_files(paths: list[Path], column: str = "text") -> Text:
+def _render_chat(chat, messages, where: str) -> str:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise BadInputError(f"{where}: messages must be a list of {{role, content}} objects")
+    try:
+        return chat(messages)
+    except Exception as exc:  # noqa: BLE001 - a template's own errors (e.g. roles out of order)
+        raise BadInputError(f"{where}: the chat template cannot render these messages ({exc})") from None
+
+
+def text_from_files(paths: list[Path], column: str = "text", chat=None) -> Text:
     """Concatenate local ``.txt`` / ``.jsonl`` files (documents separated by a blank line).
 
-    Each file must be UTF-8 text (see :func:`decode_text_file`); all of them empty is an error."""
+    Each file must be UTF-8 text (see :func:`decode_text_file`); all of them empty is an error.
+    ``chat``: render ``.jsonl`` rows with ``messages`` by it (see :func:`_read_jsonl`)."""
     docs: list[str] = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise BadInputError(f"text file not found: {path}", hint="check the path")
         if path.suffix == ".jsonl":
-            docs.extend(_read_jsonl(path, column))
+            docs.extend(_read_jsonl(path, column, chat))
         else:
             docs.append(decode_text_file(path))
     text = DOC_SEPARATOR.join(d for d in docs if d)

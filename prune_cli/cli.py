@@ -1,8 +1,9 @@
 """The command line (the only module that imports typer and rich).
 
 Results go to stdout (a table, or one JSON object with ``--json``); logs and progress go to
-stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error, 130 interrupted
-(Ctrl-C), 143 stopped by SIGTERM. With ``--json`` an error is one JSON object on stdout too:
+stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error, 3 a quality gate
+failed (the checkpoint and report are written; prune_cli.gates), 130 interrupted (Ctrl-C), 143
+stopped by SIGTERM. With ``--json`` an error is one JSON object on stdout too:
 ``{"error": {"type", "message", "hint"}, "exit_code": N}``.
 """
 
@@ -118,6 +119,19 @@ def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
     _emit_error(type(exc).__name__, f"{type(exc).__name__}: {first}", "rerun with --debug for the traceback, and please report it",
                 1, as_json, label="internal error")
     raise typer.Exit(1)
+
+
+def _exit_on_failed_gates(report: dict) -> None:
+    """Exit 3 with one line per failed gate on stderr (the report, with its ``gates`` results,
+    is already written and printed)."""
+    from prune_cli.gates import GATE_FAILED_EXIT, describe, failed
+
+    bad = failed(report.get("gates"))
+    if bad:
+        for result in bad:
+            stderr.print(f"gate failed: {describe(result)}; the checkpoint was written to {report.get('output')}",
+                         markup=False, highlight=False)
+        raise typer.Exit(GATE_FAILED_EXIT)
 
 
 def _interrupted(exc, as_json: bool) -> None:
@@ -313,6 +327,7 @@ def compress(
     calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="datasets NAME[:CONFIG] or a local data file/folder."),
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Dataset split (default train)."),
     calib_column: Optional[str] = typer.Option(None, "--calib-column", help="Text field of .jsonl / dataset (default text)."),
+    calib_chat_template: bool = typer.Option(False, "--calib-chat-template", help="Render .jsonl rows with a messages list by the tokenizer's chat template."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 512)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for drawing calibration windows (default 0)."),
@@ -320,6 +335,7 @@ def compress(
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Evaluation windows (default 16)."),
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Tokens per evaluation window (default 512)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Quality gate: exit 3 (checkpoint still written) when compressed/dense perplexity exceeds R."),
     bos: Optional[str] = typer.Option(None, "--bos", help="Start every calibration/evaluation window with the BOS token: auto (when the tokenizer adds one by default), always or never."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
@@ -338,7 +354,8 @@ def compress(
 ) -> None:
     """Prune MODEL with a training-free method, evaluate it against the dense model, export it.
 
-    Exit codes: 0 done, 1 internal error, 2 bad input, 130 Ctrl-C, 143 SIGTERM."""
+    Exit codes: 0 done, 1 internal error, 2 bad input, 3 a quality gate failed (checkpoint and
+    report written), 130 Ctrl-C, 143 SIGTERM."""
     _setup_logging(verbose)
     try:
         from prune_cli.config import load_recipe, resolve
@@ -361,6 +378,7 @@ def compress(
                 "dataset": calib_dataset,
                 "split": calib_split,
                 "column": calib_column,
+                "chat_template": True if calib_chat_template else None,
                 "samples": calib_samples,
                 "seqlen": seqlen,
                 "seed": seed,
@@ -376,6 +394,7 @@ def compress(
             "save_dtype": save_dtype,
             "backend": backend,
             "bos": bos,
+            "gates": {"max_ppl_ratio": max_ppl_ratio},
         }
         if max_memory is not None:
             from prune_cli.memory import parse_size
@@ -398,6 +417,7 @@ def compress(
             _emit_json(report)  # every rank's, under torchrun (they hold the same masks)
         elif _launcher_rank() == 0:
             _print_compress_table(report)
+        _exit_on_failed_gates(report)
     except typer.Exit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the CLI boundary

@@ -37,6 +37,7 @@ a value of the wrong type (``method: [wanda]``) is a one-line RecipeError naming
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Any
 import yaml
 
 from prune_cli.errors import RecipeError
+from prune_cli.gates import Gates
 from prune_cli.patterns import SparsityPattern, Unstructured, parse_pattern, pattern_to_text
 from prune_cli.registry import did_you_mean
 
@@ -71,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
         "dataset": None,
         "split": "train",
         "column": "text",
+        "chat_template": False,
     },
     "evaluation": {"enabled": True, "windows": 16, "seqlen": 512, "batch_size": 4, "text": []},
     "device": "auto",
@@ -78,10 +81,11 @@ DEFAULTS: dict[str, Any] = {
     "save_dtype": "auto",
     "backend": "auto",
     "bos": "auto",
+    "gates": {"max_ppl_ratio": None},
 }
 
 DEVICES = ("auto", "cpu", "cuda")
-BOS_MODES = ("auto", "always", "never")  # as calibrators.sampling.BOS_MODES
+BOS_MODES = ("auto", "always", "never")  # see calibrators.sampling.resolve_bos
 DEFAULT_M_GRID = (3.0, 5.0, 7.0, 10.0)
 DEFAULT_LAMBDA_GRID = (0.0, 0.04, 0.08, 0.12, 0.16)
 
@@ -121,6 +125,7 @@ class CalibrationConfig:
     dataset: str | None = None
     split: str = "train"
     column: str = "text"
+    chat_template: bool = False  # render .jsonl rows with `messages` by the tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,7 @@ class RunConfig:
     save_dtype: str = "auto"  # exported weights (see model_io.save_dtype)
     backend: str = "auto"  # auto | torch | cupy
     bos: str = "auto"  # auto | always | never (see calibrators.sampling.resolve_bos)
+    gates: Gates = Gates()  # quality gates checked after the evaluation (prune_cli.gates)
     name: str | None = None
     description: str | None = None
 
@@ -204,6 +210,7 @@ class RunConfig:
             "calibration": {
                 "samples": cal.samples, "seqlen": cal.seqlen, "seed": cal.seed, "batch_size": cal.batch_size,
                 "text": [str(p) for p in cal.text], "dataset": cal.dataset, "split": cal.split, "column": cal.column,
+                "chat_template": cal.chat_template,
             },
             "evaluation": {
                 "enabled": ev.enabled, "windows": ev.windows, "seqlen": ev.seqlen, "batch_size": ev.batch_size,
@@ -214,6 +221,7 @@ class RunConfig:
             "save_dtype": self.save_dtype,
             "backend": self.backend,
             "bos": self.bos,
+            "gates": self.gates.to_dict(),
         }
 
 
@@ -492,6 +500,12 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
                               hint=did_you_mean(str(merged[key]), list(DTYPE_NAMES)))
     if not isinstance(ev["enabled"], bool):
         raise RecipeError("evaluation.enabled must be true or false")
+    if cal["chat_template"] and not cal["text"]:
+        raise RecipeError("calibration.chat_template applies to .jsonl calibration files",
+                          hint="give --calib-text FILE.jsonl with rows holding a messages list")
+    gates = _gates(merged["gates"])
+    if gates.active and not ev["enabled"]:
+        raise RecipeError("a perplexity gate needs the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
     if merged["bos"] not in BOS_MODES:
         raise RecipeError(f"bos must be one of {', '.join(BOS_MODES)}, got {merged['bos']!r}",
                           hint=did_you_mean(str(merged["bos"]), list(BOS_MODES)))
@@ -515,6 +529,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
             dataset=cal["dataset"],
             split=cal["split"],
             column=cal["column"],
+            chat_template=_bool(cal["chat_template"], "calibration.chat_template"),
         ),
         evaluation=EvaluationConfig(
             enabled=ev["enabled"],
@@ -528,9 +543,25 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         save_dtype=merged["save_dtype"],
         backend=_backend(merged["backend"]),
         bos=merged["bos"],
+        gates=gates,
         name=merged["name"],
         description=merged["description"],
     )
+
+
+def _gates(section: dict) -> Gates:
+    ratio = section["max_ppl_ratio"]
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not math.isfinite(ratio) or ratio <= 0):
+        raise RecipeError(f"gates.max_ppl_ratio must be a positive number, got {ratio!r}",
+                          hint="e.g. --max-ppl-ratio 1.5: the compressed perplexity at most 1.5x the dense")
+    return Gates(max_ppl_ratio=None if ratio is None else float(ratio))
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{key} must be true or false, got {_kind(value)} ({value!r})")
+    return value
 
 
 def _auto_number(value: Any, key: str, low: float, high: float) -> float | None:

@@ -27,6 +27,7 @@ from prune_cli.model_io import DTYPE_NAMES_BY_DTYPE, prepare_for_save
 from prune_cli.output import OWNER_FILE, REPORT_FILE, WORK_FOLDER, fix_modes
 from prune_cli.report import json_ready
 from prune_cli.shards import StreamingCheckpoint, TensorSpec
+from prune_cli.conv1d import stored_shape
 from prune_cli.weights import SAFETENSORS_DTYPES, state_names, tied_names
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,12 @@ def weight_specs(driver, dtype: torch.dtype) -> list[TensorSpec]:
     for name in state_names(model):
         if name in tied:
             continue
+        owner, local = model, name
         if name.startswith(inside):
             index, _, local = name[len(inside):].partition(".")
-            tensor = driver.template(int(index)).get_parameter(local) if _is_param(driver.template(int(index)), local) \
-                else driver.template(int(index)).get_buffer(local)
-        else:
-            tensor = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
-        specs.append(TensorSpec(name, tuple(tensor.shape), _saved_dtype(tensor, dtype)))
+            owner = driver.template(int(index))
+        tensor = owner.get_parameter(local) if _is_param(owner, local) else owner.get_buffer(local)
+        specs.append(TensorSpec(name, stored_shape(owner, local, tuple(tensor.shape)), _saved_dtype(tensor, dtype)))
     return specs
 
 

@@ -190,6 +190,9 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
             f"transformers cannot build this model ({exc})", hint="check the model's config.json"
         ) from None
     model = model.to(DTYPES[dtype]).eval()
+    from prune_cli.conv1d import linearize_conv1d
+
+    linearize_conv1d(model)  # GPT-2: Conv1D as the Linear it is (prune_cli.conv1d)
     tokenizer = load_tokenizer(source, offline)
     decoder_blocks(model)  # fail early on unsupported layouts
     from prune_cli.finite import check_finite_parameters
@@ -413,6 +416,44 @@ def decoder_blocks(model: nn.Module) -> Blocks:
             hint="supported: Llama, Mistral, Qwen2, SmolLM, OPT, GPT-NeoX and other nn.Linear-based decoders",
         )
     return found
+
+
+def fused_weights(block: nn.Module) -> dict[str, str]:
+    """Weight tensors of ``block`` with three or more dimensions held outside ``nn.Linear``:
+    ``name -> module type``. These are mixture-of-experts weights that transformers fuses into one
+    tensor per block (Mixtral's and Qwen-MoE's ``experts.gate_up_proj`` / ``experts.down_proj``,
+    shape ``(experts, out, in)``), which no method here prunes yet. A router (a 2-D weight)
+    is not listed: it stays dense by design."""
+    return {
+        f"{owner}.{name}" if owner else name: type(module).__name__
+        for owner, module in block.named_modules()
+        if not isinstance(module, nn.Linear)
+        for name, param in module.named_parameters(recurse=False)
+        if param.dim() >= 3
+    }
+
+
+def check_prunable(model: nn.Module, include: tuple[str, ...], activation: bool = False) -> None:
+    """Refuse, before any work, a model whose blocks hold weights no method prunes (fused MoE
+    experts) unless the recipe names its targets (``targets.include``): pruning "50% of the
+    model" would otherwise leave most of its weights dense and say nothing. Activation sparsity
+    on GPT-2's Conv1D layers is refused too (its runtime wraps ``nn.Linear`` modules only)."""
+    from prune_cli.conv1d import Conv1DLinear
+
+    block = decoder_blocks(model).modules[0]
+    if activation and any(isinstance(m, Conv1DLinear) for m in block.modules()):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: activation sparsity on Conv1D layers (GPT-2) is not supported yet",
+            hint="weight pruning (wanda, sparsegpt, magnitude, dsnot) works on this model",
+        )
+    fused = fused_weights(block)
+    if fused and not include:
+        kinds = ", ".join(sorted(set(fused.values())))
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: {kinds} holds fused mixture-of-experts weights "
+            f"({', '.join(sorted(fused))}), which prune-cli does not prune yet",
+            hint="to prune the other Linear layers only, name them in the recipe: targets: {include: ['self_attn']}",
+        )
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:

@@ -38,6 +38,7 @@ from prune_cli.model_io import (
     ModelSource,
     OpenedModel,
     block_linears,
+    check_prunable,
     decoder_blocks,
     load_config,
     meta_model,
@@ -85,12 +86,22 @@ def _timed(timings: Timings, key: str):
         timings.add(key, time.perf_counter() - start)
 
 
-def calibration_text(cal: CalibrationConfig, offline: bool) -> Text:
+def calibration_text(cal: CalibrationConfig, offline: bool, tokenizer=None) -> Text:
+    """The calibration text; ``.jsonl`` rows with ``messages`` rendered by ``tokenizer``'s chat
+    template when ``cal.chat_template`` (see calibrators.sources)."""
     if cal.text:
-        return text_from_files(list(cal.text), cal.column)
+        return text_from_files(list(cal.text), cal.column, _chat_renderer(tokenizer) if cal.chat_template else None)
     if cal.dataset:
         return text_from_dataset(cal.dataset, cal.split, cal.column, offline)
     return bundled_text("calibration")
+
+
+def _chat_renderer(tokenizer):
+    """``messages -> str`` by the tokenizer's own chat template (no generation prompt)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise BadInputError("--calib-chat-template: this model's tokenizer has no chat template",
+                            hint="calibrate on plain text (a .txt file or a jsonl text field)")
+    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def evaluation_text(ev: EvaluationConfig) -> Text:
@@ -146,6 +157,7 @@ def dry_run(request: CompressRequest) -> dict:
     if request.output is not None:
         preflight(output_path(request.output), request.overwrite)
     model = meta_model(source, request.config.dtype, offline)
+    check_prunable(model, config.targets.include, config.activation is not None)
     out: dict = {"model": source.describe(), "method": config.method, "method_options": config.method_options, "layers": []}
     if config.method:
         plan = build_plan(model, config)
@@ -296,6 +308,7 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
     saved = model_save_dtype(config.save_dtype, opened.stored_dtype)
     if target is not None:
         target.check_free_space(checkpoint_bytes(weight_specs(opened.driver, saved)))
+    check_prunable(model, config.targets.include, config.activation is not None)
     plan = build_plan(model, config) if config.method else None
     act_targets = act_method = None
     if config.activation is not None:
@@ -309,7 +322,7 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
 
             check_supported(model)  # fail before any walk, not after
     cal = config.calibration
-    cal_text = calibration_text(cal, offline)
+    cal_text = calibration_text(cal, offline, opened.tokenizer)
     bos = resolve_bos(opened.tokenizer, config.bos)
     if bos is not None:
         log.info("every window starts with the BOS token (id %d), as this tokenizer does by default", bos)
@@ -458,6 +471,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
             "windows": list(job.cal_windows.shape),
             "seed": cal.seed,
             "bos": job.bos is not None,
+            "chat_template": cal.chat_template,
             "tokens_sha256": fingerprint(job.cal_windows),
         },
         "evaluation": None
@@ -484,6 +498,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "rank_windows": job.shares() if distributed.active() else None,
         "output": None,
     }
+    report["gates"] = config.gates.check(report["ppl"]) if config.gates.active else None
     if target is None and work is not None:
         import shutil
 

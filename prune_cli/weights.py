@@ -292,7 +292,22 @@ class GGUFWeights(WeightSource):
             if self._map.get(result.name) != name:
                 raise RuntimeError(f"GGUF tensor {tensor.name} was renamed to {result.name} on conversion")
             out[name] = torch.from_numpy(np.copy(result.weights))
+            self._release_pages()
         return out
+
+    def _release_pages(self) -> None:
+        """Drop the file's pages this process has read from its resident set (``MADV_DONTNEED``
+        on the reader's read-only map; a later read faults them in again from the page cache).
+        Without it, reading every tensor once (the cache build, a walk) leaves the whole GGUF
+        file in the resident set: 98 MB for the bundled model, tens of GB for a 70B one."""
+        import mmap
+
+        handle = getattr(self._reader.data, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                handle.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # a closed map, or a platform without it
+                pass
 
 
 def open_weights(folder: str | Path, gguf_file: str | None, model: nn.Module) -> WeightSource:
@@ -323,6 +338,9 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
         except (KeyError, ValueError) as exc:
             raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
     model.tie_weights()  # from_config leaves tied parameters (lm_head -> embeddings) as two
+    from prune_cli.conv1d import linearize_conv1d
+
+    linearize_conv1d(model)  # GPT-2: Conv1D as the Linear it is (prune_cli.conv1d)
     return model.eval()
 
 
@@ -379,6 +397,7 @@ def materialize(
     ``device``. Names in ``skip`` (relative) are left alone (tied weights). Returns the names
     (relative to ``module``) it filled. Raises :class:`CheckpointError` for a tensor the source
     lacks or of the wrong shape, and :class:`~prune_cli.errors.NonFiniteError` for NaN / inf."""
+    from prune_cli.conv1d import from_stored
     from prune_cli.errors import NonFiniteError
     from prune_cli.finite import WEIGHTS_HINT, describe_nonfinite, is_finite
 
@@ -394,7 +413,8 @@ def materialize(
                                   hint="the checkpoint does not match its config.json")
         wanted[name] = (found, current)
     for name, (found, current) in wanted.items():
-        value = source.read([found])[found]  # one at a time: one stored copy in memory at once
+        # one at a time: one stored copy in memory at once (a Conv1D weight: read transposed)
+        value = from_stored(module, name, source.read([found])[found])
         if tuple(value.shape) != tuple(current.shape):
             raise CheckpointError(
                 f"{source.description}: {found} has shape {list(value.shape)}, the model expects {list(current.shape)}",
@@ -407,7 +427,7 @@ def materialize(
         # with the file's mapping, where a stage's in-place change (pruning) would outlive the block
         value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype,
                          copy=not source.private_tensors)
-        _set_tensor(module, name, value)
+        _set_tensor(module, name, value.contiguous())
     return list(wanted)
 
 

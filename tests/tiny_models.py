@@ -96,6 +96,14 @@ def tiny_config(family: str, layers: int = 2):
             vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
             num_attention_heads=4, max_position_embeddings=1024, rotary_pct=0.25, tie_word_embeddings=False,
         )
+    if family == "mixtral":  # experts fused by transformers into 3-D tensors
+        from transformers import MixtralConfig
+
+        return MixtralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=1024,
+        )
     if family == "gpt2":
         from transformers import GPT2Config
 

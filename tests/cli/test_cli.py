@@ -181,9 +181,9 @@ def test_unsupported_architecture_exit_2(tmp_path):
     from tests.tiny_models import save_tiny_model
 
     folder = save_tiny_model("gpt2", tmp_path / "gpt2")
-    result = run("compress", folder, "--method", "wanda", "--sparsity", "0.5", "--dry-run")
+    result = run("compress", folder, "--method", "teal", "--sparsity", "0.5", "--dry-run")
     assert_one_line_error(result)
-    assert "Conv1D" in result.stderr
+    assert "activation sparsity on Conv1D layers (GPT-2) is not supported yet" in result.stderr
 
 
 def test_methods_and_help():

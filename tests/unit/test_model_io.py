@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from prune_cli.errors import ModelNotFoundError, UnsupportedArchitectureError
 from prune_cli.model_io import block_linears, decoder_blocks, load_model, resolve_source
@@ -39,5 +40,29 @@ def test_blocks_and_linears_found(family, path, names):
 
 
 def test_gpt2_conv1d_is_unsupported_with_a_clear_message():
+    """A model as transformers builds it (GPT-2's Conv1D) is refused by decoder_blocks until
+    its Conv1D modules are linearized (prune-cli's own loaders do that)."""
     with pytest.raises(UnsupportedArchitectureError, match="Conv1D"):
         decoder_blocks(tiny_model("gpt2"))
+
+
+def test_conv1d_linearized_computes_the_same_and_saves_the_same():
+    from prune_cli.conv1d import Conv1DLinear, linearize_conv1d
+
+    model = tiny_model("gpt2")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert linearize_conv1d(model) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert set(block_linears(decoder_blocks(model).modules[0])) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, Conv1DLinear) and c_attn.weight.shape == (192, 64)  # (out, in)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)
+    after = model.state_dict()  # stored layout: (in, out), as transformers saves GPT-2
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    fresh = tiny_model("gpt2", seed=1)
+    linearize_conv1d(fresh)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.transformer.h[0].attn.c_attn.weight, state["transformer.h.0.attn.c_attn.weight"].t())

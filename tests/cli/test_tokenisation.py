@@ -1,5 +1,7 @@
-"""BOS convention: windows start with the BOS token exactly when the model's tokenizer adds one
-(or as --bos says), the report records it, and the BOS is an input, never a prediction target."""
+"""Tokenisation conventions. BOS: windows start with the BOS token exactly when the model's
+tokenizer adds one (or as --bos says), the report records it, and the BOS is an input, never a
+prediction target. Chat: --calib-chat-template renders .jsonl rows with messages by the
+tokenizer's own chat template."""
 
 import json
 
@@ -79,3 +81,56 @@ def test_bad_bos_value_is_a_usage_error(tmp_path, tiny_llama_dir, command):
     assert_one_line_error(result)
     assert "bos must be one of auto, always, never" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def chat_rows():
+    from prune_cli.calibrators.sources import bundled_text
+
+    paragraphs = [p for p in bundled_text("calibration").text.split("\n\n") if len(p) > 80][:60]
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in zip(paragraphs[::2], paragraphs[1::2])]
+
+
+def test_chat_template_renders_messages_rows(tmp_path, tiny_llama_dir, chat_rows):
+    import hashlib
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+
+    result = run("compress", model_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--calib-text", data,
+                 "--calib-chat-template", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rendered = "\n\n".join(tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows)
+    assert report["calibration"]["chat_template"] is True
+    assert report["calibration"]["text_sha256"] == hashlib.sha256(rendered.encode()).hexdigest()[:16]
+    assert report["recipe"]["calibration"]["chat_template"] is True
+
+    plain = run("compress", model_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--calib-text", data,
+                "-o", tmp_path / "plain")
+    assert_one_line_error(plain)
+    assert "no field 'text'" in plain.stderr and "--calib-chat-template" in plain.stderr
+
+
+def test_chat_template_needs_a_template_and_jsonl(tmp_path, tiny_llama_dir, chat_rows):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+    base = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--calib-chat-template"]
+    no_template = run(*base, "--calib-text", data, "-o", tmp_path / "a")
+    assert_one_line_error(no_template)
+    assert "has no chat template" in no_template.stderr and not (tmp_path / "a").exists()
+    no_files = run(*base, "-o", tmp_path / "b")
+    assert_one_line_error(no_files)
+    assert "applies to .jsonl calibration files" in no_files.stderr
