@@ -181,14 +181,14 @@ class OwlCandidatesStage(Stage):
                 linears[layer.local_name].weight.data.copy_(dense[layer.local_name])
 
     def finish(self, driver) -> None:
-        from prune_cli.evaluate import Perplexity, batch_nll
+        from prune_cli.evaluate import Perplexity, head_nll
 
         with driver.head_on_device(), torch.no_grad():
             for stream in self.streams:
                 total, tokens = 0.0, 0
                 for k, start in enumerate(range(0, self.validation.shape[0], self.batch_size)):
                     ids = self.validation[start : start + self.batch_size].to(driver.device)
-                    nll, n = batch_nll(driver.head_logits(stream[k].hidden, ids), ids)
+                    nll, n = head_nll(driver, stream[k].hidden, ids)
                     total, tokens = total + nll, tokens + n
                 from prune_cli import distributed
 

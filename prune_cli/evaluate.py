@@ -39,9 +39,23 @@ class Perplexity:
 
 def batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL of ``ids`` ``(batch, L)`` under ``logits`` ``(batch, L, vocab)``
-    (computed in float32) and the number of tokens scored, ``batch * (L - 1)``."""
+    (computed in float32) and the number of tokens scored, ``batch * (L - 1)``. With ``batch``
+    1 (how :class:`EvalStage` calls it) the shifted logits are a view, not a copy: a 262k-token
+    vocabulary (Gemma 3) makes each copy ``L x 262144`` floats."""
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
     return float(nll), ids[:, 1:].numel()
+
+
+def head_nll(driver: BlockDriver, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL and token count of the windows ``ids`` ``(batch, L)`` from the last block's
+    outputs ``hidden`` ``(batch, L, hidden_size)``, one window's logits at a time: ``(L, vocab)``
+    floats in memory instead of ``(batch, L, vocab)`` (1 GB per batch of 4 x 256 tokens with
+    Gemma 3's 262k vocabulary). Call inside ``driver.head_on_device()``."""
+    total, tokens = 0.0, 0
+    for row in range(ids.shape[0]):
+        nll, n = batch_nll(driver.head_logits(hidden[row : row + 1], ids[row : row + 1]), ids[row : row + 1])
+        total, tokens = total + nll, tokens + n
+    return total, tokens
 
 
 class EvalStage(Stage):
@@ -89,7 +103,7 @@ class EvalStage(Stage):
         with driver.rounded_head(self.head_dtype), driver.head_on_device(), torch.no_grad():
             for k, start in enumerate(range(0, self.windows.shape[0], self.batch_size)):
                 ids = self.windows[start : start + self.batch_size].to(driver.device)
-                nll, tokens = batch_nll(driver.head_logits(self.batches[k].hidden, ids), ids)
+                nll, tokens = head_nll(driver, self.batches[k].hidden, ids)
                 total_nll += nll
                 total_tokens += tokens
                 if self.on_batch:
