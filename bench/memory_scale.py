@@ -6,6 +6,11 @@ from the kernel's accounting of that process (``wait4``'s ``ru_maxrss``).
 
     python bench/memory_scale.py [--depths 4 8 16 32] [--work /tmp/prune-cli-scale]
                                  [--baseline OTHER_PRUNE_CLI] [--out docs/scale.json]
+    python bench/memory_scale.py --add-float32      # ours again with --dtype float32, into --out
+
+``--dtype auto`` computes these bfloat16 checkpoints in bfloat16 on a CPU with fast bfloat16
+kernels (AVX512-BF16) and in float32 elsewhere; the in-memory baseline always computed in
+float32. ``--add-float32`` adds a like-for-like float32 run of ours to each row of ``--out``.
 
 ``--baseline`` runs a second ``prune-cli`` executable on the same checkpoints (e.g. an older,
 in-memory version in another virtual environment) for the same table. Checkpoints are written
@@ -52,18 +57,20 @@ def checkpoint(work: Path, depth: int, args, tokenizer) -> tuple[Path, int]:
     return folder, size
 
 
-def run_child(cli: str, model: Path, out: Path) -> dict:
+def run_child(cli: str, model: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """One compress in a child process, with its own peak RSS (wait4, not the children maximum)."""
     start = time.perf_counter()
     with open(out.with_suffix(".stdout"), "w") as so, open(out.with_suffix(".stderr"), "w") as se:
-        proc = subprocess.Popen([cli, "compress", str(model), *ARGS, "-o", str(out), "--overwrite"], stdout=so, stderr=se)
+        proc = subprocess.Popen([cli, "compress", str(model), *ARGS, *extra, "-o", str(out), "--overwrite"],
+                                stdout=so, stderr=se)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cli} failed on {model}: {out.with_suffix('.stderr').read_text()[-500:]}")
     report = json.loads(out.with_suffix(".stdout").read_text())
     return {"peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3), "wall_s": round(wall, 1),
-            "ppl_compressed": report["ppl"]["compressed"], "timings": report.get("timings")}
+            "ppl_compressed": report["ppl"]["compressed"], "dtype": report.get("dtype", "float32"),
+            "timings": report.get("timings")}
 
 
 def main() -> None:
@@ -76,10 +83,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/prune-cli-scale"))
     parser.add_argument("--baseline", help="another prune-cli executable to measure on the same checkpoints")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.json")
+    parser.add_argument("--add-float32", action="store_true", help="add ours with --dtype float32 to the rows of --out")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     tokenizer = bundled_tokenizer()
     ours = str(Path(sys.executable).with_name("prune-cli"))
+    if args.add_float32:
+        data = json.loads(args.out.read_text())
+        for row in data["rows"]:
+            model, _ = checkpoint(args.work, row["blocks"], args, tokenizer)
+            row["prune_cli_float32"] = run_child(ours, model, args.work / "out", ("--dtype", "float32"))
+            print(f"{row['blocks']:3d} blocks  float32: peak RSS {row['prune_cli_float32']['peak_rss_gb']:.2f} GB"
+                  f"  {row['prune_cli_float32']['wall_s']:.0f} s", flush=True)
+        args.out.write_text(json.dumps(data, indent=2) + "\n")
+        return
     rows = []
     for depth in args.depths:
         model, size = checkpoint(args.work, depth, args, tokenizer)

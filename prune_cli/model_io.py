@@ -32,7 +32,7 @@ KNOWN_BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2, SmolLM, Gemma, Phi-3
     "model.decoder.layers",  # OPT
     "gpt_neox.layers",  # GPT-NeoX / Pythia
-    "transformer.h",  # GPT-2, Falcon, BLOOM (GPT-2 uses Conv1D: rejected below)
+    "transformer.h",  # GPT-2 (Conv1D, linearized by prune_cli.conv1d), Falcon, BLOOM
     "transformer.blocks",  # MPT
 )
 
@@ -202,18 +202,15 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
 
 
 def meta_model(source: ModelSource, dtype: str = "float32", offline: bool = False):
-    """The model's structure without weights (for --dry-run): built on the meta device."""
-    from transformers import AutoModelForCausalLM
+    """The model's structure without weights (for --dry-run): built on the meta device, as the
+    streamed run builds it (:func:`~prune_cli.weights.empty_model`: GPT-2's Conv1D linearized)."""
+    from prune_cli.weights import empty_model
 
     if dtype == "auto":
         dtype = "float32"
     config = load_config(source, offline)
     _check_causal(config)
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-        except (KeyError, ValueError) as exc:
-            raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
+    model = empty_model(config, DTYPES[dtype])
     decoder_blocks(model)
     return model
 

@@ -184,6 +184,9 @@ def test_unsupported_architecture_exit_2(tmp_path):
     result = run("compress", folder, "--method", "teal", "--sparsity", "0.5", "--dry-run")
     assert_one_line_error(result)
     assert "activation sparsity on Conv1D layers (GPT-2) is not supported yet" in result.stderr
+    planned = run("compress", folder, "--method", "wanda", "--sparsity", "0.5", "--dry-run", "--json")
+    assert planned.exit_code == 0, planned.output  # weight pruning plans GPT-2's Conv1D as Linears
+    assert any(row["module"].endswith("attn.c_attn") for row in json.loads(planned.stdout)["layers"])
 
 
 def test_methods_and_help():
