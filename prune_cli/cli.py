@@ -469,6 +469,33 @@ def eval_command(
         _fail(exc, debug, as_json)
 
 
+@app.command("verify")
+def verify_command(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder written by prune-cli compress."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Check a checkpoint against its report: every tensor's bytes against its recorded sha256,
+    every pruned layer's zeros and N:M pattern recomputed from the stored weights.
+
+    Exit codes: 0 it matches, 2 a mismatch (the first tensor or layer named), 1 internal error."""
+    _setup_logging(False)
+    try:
+        from prune_cli.verify import verify_checkpoint
+
+        summary = verify_checkpoint(checkpoint)
+        if as_json:
+            _emit_json({"ok": True, **summary})
+        else:
+            note = "" if summary["hashes_recorded"] else " (no tensor hashes recorded: an older prune-cli wrote it)"
+            stdout.print(f"{checkpoint}: ok, {summary['tensors_checked']} tensors and {summary['layers_checked']} "
+                         f"pruned layers match its report{note}", highlight=False)
+    except typer.Exit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, debug, as_json)
+
+
 @app.command("methods")
 def methods_command() -> None:
     """List the available methods and their options."""

@@ -226,6 +226,9 @@ class CheckpointWriter:
             generation.save_pretrained(self.folder)
         tokenizer.save_pretrained(self.folder)
         self._merge_activation()
+        from prune_cli.verify import tensor_digests
+
+        report["tensors_sha256"] = tensor_digests(self.folder, [f for f in files if f.endswith(".safetensors")])
         fix_modes(self.folder)
         report["files"] = file_list(self.folder)
         log.debug("wrote %s", ", ".join(files))

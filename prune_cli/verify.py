@@ -1,0 +1,137 @@
+"""``prune-cli verify CHECKPOINT``: does a checkpoint hold what its report says?
+
+A prune-cli checkpoint's report (``sparsity.json``) records, at export, the sha256 of every
+stored tensor's bytes (``tensors_sha256``; first 16 hex digits, :func:`tensor_digests`) and, per
+pruned layer, its pattern and the fraction of exact zeros. ``verify`` re-reads the weight
+files, one tensor at a time, and checks:
+
+1. the files the report lists are there and whole (the checks ``eval`` makes too);
+2. every stored tensor's bytes against its recorded hash, and no tensor missing or extra;
+3. per pruned layer, recomputed from the stored weight: the fraction of zeros equals the
+   recorded one (within ``ZERO_TOLERANCE``: rounding to a narrower save dtype may flush a few
+   tiny kept values), and an N:M layer keeps at most N of every M weights along each row's
+   input dimension (GPT-2's Conv1D weights are stored ``(in, out)``; read as the Linear they are).
+
+Any mismatch is a :class:`~prune_cli.errors.CheckpointError` naming the first tensor or layer
+(exit 2), with the number of problems found; a checkpoint without recorded hashes (written by
+an older prune-cli) is checked on 1 and 3 and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from prune_cli.errors import CheckpointError
+
+ZERO_TOLERANCE = 1e-4
+_NM = re.compile(r"^(\d+):(\d+)$")
+_CHUNK = 64 << 20
+
+
+def tensor_digests(folder: str | Path, files: list[str] | None = None) -> dict[str, str]:
+    """``name -> first 16 hex digits of sha256(stored bytes)`` for every tensor of the weight
+    files in ``folder`` (``files``: which; default every ``*.safetensors`` but prune-cli's
+    activation file), read ``64 MiB`` at a time with ``pread``."""
+    from prune_cli.checkpoint_files import check_safetensors
+    from prune_cli.weights import ACTIVATION_FILE
+
+    folder = Path(folder)
+    paths = [folder / f for f in files] if files is not None else sorted(
+        p for p in folder.glob("*.safetensors") if p.name != ACTIVATION_FILE)
+    out = {}
+    for path in paths:
+        header = check_safetensors(path)
+        with path.open("rb") as handle:
+            start = 8 + int.from_bytes(handle.read(8), "little")
+            fd = handle.fileno()
+            for name, entry in sorted(header.items(), key=lambda item: item[0]):
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                digest = hashlib.sha256()
+                for offset in range(begin, end, _CHUNK):
+                    digest.update(os.pread(fd, min(_CHUNK, end - offset), start + offset))
+                out[name] = digest.hexdigest()[:16]
+    return out
+
+
+def verify_checkpoint(folder: str | Path) -> dict:
+    """Check ``folder`` against its report (see the module docstring); returns a summary
+    ``{"checkpoint", "tensors_checked", "layers_checked", "hashes_recorded"}``."""
+    from prune_cli.checkpoint_files import check_checkpoint_folder
+    from prune_cli.output import REPORT_FILE
+
+    folder = Path(folder)
+    report_path = folder / REPORT_FILE
+    if not report_path.is_file():
+        raise CheckpointError(f"{folder} has no {REPORT_FILE}: not a prune-cli checkpoint",
+                              hint="verify checks a checkpoint written by prune-cli compress")
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{report_path} is not valid JSON") from None
+    check_checkpoint_folder(folder, report)  # weight files whole, declared components present
+    problems: list[str] = []
+    for entry in report.get("files") or []:
+        path = folder / entry["name"]
+        if not path.is_file():
+            problems.append(f"file {entry['name']} is missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"file {entry['name']} has {path.stat().st_size} bytes, the report says {entry['bytes']}")
+    digests = tensor_digests(folder)
+    recorded = report.get("tensors_sha256")
+    if recorded is not None:
+        for name, digest in recorded.items():
+            if name not in digests:
+                problems.append(f"tensor {name} is missing from the weight files")
+            elif digests[name] != digest:
+                problems.append(f"tensor {name} differs from the report (sha256 {digests[name]}, recorded {digest})")
+        problems += [f"tensor {name} is not in the report" for name in sorted(set(digests) - set(recorded))]
+    layers = report.get("layers") or []
+    if layers:
+        problems += _check_layers(folder, layers)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{folder}: {problems[0]}{more}",
+                              hint="the checkpoint was changed after prune-cli wrote it, or the report belongs to another one")
+    return {"checkpoint": str(folder), "tensors_checked": len(digests) if recorded is not None else 0,
+            "layers_checked": len(layers), "hashes_recorded": recorded is not None}
+
+
+def _check_layers(folder: Path, layers: list[dict]) -> list[str]:
+    """Zeros and N:M groups of every pruned layer's stored weight (one weight in memory at a time)."""
+    from prune_cli.model_io import ModelSource, load_config
+    from prune_cli.conv1d import stored_transposed
+    from prune_cli.weights import SafetensorsWeights, empty_model
+
+    skeleton = empty_model(load_config(ModelSource("folder", str(folder)), offline=True), torch.float32)
+    weights = SafetensorsWeights(folder)
+    problems = []
+    try:
+        for layer in layers:
+            name = layer["name"] + ".weight"
+            if name not in weights:
+                problems.append(f"layer {layer['name']} has no stored weight")
+                continue
+            weight = weights.read([name])[name]
+            if stored_transposed(skeleton, name):
+                weight = weight.t()
+            zeros = float((weight == 0).float().mean())
+            if abs(zeros - layer["achieved_sparsity"]) > ZERO_TOLERANCE:
+                problems.append(f"layer {layer['name']} holds {zeros:.6f} zeros, the report says {layer['achieved_sparsity']:.6f}")
+            match = _NM.match(str(layer.get("pattern", "")))
+            if match:
+                keep, group = int(match.group(1)), int(match.group(2))
+                kept = (weight != 0).reshape(weight.shape[0], -1, group).sum(-1)
+                if bool((kept > keep).any()):
+                    problems.append(f"layer {layer['name']} breaks its {keep}:{group} pattern in "
+                                    f"{int((kept > keep).sum())} groups")
+    finally:
+        weights.close()
+    return problems
