@@ -50,7 +50,7 @@ from prune_cli.model_io import save_dtype as model_save_dtype
 from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
 from prune_cli.plan import Plan, build_plan
 from prune_cli.pruning import CalibrationResult, PruneStage, calibrate_and_prune, check_mask  # noqa: F401 - re-exported
-from prune_cli.report import LayerRecord, Timings, overall_sparsity, versions
+from prune_cli.report import REPORT_SCHEMA_VERSION, LayerRecord, Timings, overall_sparsity, versions
 from prune_cli.resume import ResumeState
 
 log = logging.getLogger(__name__)
@@ -453,6 +453,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     report = {
         "format": "prune-cli/sparsity-report",
         "format_version": 1,
+        "schema_version": REPORT_SCHEMA_VERSION,  # prune_cli/schemas/sparsity-report.v1.schema.json
         "model": source.describe(),
         "model_source": source.to_dict(),
         "method": config.method or config.activation.method,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -94,3 +95,19 @@ def json_ready(data):
     if isinstance(out, dict) and (flagged or "non_finite" in out):
         out["non_finite"] = {**(out.get("non_finite") or {}), **flagged}
     return out
+
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA = Path(__file__).resolve().parent / "schemas" / f"sparsity-report.v{REPORT_SCHEMA_VERSION}.schema.json"
+
+
+def validate_report(report: dict) -> None:
+    """Check a sparsity report (``sparsity.json``, ``compress --json``) against its JSON Schema
+    (:data:`REPORT_SCHEMA`); raises ``jsonschema.ValidationError`` naming the path that is wrong.
+    Needs ``jsonschema`` (the ``test`` extra)."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads(REPORT_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.validate(report, schema, cls=jsonschema.Draft202012Validator)

@@ -38,3 +38,35 @@ def tiny_opt_dir(tmp_path_factory):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# Every sparsity report a test leaves in its tmp_path is validated against the JSON Schema
+# (prune_cli/schemas/). Tests that hand-edit a report to damage it opt out with this marker.
+REPORT_EDITED = pytest.mark.report_edited
+
+
+def _written_reports(folder):
+    import json
+
+    for path in sorted(folder.rglob("sparsity.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # a test's deliberately damaged file (bad-input tests)
+        if isinstance(data, dict) and data.get("format") == "prune-cli/sparsity-report":
+            yield path, data
+
+
+@pytest.fixture(autouse=True)
+def _reports_match_the_schema(request, tmp_path):
+    yield
+    if request.node.get_closest_marker("report_edited"):
+        return
+    from prune_cli.report import validate_report
+
+    for path, report in _written_reports(tmp_path):
+        try:
+            validate_report(report)
+        except Exception as exc:  # noqa: BLE001 - jsonschema.ValidationError, reported with the file
+            pytest.fail(f"{path} does not match the report schema: {getattr(exc, 'message', exc)} "
+                        f"at {list(getattr(exc, 'absolute_path', []))}")
