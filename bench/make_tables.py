@@ -125,7 +125,11 @@ def second_model_tables() -> str:
             lines.append(cell)
         ranks[model] = sorted(means, key=means.get)
     if len(ranks) == 2:
-        lines += ["", "Ranking by mean perplexity (best first):", ""]
+        lines += ["", "**Caveat (bench defect, found after the run):** the two greedy activation rows ran with",
+                  "`--recipe` only; `bench/second_model.py` dropped their `--seed` and `--bos` flags (fixed since,",
+                  "not re-run). So their \"± 0.00\" is one seed (0) three times, and their \"no BOS\" cell is the BOS",
+                  "run. The weight-method rows are as labelled.",
+                  "", "Ranking by mean perplexity (best first):", ""]
         for model, order in ranks.items():
             lines.append(f"- {MODEL_NAMES[model]}: " + " < ".join(order))
     return "\n".join(lines)

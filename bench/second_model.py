@@ -65,7 +65,7 @@ def run_one(cli: Path, model: list[str], args: list[str], work: Path) -> dict:
     if args and args[0].startswith("@"):
         recipe = work / f"{args[0][1:]}-greedy.yaml"
         recipe.write_text(GREEDY.format(method=args[0][1:]))
-        args = ["--recipe", str(recipe)]
+        args = ["--recipe", str(recipe), *args[1:]]  # keep --seed / --bos
     out = work / "out"
     start = time.perf_counter()
     proc = subprocess.run([str(cli), "compress", *model, *args, *WINDOWS, "-o", str(out), "--overwrite", "--json"],
