@@ -196,6 +196,7 @@ def test_report_not_json(tiny_folder):
         check_checkpoint_folder(tiny_folder)
 
 
+@pytest.mark.report_edited  # a hand-written partial report
 def test_report_declares_missing_activation_file(tiny_folder):
     report = {"format": "prune-cli/sparsity-report", "activation": {"method": "teal"}}
     (tiny_folder / "sparsity.json").write_text(json.dumps(report))

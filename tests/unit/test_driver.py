@@ -163,6 +163,7 @@ def test_every_stage_sees_its_block_on_the_device_and_everything_goes_home(llama
     assert stages[0].result is not None and stages[-1].result is not None
 
 
+@pytest.mark.report_edited  # the writer is given a minimal hand-made report
 def test_streamed_export_equals_save_pretrained(llama3, tmp_path):
     """Names, values and dtypes of the export written block by block equal what
     ``save_pretrained`` writes of the same pruned model; tied lm_head left out; plain
