@@ -196,3 +196,20 @@ def check_checkpoint_folder(folder: str | Path, report: dict | None = None) -> N
         )
     if activation.exists():
         check_safetensors(activation)
+
+
+def file_digest(path: str | Path, edge: int = 1 << 20) -> str:
+    """First 16 hex digits of the sha256 of a file's size, first and last MiB: tells a changed or
+    other file from the same one (copied elsewhere, too) without reading gigabytes. Keys the
+    GGUF cache and the resume fingerprint's model files."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(edge))
+        if size > edge:
+            handle.seek(max(edge, size - edge))
+            digest.update(handle.read(edge))
+    return digest.hexdigest()[:16]

@@ -18,7 +18,6 @@ dtype (``auto``: bfloat16).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from prune_cli.checkpoint_files import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,8 @@ def enabled() -> bool:
     return os.environ.get("PRUNE_CLI_GGUF_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _digest(path: Path, edge: int = 1 << 20) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        h.update(handle.read(edge))
-        if size > edge:
-            handle.seek(max(edge, size - edge))
-            h.update(handle.read(edge))
-    return h.hexdigest()[:16]
-
-
 def folder_for(gguf: Path) -> Path:
-    return cache_root() / "gguf" / f"{gguf.stem}-{_digest(gguf)}"
+    return cache_root() / "gguf" / f"{gguf.stem}-{file_digest(gguf)}"
 
 
 def cached(gguf: Path) -> Path | None:

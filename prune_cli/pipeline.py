@@ -585,21 +585,6 @@ def _plan_memory(request: CompressRequest, job: "_Job", target) -> bool | None:
     return True
 
 
-def _file_digest(path: Path, edge: int = 1 << 20) -> str:
-    """sha256 of a file's size, first and last MiB: tells a changed or other checkpoint file
-    from the same one (copied elsewhere, too) without reading gigabytes."""
-    import hashlib
-
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(edge))
-        if size > edge:
-            handle.seek(max(edge, size - edge))
-            digest.update(handle.read(edge))
-    return digest.hexdigest()[:16]
-
-
 def run_fingerprint(source: ModelSource, config: RunConfig, job: "_Job", device, backend) -> dict:
     """What a resumed run must share with the interrupted one: the model's files, the resolved
     recipe, the token windows, devices, dtypes and versions."""
@@ -610,7 +595,9 @@ def run_fingerprint(source: ModelSource, config: RunConfig, job: "_Job", device,
     if folder is not None:
         names = [source.gguf_file] if source.gguf_file else sorted(
             p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-        files = {name: _file_digest(Path(folder) / name) for name in names}
+        from prune_cli.checkpoint_files import file_digest
+
+        files = {name: file_digest(Path(folder) / name) for name in names}
     return {
         "model": {**source.to_dict(), "files": files},
         "recipe": config.to_recipe(),
