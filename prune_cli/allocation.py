@@ -31,6 +31,7 @@ from prune_cli.errors import RecipeError
 from prune_cli.driver import Stage, as_driver, restore_hidden
 from prune_cli.methods import select
 from prune_cli.model_io import block_linears
+from prune_cli.moe import MoeOptions, complete_expert_stats, routed_experts
 from prune_cli.patterns import NM, Unstructured
 from prune_cli.plan import Plan
 
@@ -105,8 +106,9 @@ class OwlScoresStage(Stage):
 
     timing_key = "allocation"
 
-    def __init__(self, plan: Plan, windows: torch.Tensor, batch_size: int, ms: tuple[float, ...]):
-        self.plan, self.windows, self.batch_size, self.ms = plan, windows, batch_size, ms
+    def __init__(self, plan: Plan, windows: torch.Tensor, batch_size: int, ms: tuple[float, ...],
+                 moe: MoeOptions = MoeOptions()):
+        self.plan, self.windows, self.batch_size, self.ms, self.moe = plan, windows, batch_size, ms, moe
         self.norms: list[dict[str, torch.Tensor]] = []
         self.ratios: dict[float, list[float]] = {m: [] for m in ms}
         self.batches: list = []
@@ -118,11 +120,18 @@ class OwlScoresStage(Stage):
     def on_block(self, index: int, block) -> None:
         linears = block_linears(block)
         wanted = {l.local_name: frozenset({Stat.SQ_NORM}) for l in self.plan.for_block(index)}
-        stats: dict[str, InputStats] = layerwise.collect_input_stats(
-            block, self.batches, linears, wanted, update_hidden=True, name=self.driver.name(index)
-        )
-        scores = block_scores(linears, {name: stats[name].norm for name in wanted})
-        self.norms.append({name: stats[name].norm.cpu() for name in wanted})
+        name = self.driver.name(index)
+        if not routed_experts(block):
+            stats: dict[str, InputStats] = layerwise.collect_input_stats(
+                block, self.batches, linears, wanted, update_hidden=True, name=name)
+            norms = {n: stats[n].norm for n in wanted}
+        else:  # experts: routed-token norms, or the fallback's (on the block's inputs, before propagating)
+            stats = layerwise.collect_input_stats(block, self.batches, linears, wanted, name=name)
+            stats, by_magnitude, _ = complete_expert_stats(block, self.batches, linears, wanted, stats, self.moe, name)
+            norms = {n: torch.ones(linears[n].in_features) if n in by_magnitude else stats[n].norm for n in wanted}
+            layerwise.propagate(block, self.batches, name=name)
+        scores = block_scores(linears, norms)
+        self.norms.append({n: norm.cpu() for n, norm in norms.items()})
         for m in self.ms:
             self.ratios[m].append(outlier_ratio(list(scores.values()), m) if scores else 0.0)
 
@@ -215,7 +224,7 @@ def _block_params(plan: Plan) -> torch.Tensor:
 @torch.no_grad()
 def allocate_owl(
     model, plan: Plan, settings: OwlSettings, windows: torch.Tensor, validation: torch.Tensor | None,
-    batch_size: int, device, target: float, also: Sequence[Stage] = (), **walk,
+    batch_size: int, device, target: float, also: Sequence[Stage] = (), moe: MoeOptions = MoeOptions(), **walk,
 ) -> tuple[Plan, Allocation]:
     """Per-block sparsities by OWL; ``M`` / ``lambda`` from ``settings`` or the validation slice.
     ``model``: a model in memory or a :class:`~prune_cli.driver.BlockDriver` (two walks: the
@@ -226,7 +235,7 @@ def allocate_owl(
     driver = as_driver(model, device)
     ms = (settings.m,) if settings.m is not None else settings.m_grid
     lams = (settings.lam,) if settings.lam is not None else settings.lambda_grid
-    scores = OwlScoresStage(plan, windows, batch_size, ms)
+    scores = OwlScoresStage(plan, windows, batch_size, ms, moe)
     driver.walk([*also, scores], **walk)
     params = _block_params(plan)
     ratios = {m: torch.tensor(scores.ratios[m]) for m in ms}

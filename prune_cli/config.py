@@ -29,6 +29,9 @@ A recipe (version 1)::
                                    # source: bfloat16) | float32 | bfloat16 | float16
     bos: auto                      # every calibration/evaluation window starts with the BOS token:
                                    # auto (when the tokenizer adds one by default) | always | never
+    moe: {min_tokens: 128, fallback: all-tokens}
+                                   # mixture-of-experts: an expert routed fewer calibration tokens
+                                   # is calibrated on all tokens (or: magnitude); see prune_cli.moe
 
 Unknown keys anywhere are errors with "did you mean"; so is a key given twice in one mapping, and
 a value of the wrong type (``method: [wanda]``) is a one-line RecipeError naming its key.
@@ -47,6 +50,8 @@ import yaml
 
 from prune_cli.errors import RecipeError
 from prune_cli.gates import Gates
+from prune_cli.moe import FALLBACKS as MOE_FALLBACKS
+from prune_cli.moe import MoeOptions
 from prune_cli.patterns import SparsityPattern, Unstructured, parse_pattern, pattern_to_text
 from prune_cli.registry import did_you_mean
 
@@ -82,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "bos": "auto",
     "gates": {"max_ppl_ratio": None},
+    "moe": {"min_tokens": 128, "fallback": "all-tokens"},
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -179,6 +185,7 @@ class RunConfig:
     backend: str = "auto"  # auto | torch | cupy
     bos: str = "auto"  # auto | always | never (see calibrators.sampling.resolve_bos)
     gates: Gates = Gates()  # quality gates checked after the evaluation (prune_cli.gates)
+    moe: MoeOptions = MoeOptions()  # experts with too few routed calibration tokens (prune_cli.moe)
     name: str | None = None
     description: str | None = None
 
@@ -222,6 +229,7 @@ class RunConfig:
             "backend": self.backend,
             "bos": self.bos,
             "gates": self.gates.to_dict(),
+            "moe": self.moe.to_dict(),
         }
 
 
@@ -544,6 +552,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         backend=_backend(merged["backend"]),
         bos=merged["bos"],
         gates=gates,
+        moe=_moe(merged["moe"]),
         name=merged["name"],
         description=merged["description"],
     )
@@ -556,6 +565,14 @@ def _gates(section: dict) -> Gates:
         raise RecipeError(f"gates.max_ppl_ratio must be a positive number, got {ratio!r}",
                           hint="e.g. --max-ppl-ratio 1.5: the compressed perplexity at most 1.5x the dense")
     return Gates(max_ppl_ratio=None if ratio is None else float(ratio))
+
+
+def _moe(section: dict) -> MoeOptions:
+    fallback = section["fallback"]
+    if fallback not in MOE_FALLBACKS:
+        raise RecipeError(f"moe.fallback must be one of {', '.join(MOE_FALLBACKS)}, got {fallback!r}",
+                          hint=did_you_mean(str(fallback), list(MOE_FALLBACKS)))
+    return MoeOptions(_int(section["min_tokens"], "moe.min_tokens", 0), fallback)
 
 
 def _bool(value: Any, key: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,9 +191,7 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
             f"transformers cannot build this model ({exc})", hint="check the model's config.json"
         ) from None
     model = model.to(DTYPES[dtype]).eval()
-    from prune_cli.conv1d import linearize_conv1d
-
-    linearize_conv1d(model)  # GPT-2: Conv1D as the Linear it is (prune_cli.conv1d)
+    linearize(model)
     tokenizer = load_tokenizer(source, offline)
     decoder_blocks(model)  # fail early on unsupported layouts
     from prune_cli.finite import check_finite_parameters
@@ -251,6 +250,17 @@ def save_dtype(requested: str, stored: torch.dtype | None) -> torch.dtype:
     if requested != "auto":
         return DTYPES[requested]
     return stored if stored in DTYPE_NAMES_BY_DTYPE else torch.bfloat16
+
+
+def linearize(model: nn.Module) -> None:
+    """The structure prune-cli prunes: GPT-2's ``Conv1D`` as the Linear it is
+    (:mod:`prune_cli.conv1d`), fused MoE experts as one Linear view per expert
+    (:mod:`prune_cli.moe`). Parameter names and values are unchanged."""
+    from prune_cli.conv1d import linearize_conv1d
+    from prune_cli.moe import linearize_experts
+
+    linearize_conv1d(model)
+    linearize_experts(model)
 
 
 def needs_weight_conversion(config) -> bool:
@@ -418,13 +428,15 @@ def decoder_blocks(model: nn.Module) -> Blocks:
 def fused_weights(block: nn.Module) -> dict[str, str]:
     """Weight tensors of ``block`` with three or more dimensions held outside ``nn.Linear``:
     ``name -> module type``. These are mixture-of-experts weights that transformers fuses into one
-    tensor per block (Mixtral's and Qwen-MoE's ``experts.gate_up_proj`` / ``experts.down_proj``,
-    shape ``(experts, out, in)``), which no method here prunes yet. A router (a 2-D weight)
-    is not listed: it stays dense by design."""
+    tensor per block whose forward is not transformers' standard one (GPT-OSS, Llama 4, DBRX):
+    the standard ones are linearized (:class:`~prune_cli.moe.RoutedExperts`) and pruned per
+    expert. A router (a 2-D weight) is not listed: it stays dense by design."""
+    from prune_cli.moe import RoutedExperts
+
     return {
         f"{owner}.{name}" if owner else name: type(module).__name__
         for owner, module in block.named_modules()
-        if not isinstance(module, nn.Linear)
+        if not isinstance(module, (nn.Linear, RoutedExperts))
         for name, param in module.named_parameters(recurse=False)
         if param.dim() >= 3
     }
@@ -442,6 +454,16 @@ def check_prunable(model: nn.Module, include: tuple[str, ...], activation: bool 
         raise UnsupportedArchitectureError(
             f"{type(model).__name__}: activation sparsity on Conv1D layers (GPT-2) is not supported yet",
             hint="weight pruning (wanda, sparsegpt, magnitude, dsnot) works on this model",
+        )
+    from prune_cli.moe import expert_of
+
+    path = decoder_blocks(model).path
+    experts = [f"{path}.0.{n}" for n in block_linears(block) if expert_of(block, n) is not None]
+    if activation and any(not include or any(re.search(p, n) for p in include) for n in experts):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: activation sparsity on mixture-of-experts experts is not supported yet",
+            hint="weight pruning works on this model; to sparsify other layers' activations, name them: "
+            "targets: {include: ['self_attn']}",
         )
     fused = fused_weights(block)
     if fused and not include:

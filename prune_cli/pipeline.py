@@ -200,9 +200,10 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
 
     source: ModelSource = resolve_source(request.model)
     backend, backend_note = resolve_backend(config.backend, device)  # an explicit cupy fails here, early
-    check_context(load_config(source, offline), _window_lengths(config))
+    hf_config = load_config(source, offline)
+    check_context(hf_config, _window_lengths(config))
     if distributed.requested():
-        _check_data_parallel(request)
+        _check_data_parallel(request, hf_config)
         distributed.init(device)
     if request.output is None or distributed.rank() != 0:
         if distributed.active():
@@ -220,7 +221,10 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
             raise
 
 
-def _check_data_parallel(request: CompressRequest) -> None:
+def _check_data_parallel(request: CompressRequest, hf_config) -> None:
+    if any(getattr(hf_config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise BadInputError("mixture-of-experts models run in one process (which experts a rank's tokens reach "
+                            "differs between ranks)", hint="run it without torchrun / accelerate launch")
     if request.config.activation is not None:
         raise BadInputError("activation sparsity runs in one process (its thresholds are quantiles over all tokens)",
                             hint="run it without torchrun / accelerate launch")
@@ -412,15 +416,16 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         with progress.walk("allocation", walks=2 if job.val_windows is not None else 1) as step:
             plan, allocation = allocate_owl(
                 driver, plan, config.owl, job.local_cal, job.local_val, cal.batch_size, device,
-                config.pattern.target_sparsity, also=pending, progress=step, timings=timings,
+                config.pattern.target_sparsity, also=pending, moe=config.moe, progress=step, timings=timings,
             )
         pending = []
         plan = with_overrides(plan, config.overrides)
 
     layers: list[LayerRecord] = []
+    experts: list = []
     if plan is not None:
         last = config.activation is None
-        pruning = PruneStage(plan, job.local_cal, cal.batch_size, backend)
+        pruning = PruneStage(plan, job.local_cal, cal.batch_size, backend, moe=config.moe)
         after = []
         if last and writer is not None:
             after = [writer.write_block]
@@ -433,7 +438,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         with progress.walk("calibration") as step:
             driver.walk([*pending, pruning, *(finishing if last else [])], after_block=after, progress=step, timings=timings)
         pending = []
-        layers = pruning.records
+        layers, experts = pruning.records, pruning.experts
         if scratch is not None:
             driver.weights = scratch.source(driver.weights)
 
@@ -492,6 +497,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "streamed": driver.streamed,
         "backend": backend.name,
         "layers": [r.to_dict() for r in layers],
+        "experts": _experts_report(experts, config.moe),
         "timings": timings.values,
         "versions": versions(),
         "resumed": driver.resume.resumed_from if driver.resume is not None else None,
@@ -633,6 +639,18 @@ def _add_achieved(report: dict, tally: SparsityTally) -> None:
     per_layer = tally.per_layer()
     for record in report["layers"]:
         record.update({f"achieved_{k}": round(v, 6) for k, v in per_layer.get(record["name"], {}).items()})
+
+
+def _experts_report(experts: list, options) -> dict | None:
+    """How each expert of a mixture-of-experts model was calibrated (:mod:`prune_cli.moe`);
+    ``None`` for a model without routed experts."""
+    if not experts:
+        return None
+    fell_back = [e for e in experts if e.calibration != "routed"]
+    if fell_back:
+        log.info("%d of %d experts had fewer than %d routed calibration tokens: calibrated by %s",
+                 len(fell_back), len(experts), options.min_tokens, options.fallback)
+    return {**options.to_dict(), "fallbacks": len(fell_back), "per_expert": [e.to_dict() for e in experts]}
 
 
 def _zero_fractions(prefix: str, block) -> list[LayerRecord]:

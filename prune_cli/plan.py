@@ -10,6 +10,7 @@ from prune_cli.config import RunConfig
 from prune_cli.errors import RecipeError
 from prune_cli.methods import WeightMethod, build_method
 from prune_cli.model_io import Blocks, block_linears, decoder_blocks
+from prune_cli.moe import router_names
 from prune_cli.patterns import SparsityPattern
 
 
@@ -61,9 +62,10 @@ def build_plan(model: nn.Module, config: RunConfig) -> Plan:
     method = build_method(config.method, config.method_options)
     layers = []
     for index, block in enumerate(blocks.modules):
+        routers = router_names(block)  # MoE routers stay dense
         for local, linear in block_linears(block).items():
             full = f"{blocks.path}.{index}.{local}"
-            if not config.targets.selects(full):
+            if local in routers or not config.targets.selects(full):
                 continue
             config.pattern.check_fits(linear.in_features, full)
             layers.append(

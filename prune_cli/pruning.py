@@ -6,7 +6,7 @@ and SparseGPT's reference code)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -14,7 +14,9 @@ from torch import nn
 
 from prune_cli.calibrators import layerwise
 from prune_cli.driver import BlockDriver, Stage, as_driver, restore_hidden
+from prune_cli.methods.magnitude import Magnitude
 from prune_cli.model_io import block_linears
+from prune_cli.moe import ExpertRecord, MoeOptions, complete_expert_stats, routed_experts
 from prune_cli.patterns import NM, Unstructured
 from prune_cli.plan import LayerPlan, Plan
 from prune_cli.report import LayerRecord, tensor_sha256
@@ -63,13 +65,15 @@ class PruneStage(Stage):
     timing_key = "calibration"
 
     def __init__(self, plan: Plan, windows: torch.Tensor, batch_size: int, backend=None,
-                 finalize: Callable[[nn.Module], None] | None = None):
+                 finalize: Callable[[nn.Module], None] | None = None, moe: MoeOptions = MoeOptions()):
         self.plan = plan
         self.windows = windows
         self.batch_size = batch_size
         self.backend = backend
         self.finalize = finalize
+        self.moe = moe
         self.records: list[LayerRecord] = []
+        self.experts: list[ExpertRecord] = []  # mixture-of-experts blocks: how each expert was calibrated
         self.batches: list[layerwise.BlockBatch] = []
 
     def begin(self, driver: BlockDriver) -> None:
@@ -84,6 +88,12 @@ class PruneStage(Stage):
             linears = block_linears(block)
             wanted = {lp.local_name: lp.method.required_stats for lp in layer_plans}
             stats = layerwise.collect_input_stats(block, self.batches, linears, wanted, backend=self.backend, name=name)
+            if routed_experts(block):  # experts with too few routed tokens follow the fallback rule
+                stats, by_magnitude, experts = complete_expert_stats(
+                    block, self.batches, linears, wanted, stats, self.moe, name, self.backend)
+                self.experts.extend(experts)
+                layer_plans = [replace(lp, method=Magnitude()) if lp.local_name in by_magnitude else lp
+                               for lp in layer_plans]
             results = _prune_block(layer_plans, linears, stats, self.backend)
             del stats
             for lp in layer_plans:
@@ -107,12 +117,14 @@ class PruneStage(Stage):
     def state_dict(self) -> dict:
         return {"hidden": [b.held() for b in self.batches],
                 "records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity,
-                             r.mask_sha256, r.weight_sha256] for r in self.records]}
+                             r.mask_sha256, r.weight_sha256] for r in self.records],
+                "experts": [[e.name, e.routed_tokens, e.calibration] for e in self.experts]}
 
     def load_state_dict(self, state: dict) -> None:
         if self.batches:
             restore_hidden(self.batches, state["hidden"])
         self.records = [LayerRecord(n, tuple(shape), *rest) for n, shape, *rest in state["records"]]
+        self.experts = [ExpertRecord(*e) for e in state.get("experts", [])]
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ files, one tensor at a time, and checks:
 3. per pruned layer, recomputed from the stored weight: the fraction of zeros equals the
    recorded one (within ``ZERO_TOLERANCE``: rounding to a narrower save dtype may flush a few
    tiny kept values), and an N:M layer keeps at most N of every M weights along each row's
-   input dimension (GPT-2's Conv1D weights are stored ``(in, out)``; read as the Linear they are).
+   input dimension (GPT-2's Conv1D weights are stored ``(in, out)``; read as the Linear they are;
+   a mixture-of-experts expert's weight is its slice of the fused experts tensor).
 
 Any mismatch is a :class:`~prune_cli.errors.CheckpointError` naming the first tensor or layer
 (exit 2), with the number of problems found; a checkpoint without recorded hashes (written by
@@ -104,6 +105,22 @@ def verify_checkpoint(folder: str | Path) -> dict:
             "layers_checked": len(layers), "hashes_recorded": recorded is not None}
 
 
+def stored_weight_name(model, layer: str) -> tuple[str, int | None]:
+    """The stored tensor holding pruned layer ``layer``'s weight, and its index in that tensor:
+    ``(layer + ".weight", None)``, or for a mixture-of-experts expert
+    (:class:`~prune_cli.moe.ExpertLinear`, e.g. ``...mlp.experts.gate_up_proj[3]``) the fused
+    tensor ``...mlp.experts.gate_up_proj`` and expert 3."""
+    from prune_cli.moe import ExpertLinear
+
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        module = None
+    if isinstance(module, ExpertLinear):
+        return f"{layer.rpartition('.')[0]}.{module.tensor}", module.index
+    return layer + ".weight", None
+
+
 def _check_layers(folder: Path, layers: list[dict]) -> list[str]:
     """Zeros and N:M groups of every pruned layer's stored weight (one weight in memory at a time)."""
     from prune_cli.model_io import ModelSource, load_config
@@ -115,11 +132,16 @@ def _check_layers(folder: Path, layers: list[dict]) -> list[str]:
     problems = []
     try:
         for layer in layers:
-            name = layer["name"] + ".weight"
+            name, index = stored_weight_name(skeleton, layer["name"])
             if name not in weights:
                 problems.append(f"layer {layer['name']} has no stored weight")
                 continue
             weight = weights.read([name])[name]
+            if index is not None:
+                weight = weight[index] if index < weight.shape[0] else None
+                if weight is None:
+                    problems.append(f"layer {layer['name']}: {name} has no expert {index}")
+                    continue
             if stored_transposed(skeleton, name):
                 weight = weight.t()
             zeros = float((weight == 0).float().mean())

@@ -338,9 +338,9 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
         except (KeyError, ValueError) as exc:
             raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
     model.tie_weights()  # from_config leaves tied parameters (lm_head -> embeddings) as two
-    from prune_cli.conv1d import linearize_conv1d
+    from prune_cli.model_io import linearize
 
-    linearize_conv1d(model)  # GPT-2: Conv1D as the Linear it is (prune_cli.conv1d)
+    linearize(model)  # GPT-2's Conv1D, fused MoE experts: as Linear layers
     return model.eval()
 
 

@@ -104,6 +104,30 @@ def tiny_config(family: str, layers: int = 2):
             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
             max_position_embeddings=1024,
         )
+    if family == "qwen2_moe":  # routed experts + a shared expert with its own gate Linear
+        from transformers import Qwen2MoeConfig
+
+        return Qwen2MoeConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=1024,
+        )
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=1024,
+        )
+    if family == "gpt_oss":  # experts with biases and interleaved gate/up: not the standard forward
+        from transformers import GptOssConfig
+
+        return GptOssConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=4096, head_dim=16,
+        )
     if family == "gpt2":
         from transformers import GPT2Config
 
