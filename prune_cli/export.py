@@ -57,12 +57,27 @@ def _saved_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if tensor.is_floating_point() else tensor.dtype
 
 
+def source_layout(driver) -> dict:
+    """How the source checkpoint stores the model's tensors where it differs from their names
+    (:meth:`~prune_cli.weights.WeightSource.layout`); an export keeps that layout."""
+    return driver.weights.layout() if driver.weights is not None else {}
+
+
+def stored_tensors(layout: dict, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model tensor ``name`` as the checkpoint stores it: under its stored name, or in parts
+    (per-expert weights of a fused experts tensor, :class:`~prune_cli.weights.MergedTensor`)."""
+    entry = layout.get(name, name)
+    return {entry: tensor} if isinstance(entry, str) else entry.split(tensor)
+
+
 def weight_specs(driver, dtype: torch.dtype) -> list[TensorSpec]:
-    """Name, shape and saved dtype of every tensor of the checkpoint, in ``state_dict`` order
-    (tied duplicates left out, as ``save_pretrained`` does)."""
+    """Stored name, shape and saved dtype of every tensor of the checkpoint, in ``state_dict``
+    order (tied duplicates left out, as ``save_pretrained`` does), in the source's layout
+    (:func:`source_layout`: e.g. Mixtral's experts one tensor per expert and projection)."""
     model = driver.model
     tied = tied_names(model)
     inside = driver.path + "."
+    layout = source_layout(driver)
     specs = []
     for name in state_names(model):
         if name in tied:
@@ -72,7 +87,12 @@ def weight_specs(driver, dtype: torch.dtype) -> list[TensorSpec]:
             index, _, local = name[len(inside):].partition(".")
             owner = driver.template(int(index))
         tensor = owner.get_parameter(local) if _is_param(owner, local) else owner.get_buffer(local)
-        specs.append(TensorSpec(name, stored_shape(owner, local, tuple(tensor.shape)), _saved_dtype(tensor, dtype)))
+        entry = layout.get(name, name)
+        if isinstance(entry, str):
+            specs.append(TensorSpec(entry, stored_shape(owner, local, tuple(tensor.shape)), _saved_dtype(tensor, dtype)))
+        else:
+            part = entry.part_shape(tuple(tensor.shape))
+            specs += [TensorSpec(n, part, _saved_dtype(tensor, dtype)) for p in entry.parts for n in p]
     return specs
 
 
@@ -165,6 +185,7 @@ class CheckpointWriter:
         self.driver = driver
         self.dtype = dtype
         self.specs = weight_specs(driver, dtype)
+        self.layout = source_layout(driver)
         self.weights = StreamingCheckpoint(self.folder, self.specs, resume=resume)
         self.work = self.folder / WORK_FOLDER
         self.work.mkdir(exist_ok=True)
@@ -180,10 +201,16 @@ class CheckpointWriter:
     def write_head(self) -> None:
         """Everything outside the decoder blocks (embeddings, final norm, lm_head)."""
         model = self.driver.model
-        for spec in self.specs:
-            if not spec.name.startswith(self._inside):
-                tensor = model.get_parameter(spec.name) if _is_param(model, spec.name) else model.get_buffer(spec.name)
-                self.weights.write(spec.name, tensor)
+        tied = tied_names(model)
+        for name in state_names(model):
+            if name.startswith(self._inside) or name in tied:
+                continue
+            tensor = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        for stored, part in stored_tensors(self.layout, name, tensor).items():
+            self.weights.write(stored, part)
 
     @torch.no_grad()
     def write_block(self, index: int, block: nn.Module) -> None:
@@ -197,8 +224,7 @@ class CheckpointWriter:
         wrappers = unwrap_all(block)
         found = strip_transform(block)
         for local, tensor in block.state_dict().items():
-            name = f"{prefix}.{local}"
-            self.weights.write(name, tensor)
+            self._write(f"{prefix}.{local}", tensor)
         rotations = {f"{prefix}.{name}": m.rotation for name, m in found.items()}
         wrapped = {f"{prefix}.{name}": m for name, m in wrappers.items()}
         tensors = activation_tensors(wrapped, rotations)

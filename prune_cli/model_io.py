@@ -263,14 +263,6 @@ def linearize(model: nn.Module) -> None:
     linearize_experts(model)
 
 
-def needs_weight_conversion(config) -> bool:
-    """Whether transformers converts this model's checkpoint names or shapes on load (e.g.
-    merging MoE experts); such a model is loaded whole instead of streamed."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    return bool(get_checkpoint_conversion_mapping(getattr(config, "model_type", None)))
-
-
 def local_folder(source: ModelSource, offline: bool) -> Path:
     """The folder holding ``source``'s files: itself, or a hub id's snapshot in the Hugging Face
     cache (downloaded unless ``offline``: config, tokenizer and safetensors files; ``.bin`` files
@@ -320,15 +312,14 @@ def _opened_whole(source: ModelSource, config, dtype: str, device: torch.device,
 def open_model(source: ModelSource, dtype: str, device: torch.device, offline: bool = False, placement=None) -> OpenedModel:
     """Open ``source`` for a block walk on ``device`` without loading its blocks: the model is
     built on the meta device, everything outside the decoder blocks is read once, and each block
-    is read from the checkpoint when a walk reaches it (:mod:`prune_cli.weights`). A model whose
-    checkpoint transformers converts on load (merged MoE experts) is loaded whole instead."""
+    is read from the checkpoint when a walk reaches it (:mod:`prune_cli.weights`); per-expert MoE
+    weights are stacked into transformers' fused tensors as they are read. A model whose
+    checkpoint transformers converts on load in any other way is loaded whole instead."""
     from prune_cli.driver import BlockDriver
     from prune_cli.weights import empty_model, open_weights
 
     config = load_config(source, offline)
     _check_causal(config)
-    if needs_weight_conversion(config):
-        return _opened_whole(source, config, dtype, device, offline, placement)
     folder = local_folder(source, offline)
     if source.kind == "folder":
         from prune_cli.checkpoint_files import check_weight_files
@@ -350,7 +341,7 @@ def open_model(source: ModelSource, dtype: str, device: torch.device, offline: b
         probe = empty_model(config, torch.float32)
         weights = open_weights(folder, None, probe)
         renames = checkpoint_renames(probe, weights.names())
-        if renames is None:  # merged on load (MoE experts in a model type not listed above)
+        if renames is None:  # converted on load other than by stacking experts (weights.checkpoint_renames)
             weights.close()
             return _opened_whole(source, config, dtype, device, offline, placement)
         if renames:

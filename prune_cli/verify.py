@@ -125,19 +125,27 @@ def _check_layers(folder: Path, layers: list[dict]) -> list[str]:
     """Zeros and N:M groups of every pruned layer's stored weight (one weight in memory at a time)."""
     from prune_cli.model_io import ModelSource, load_config
     from prune_cli.conv1d import stored_transposed
-    from prune_cli.weights import SafetensorsWeights, empty_model
+    from prune_cli.weights import RenamedWeights, SafetensorsWeights, checkpoint_renames, empty_model
 
     skeleton = empty_model(load_config(ModelSource("folder", str(folder)), offline=True), torch.float32)
     weights = SafetensorsWeights(folder)
+    renames = checkpoint_renames(skeleton, weights.names())  # e.g. per-expert tensors stacked as on load
+    if renames:
+        weights = RenamedWeights(weights, renames)
     problems = []
+    fused: tuple[str, torch.Tensor] | None = None  # the last experts tensor read (its experts come in a row)
     try:
         for layer in layers:
             name, index = stored_weight_name(skeleton, layer["name"])
             if name not in weights:
                 problems.append(f"layer {layer['name']} has no stored weight")
                 continue
-            weight = weights.read([name])[name]
-            if index is not None:
+            if index is None:
+                weight = weights.read([name])[name]
+            else:
+                if fused is None or fused[0] != name:
+                    fused = (name, weights.read([name])[name])
+                weight = fused[1]
                 weight = weight[index] if index < weight.shape[0] else None
                 if weight is None:
                     problems.append(f"layer {layer['name']}: {name} has no expert {index}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -67,6 +68,12 @@ class WeightSource:
 
     def close(self) -> None:
         """Release open files (also done when the source is garbage collected)."""
+
+    def layout(self) -> dict[str, "str | MergedTensor"]:
+        """Model name -> stored name (or :class:`MergedTensor`) where the checkpoint stores a
+        tensor under another name or in parts (:class:`RenamedWeights`); an export writes
+        them back that way, as ``save_pretrained`` does. ``{}``: stored as named."""
+        return {}
 
 
 class SafetensorsWeights(WeightSource):
@@ -179,37 +186,101 @@ class TorchBinWeights(WeightSource):
         return {name: self._state(self._names[name])[name] for name in names}
 
 
+@dataclass(frozen=True)
+class MergedTensor:
+    """A model tensor that transformers builds on load from several stored ones: for each source
+    pattern, one stored tensor per expert, stacked along dim 0 (``MergeModulelist(dim=0)``), and
+    the stacks concatenated along ``concat_dim`` (``Concatenate(dim=1)``; ``None``: one pattern).
+    Mixtral's ``experts.gate_up_proj`` ``(E, 2F, H)`` is ``[w1 of experts 0..E-1], [w3 of 0..E-1]``."""
+
+    parts: tuple[tuple[str, ...], ...]
+    concat_dim: int | None = None
+
+    def build(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacks = [torch.stack([stored[name] for name in part]) for part in self.parts]
+        return stacks[0] if self.concat_dim is None else torch.cat(stacks, dim=self.concat_dim)
+
+    def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored parts of ``tensor`` (the inverse of :meth:`build`): views, by stored name."""
+        pieces = [tensor] if self.concat_dim is None else tensor.chunk(len(self.parts), dim=self.concat_dim)
+        return {name: piece[e] for part, piece in zip(self.parts, pieces) for e, name in enumerate(part)}
+
+    def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of each stored part of a tensor of ``shape``."""
+        out = list(shape[1:])
+        if self.concat_dim is not None:
+            if shape[self.concat_dim] % len(self.parts):
+                raise ValueError(f"cannot split {list(shape)} into {len(self.parts)} equal parts")
+            out[self.concat_dim - 1] //= len(self.parts)
+        return tuple(out)
+
+
 class RenamedWeights(WeightSource):
     """A source whose stored names differ from the model's ``state_dict`` names by transformers'
     load-time renamings (GPT-NeoX stores ``embed_out.weight`` for the model's ``lm_head.weight``;
-    old checkpoints store LayerNorm ``gamma``/``beta``). Tensors are asked for by model name."""
+    old checkpoints store LayerNorm ``gamma``/``beta``; Mixtral's ``block_sparse_moe`` is the
+    model's ``mlp``) and merges (:class:`MergedTensor`: per-expert weights into the fused
+    experts tensors). Tensors are asked for by model name; a merged one is built from its parts
+    when it is read (one block's experts at a time)."""
 
-    def __init__(self, inner: WeightSource, stored_by_model: dict[str, str]):
+    def __init__(self, inner: WeightSource, stored_by_model: dict[str, "str | MergedTensor"]):
         super().__init__()
         self.inner = inner
         self.description = inner.description
         self.private_tensors = inner.private_tensors
-        renamed = set(stored_by_model.values())
-        self._names = {name: name for name in inner.names() if name not in renamed}
+        consumed = {v for v in stored_by_model.values() if isinstance(v, str)}
+        consumed |= {n for v in stored_by_model.values() if isinstance(v, MergedTensor) for part in v.parts for n in part}
+        self._names = {name: name for name in inner.names() if name not in consumed}
         self._names.update(stored_by_model)
 
     @property
     def stored_dtype(self) -> torch.dtype | None:
         return self.inner.stored_dtype
 
+    def layout(self) -> dict[str, "str | MergedTensor"]:
+        return {name: stored for name, stored in self._names.items() if stored != name}
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
-        stored = self.inner.read([self._names[n] for n in names])
-        return {n: stored[self._names[n]] for n in names}
+        wanted = []
+        for n in names:
+            entry = self._names[n]
+            wanted += [x for part in entry.parts for x in part] if isinstance(entry, MergedTensor) else [entry]
+        stored = self.inner.read(wanted)
+        out = {}
+        for n in names:
+            entry = self._names[n]
+            out[n] = entry.build(stored) if isinstance(entry, MergedTensor) else stored[entry]
+        return out
 
     def close(self) -> None:
         self.inner.close()
 
 
-def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, str] | None:
-    """Model name -> stored name for the stored tensors transformers renames on load, ``{}`` when
-    none is, or ``None`` when some stored tensor is *converted* (several merged into one, e.g. MoE
-    experts into one 3-D tensor): such a checkpoint cannot be read tensor by tensor.
+def _merge_operations(converter) -> int | None | str:
+    """``concat_dim`` of a converter that stacks experts along dim 0 and then (with two or more
+    source patterns) concatenates the stacks along one dim; ``"unsupported"`` for any other."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    if ops == [("MergeModulelist", 0)] and len(converter.source_patterns) == 1:
+        return None
+    if len(ops) == 2 and ops[0] == ("MergeModulelist", 0) and ops[1][0] == "Concatenate" \
+            and isinstance(ops[1][1], int) and len(converter.source_patterns) >= 2:
+        return ops[1][1]
+    return "unsupported"
+
+
+def _pattern_regex(pattern: str) -> "re.Pattern":
+    """A converter source pattern (``.experts.*.w1.weight``) as a regex capturing the index."""
+    import re
+
+    return re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+
+
+def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, "str | MergedTensor"] | None:
+    """Model name -> stored name (or :class:`MergedTensor`) for the stored tensors transformers
+    renames or merges on load, ``{}`` when none is, or ``None`` when some stored tensor is
+    converted in another way than stacking experts (then the checkpoint cannot be read tensor
+    by tensor, and is loaded whole).
 
     Uses transformers' own conversion list for ``model`` (by class name, model type and the
     legacy renamings), so the names are the ones ``from_pretrained`` would give."""
@@ -221,13 +292,29 @@ def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, str
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    out = {}
+    out: dict = {}
+    merged: dict[str, dict] = {}  # target -> {"converter", "parts": {pattern index: {expert: stored}}}
     for name in stored:
-        renamed, converted = rename_source_key(name, renamings, converters)
-        if converted is not None:
+        renamed, pattern = rename_source_key(name, renamings, converters)
+        if pattern is None:
+            if renamed != name:
+                out[renamed] = name
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        found = _pattern_regex(pattern).search(name)
+        if found is None or _merge_operations(converter) == "unsupported":
             return None
-        if renamed != name:
-            out[renamed] = name
+        entry = merged.setdefault(renamed, {"converter": converter, "parts": {}})
+        entry["parts"].setdefault(converter.source_patterns.index(pattern), {})[int(found.group(1))] = name
+    for target, entry in merged.items():
+        converter, parts = entry["converter"], entry["parts"]
+        if sorted(parts) != list(range(len(converter.source_patterns))):
+            return None  # a pattern with no stored tensor
+        experts = sorted(parts[0])
+        if experts != list(range(len(experts))) or any(sorted(p) != experts for p in parts.values()):
+            return None  # experts missing in one of the parts
+        out[target] = MergedTensor(tuple(tuple(parts[i][e] for e in experts) for i in sorted(parts)),
+                                   _merge_operations(converter))
     return out
 
 
@@ -464,6 +551,9 @@ class LayeredWeights(WeightSource):
     @property
     def stored_dtype(self) -> torch.dtype | None:
         return self.base.stored_dtype
+
+    def layout(self) -> dict[str, "str | MergedTensor"]:
+        return self.base.layout()
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)

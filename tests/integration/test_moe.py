@@ -6,6 +6,7 @@ Qwen2-MoE (with a shared expert and its gate Linear) and Qwen3-MoE built in-proc
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 
 import pytest
@@ -161,6 +162,7 @@ def test_moe_compress_export_reload_eval_verify(tmp_path, tmp_path_factory, fami
     result = run("compress", model_dir, *method, *SMALL, "-o", out)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["streamed"] is True  # per-expert stored tensors stacked as each block is read
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dense = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert report["ppl"]["dense"] == pytest.approx(_direct_ppl(dense, tokenizer, False), rel=1e-4)
@@ -187,6 +189,10 @@ def test_moe_compress_export_reload_eval_verify(tmp_path, tmp_path_factory, fami
     for name, value in dense.state_dict().items():
         if "gate.weight" in name or name.endswith("shared_expert_gate.weight"):
             assert torch.equal(value, exported.state_dict()[name]), name
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())  # stored as transformers saves it: per expert, original names
 
     per_expert = report["experts"]["per_expert"]
     assert len(per_expert) == 2 * 4 and report["experts"]["min_tokens"] == 128
@@ -246,18 +252,9 @@ def test_experts_of_a_non_standard_layout_are_refused_and_activation_sparsity_on
     from safetensors.torch import load_file
 
     source, exported = load_file(str(mixtral / "model.safetensors")), load_file(str(tmp_path / "o3" / "model.safetensors"))
-    stored = [n for n in exported if ".experts." in n]
-    assert stored
-    for name in stored:  # transformers' fused names in the export; the values are the source's experts
-        e_tensor = exported[name].float()
-        layer = name.split(".")[2]
-        if name.endswith("down_proj"):
-            expected = torch.stack([source[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"] for e in range(4)])
-        else:
-            expected = torch.stack([torch.cat([source[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"],
-                                               source[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w3.weight"]])
-                                    for e in range(4)])
-        assert torch.equal(e_tensor, expected.float()), name
+    assert set(exported) == set(source)  # the source's layout: one tensor per expert and projection
+    experts = [n for n in source if ".experts." in n]
+    assert experts and all(torch.equal(exported[n], source[n]) for n in experts)
 
 
 def test_moe_models_are_refused_under_several_ranks():
@@ -270,3 +267,60 @@ def test_moe_models_are_refused_under_several_ranks():
     with pytest.raises(BadInputError, match="mixture-of-experts models run in one process"):
         _check_data_parallel(request, SimpleNamespace(num_local_experts=8))
     _check_data_parallel(request, SimpleNamespace(num_local_experts=None))
+
+
+def test_stored_per_expert_weights_are_stacked_into_the_fused_tensors_as_transformers_does(tmp_path):
+    """A Mixtral checkpoint stores ``block_sparse_moe.experts.E.w1/w2/w3``; transformers renames
+    ``block_sparse_moe`` to ``mlp`` and stacks them into ``gate_up_proj`` / ``down_proj``. The
+    streamed source gives every tensor exactly as ``from_pretrained`` builds it."""
+    from transformers import AutoModelForCausalLM
+
+    from prune_cli.model_io import ModelSource, load_config
+    from prune_cli.weights import MergedTensor, RenamedWeights, checkpoint_renames, empty_model, open_weights
+
+    for family in ("mixtral", "qwen2_moe"):
+        folder = save_tiny_model(family, tmp_path / family)
+        probe = empty_model(load_config(ModelSource("folder", str(folder)), offline=True), torch.float32)
+        weights = open_weights(folder, None, probe)
+        renames = checkpoint_renames(probe, weights.names())
+        assert isinstance(renames["model.layers.1.mlp.experts.gate_up_proj"], MergedTensor)
+        source = RenamedWeights(weights, renames)
+        loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        assert set(source.names()) == set(loaded) - {"lm_head.weight"} or set(source.names()) == set(loaded)
+        for name in source.names():
+            assert torch.equal(source.read([name])[name], loaded[name]), name
+        source.close()
+
+
+def test_a_checkpoint_missing_an_expert_is_not_streamed_as_if_whole(tmp_path):
+    from prune_cli.weights import checkpoint_renames, empty_model
+
+    model = tiny_model("mixtral")
+    names = [n for n in save_names(model) if ".experts.1." not in n or "layers.1" not in n]
+    assert checkpoint_renames(empty_model(model.config, torch.float32), names) is None
+
+
+def save_names(model) -> list[str]:
+    """The names ``save_pretrained`` writes for ``model`` (its checkpoint layout)."""
+    from safetensors import safe_open
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            return list(f.keys())
+
+
+def test_a_checkpoint_short_of_its_last_expert_is_refused_naming_the_tensor(tmp_path, tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "cut"
+    shutil.copytree(_model_dir("mixtral", tmp_path_factory), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not ("layers.1." in k and ".experts.3." in k)},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    result = run("compress", folder, "--method", "wanda", "--sparsity", "0.5", *PLAIN, "-o", tmp_path / "out")
+    assert_one_line_error(result)
+    assert "model.layers.1.mlp.experts.gate_up_proj has shape [3, 256, 64], the model expects [4, 256, 64]" in result.stderr
+    assert not (tmp_path / "out").exists()
