@@ -121,6 +121,52 @@ def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
     raise typer.Exit(1)
 
 
+def _parse_tasks(text: str | None) -> tuple[str, ...]:
+    from prune_cli.tasks import parse_tasks
+
+    return parse_tasks(text)
+
+
+def _parse_limits(items: list[str] | None, flag: str) -> dict[str, float]:
+    """``["task=0.4", "task:acc_norm=0.5"]`` -> ``{"task": 0.4, "task:acc_norm": 0.5}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected TASK[:METRIC]=NUMBER, got {item!r}", param_hint=flag) from None
+    return out
+
+
+def _print_tasks_table(tasks: dict) -> None:
+    """Per task and metric: dense and compressed scores (± lm-eval's standard error) and the change."""
+    table = Table(title="lm-eval tasks" + (f" (limit {tasks['limit']})" if tasks.get("limit") else ""))
+    table.add_column("task")
+    table.add_column("metric")
+    which = [w for w in ("dense", "compressed") if tasks.get(w)]
+    for w in which:
+        table.add_column(w, justify="right")
+    if tasks.get("change"):
+        table.add_column("change", justify="right")
+    first = tasks[which[0]] if which else {}
+    for task, scores in first.items():
+        for metric, value in scores["metrics"].items():
+            if metric.endswith("_stderr"):
+                continue
+            cells = []
+            for w in which:
+                m = tasks[w][task]["metrics"]
+                err = m.get(f"{metric}_stderr")
+                cells.append(_fmt(m.get(metric)) + (f" ± {_fmt(err)}" if isinstance(err, float) else ""))
+            if tasks.get("change"):
+                cells.append(_fmt(tasks["change"][task].get(metric)))
+            table.add_row(task, metric, *cells)
+    stdout.print(table)
+
+
 def _exit_on_failed_gates(report: dict) -> None:
     """Exit 3 with one line per failed gate on stderr (the report, with its ``gates`` results,
     is already written and printed)."""
@@ -271,6 +317,8 @@ def _print_compress_table(report: dict) -> None:
     table.add_row("perplexity", _fmt(ppl.get("dense")), _fmt(ppl.get("compressed")))
     table.add_row("sparsity (targeted Linears)", "0.000", _fmt(report.get("sparsity")))
     stdout.print(table)
+    if report.get("tasks"):
+        _print_tasks_table(report["tasks"])
     if report.get("sparsity") is None:
         stdout.print("sparsity: not measured (activation sparsity is measured on the evaluation tokens; --no-eval)", highlight=False)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
@@ -336,6 +384,12 @@ def compress(
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Tokens per evaluation window (default 512)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
     max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Quality gate: exit 3 (checkpoint still written) when compressed/dense perplexity exceeds R."),
+    eval_tasks: Optional[str] = typer.Option(None, "--eval-tasks", help="lm-eval tasks scored dense and compressed, comma-separated (offline: prune_cloze, prune_lastword)."),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", min=1, help="Examples per task (default: all)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples per task prompt (default: the task's)."),
+    include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAML (repeatable)."),
+    min_task_score: Optional[List[str]] = typer.Option(None, "--min-task-score", help="Quality gate TASK[:METRIC]=V (repeatable): exit 3 when the compressed score is below V."),
+    max_task_drop: Optional[List[str]] = typer.Option(None, "--max-task-drop", help="Quality gate TASK[:METRIC]=D (repeatable): exit 3 when the score falls more than D below the dense model's."),
     bos: Optional[str] = typer.Option(None, "--bos", help="Start every calibration/evaluation window with the BOS token: auto (when the tokenizer adds one by default), always or never."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
@@ -347,6 +401,7 @@ def compress(
     checkpoint_interval: float = typer.Option(30.0, "--checkpoint-interval", min=0, help="Seconds between writes of the resume state (0: after every block)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory for the calibration activations, e.g. 8GB; beyond it they are kept on disk (default: 40% of the RAM or cgroup limit)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (like HF_HUB_OFFLINE=1)."),
+    baseline_cache: bool = typer.Option(True, "--baseline-cache/--no-baseline-cache", help="Reuse the dense model's perplexity and task scores from an earlier run with the same model, tokens and settings (~/.cache/prune-cli/baselines)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without calibrating."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging on stderr."),
@@ -388,13 +443,19 @@ def compress(
                 "windows": eval_windows,
                 "seqlen": eval_seqlen,
                 "enabled": False if no_eval else None,
+                "tasks": list(_parse_tasks(eval_tasks)) or None,
+                "task_limit": task_limit,
+                "num_fewshot": num_fewshot,
+                "task_include_path": [str(p) for p in include_path] if include_path else None,
             },
             "device": device,
             "dtype": dtype,
             "save_dtype": save_dtype,
             "backend": backend,
             "bos": bos,
-            "gates": {"max_ppl_ratio": max_ppl_ratio},
+            "gates": {"max_ppl_ratio": max_ppl_ratio,
+                      "min_task_score": _parse_limits(min_task_score, "--min-task-score") or None,
+                      "max_task_drop": _parse_limits(max_task_drop, "--max-task-drop") or None},
         }
         if max_memory is not None:
             from prune_cli.memory import parse_size
@@ -406,7 +467,7 @@ def compress(
         if not dry_run and output is None:
             raise typer.BadParameter("--output DIR is required (or pass --dry-run)", param_hint="--output")
         request = CompressRequest(config, model, Path(output) if output is not None else None, overwrite, offline,
-                                  resume, checkpoint_interval, max_memory)
+                                  resume, checkpoint_interval, max_memory, baseline_cache)
         if dry_run:
             plan = run_dry(request)
             _emit_json(plan) if as_json else _print_plan(plan)
@@ -431,6 +492,12 @@ def eval_command(
     eval_windows: int = typer.Option(16, "--eval-windows", min=1, help="Evaluation windows."),
     eval_seqlen: int = typer.Option(512, "--eval-seqlen", min=2, help="Tokens per evaluation window."),
     bos: str = typer.Option("auto", "--bos", help="Start every window with the BOS token: auto (when the tokenizer adds one by default), always or never."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks to score, comma-separated (offline: prune_cloze, prune_lastword)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Examples per task (default: all)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples per task prompt (default: the task's)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Task requests per batch (grouped by length)."),
+    include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAML (repeatable)."),
+    no_ppl: bool = typer.Option(False, "--no-ppl", help="Score the tasks only (no perplexity)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (the checkpoint's; float32 on a CPU without fast bfloat16), float32, bfloat16 or float16."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
@@ -438,7 +505,7 @@ def eval_command(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Evaluate any checkpoint: perplexity on held-out text and measured sparsity."""
+    """Evaluate any checkpoint: perplexity on held-out text, lm-eval tasks (--tasks), measured sparsity."""
     _setup_logging(verbose)
     try:
         from prune_cli.config import BOS_MODES, DEVICES, DTYPE_NAMES, EvaluationConfig
@@ -451,9 +518,15 @@ def eval_command(
             raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
         if bos not in BOS_MODES:
             raise RecipeError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
-        ev = EvaluationConfig(windows=eval_windows, seqlen=eval_seqlen, text=tuple(eval_text or ()))
+        names = _parse_tasks(tasks)
+        if no_ppl and not names:
+            raise RecipeError("--no-ppl leaves nothing to evaluate", hint="give --tasks, or drop --no-ppl")
+        ev = EvaluationConfig(windows=eval_windows, seqlen=eval_seqlen, text=tuple(eval_text or ()), batch_size=4,
+                              tasks=names, task_limit=limit, num_fewshot=num_fewshot,
+                              task_include_path=tuple(include_path or ()))
         with _signals_as_interrupts(), RichEvents() as events:
-            report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events, bos_mode=bos)
+            report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events, bos_mode=bos,
+                                         perplexity=not no_ppl, task_batch_size=batch_size)
         if as_json:
             _emit_json(report)
         else:
@@ -463,6 +536,8 @@ def eval_command(
             table.add_column("tokens", justify="right")
             table.add_row(_fmt(report["ppl"]), _fmt(report["sparsity"]), str(report["tokens"]))
             stdout.print(table)
+            if report.get("tasks"):
+                _print_tasks_table(report["tasks"])
     except typer.Exit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the CLI boundary

@@ -20,7 +20,11 @@ A recipe (version 1)::
       - {match: "mlp\\.down_proj", sparsity: 0.4}
     calibration: {samples: 32, seqlen: 512, seed: 0, batch_size: 8,
                   text: [files], dataset: NAME[:CONFIG], split: train, column: text}
-    evaluation: {enabled: true, windows: 16, seqlen: 512, batch_size: 4, text: [files]}
+    evaluation: {enabled: true, windows: 16, seqlen: 512, batch_size: 4, text: [files],
+                 tasks: [prune_cloze], task_limit: null, num_fewshot: null, task_include_path: []}
+                                   # lm-eval tasks scored dense and compressed (prune_cli.tasks)
+    gates: {max_ppl_ratio: 1.5, min_task_score: {prune_cloze: 0.4}, max_task_drop: {prune_cloze: 0.05}}
+                                   # exit 3 when one fails (prune_cli.gates)
     device: auto                   # auto | cpu | cuda
     backend: auto                  # auto | torch | cupy (kernels for statistics and masks)
     dtype: auto                    # compute dtype: auto | float32 | bfloat16 | float16 (auto: the
@@ -80,13 +84,14 @@ DEFAULTS: dict[str, Any] = {
         "column": "text",
         "chat_template": False,
     },
-    "evaluation": {"enabled": True, "windows": 16, "seqlen": 512, "batch_size": 4, "text": []},
+    "evaluation": {"enabled": True, "windows": 16, "seqlen": 512, "batch_size": 4, "text": [],
+                   "tasks": [], "task_limit": None, "num_fewshot": None, "task_include_path": []},
     "device": "auto",
     "dtype": "auto",
     "save_dtype": "auto",
     "backend": "auto",
     "bos": "auto",
-    "gates": {"max_ppl_ratio": None},
+    "gates": {"max_ppl_ratio": None, "min_task_score": {}, "max_task_drop": {}},
     "moe": {"min_tokens": 128, "fallback": "all-tokens"},
 }
 
@@ -141,6 +146,18 @@ class EvaluationConfig:
     seqlen: int = 512
     batch_size: int = 4
     text: tuple[Path, ...] = ()
+    tasks: tuple[str, ...] = ()  # lm-eval task names (prune_cli.tasks)
+    task_limit: int | None = None  # examples per task (None: all)
+    num_fewshot: int | None = None  # None: each task's default
+    task_include_path: tuple[Path, ...] = ()  # folders of task YAML
+
+    def task_settings(self):
+        """The tasks to score (:class:`~prune_cli.tasks.TaskSettings`), or ``None``."""
+        if not self.tasks:
+            return None
+        from prune_cli.tasks import TaskSettings
+
+        return TaskSettings(self.tasks, self.task_limit, self.num_fewshot, self.task_include_path, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -221,7 +238,8 @@ class RunConfig:
             },
             "evaluation": {
                 "enabled": ev.enabled, "windows": ev.windows, "seqlen": ev.seqlen, "batch_size": ev.batch_size,
-                "text": [str(p) for p in ev.text],
+                "text": [str(p) for p in ev.text], "tasks": list(ev.tasks), "task_limit": ev.task_limit,
+                "num_fewshot": ev.num_fewshot, "task_include_path": [str(p) for p in ev.task_include_path],
             },
             "device": self.device,
             "dtype": self.dtype,
@@ -329,7 +347,7 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
     _check_keys(override, base, where)
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if key in ("method_options", "options"):
+        if key in ("method_options", "options", "min_task_score", "max_task_drop"):
             out[key] = {**base[key], **copy.deepcopy(_options(value, f"{where}{key}"))}
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
@@ -513,7 +531,14 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
                           hint="give --calib-text FILE.jsonl with rows holding a messages list")
     gates = _gates(merged["gates"])
     if gates.active and not ev["enabled"]:
-        raise RecipeError("a perplexity gate needs the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
+        raise RecipeError("a quality gate needs the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
+    tasks = _task_names(ev["tasks"], "evaluation.tasks")
+    if tasks and not ev["enabled"]:
+        raise RecipeError("scoring tasks is part of the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
+    ungated = sorted(gates.gated_tasks() - set(tasks))
+    if ungated:
+        raise RecipeError(f"a gate names task {ungated[0]!r}, which is not scored",
+                          hint=f"add it to the tasks: --eval-tasks {','.join([*tasks, *ungated])}")
     if merged["bos"] not in BOS_MODES:
         raise RecipeError(f"bos must be one of {', '.join(BOS_MODES)}, got {merged['bos']!r}",
                           hint=did_you_mean(str(merged["bos"]), list(BOS_MODES)))
@@ -545,6 +570,10 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
             seqlen=_int(ev["seqlen"], "evaluation.seqlen", 2),
             batch_size=_int(ev["batch_size"], "evaluation.batch_size", 1),
             text=_paths(ev["text"], "evaluation.text"),
+            tasks=tasks,
+            task_limit=None if ev["task_limit"] is None else _int(ev["task_limit"], "evaluation.task_limit", 1),
+            num_fewshot=None if ev["num_fewshot"] is None else _int(ev["num_fewshot"], "evaluation.num_fewshot", 0),
+            task_include_path=_paths(ev["task_include_path"], "evaluation.task_include_path"),
         ),
         device=merged["device"],
         dtype=merged["dtype"],
@@ -564,7 +593,33 @@ def _gates(section: dict) -> Gates:
                               or not math.isfinite(ratio) or ratio <= 0):
         raise RecipeError(f"gates.max_ppl_ratio must be a positive number, got {ratio!r}",
                           hint="e.g. --max-ppl-ratio 1.5: the compressed perplexity at most 1.5x the dense")
-    return Gates(max_ppl_ratio=None if ratio is None else float(ratio))
+    return Gates(max_ppl_ratio=None if ratio is None else float(ratio),
+                 min_task_score=_task_limits(section["min_task_score"], "gates.min_task_score"),
+                 max_task_drop=_task_limits(section["max_task_drop"], "gates.max_task_drop", minimum=0.0))
+
+
+def _task_limits(value: Any, key: str, minimum: float | None = None) -> dict[str, float]:
+    """``{TASK[:METRIC]: number}`` (a gate per task metric)."""
+    if not isinstance(value, dict):
+        raise RecipeError(f"{key} must be a mapping of TASK[:METRIC] to a number, got {_kind(value)}")
+    out = {}
+    for name, limit in value.items():
+        if not isinstance(name, str) or not name.split(":")[0]:
+            raise RecipeError(f"{key}: task names must be strings, got {name!r}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
+                or (minimum is not None and limit < minimum):
+            raise RecipeError(f"{key}.{name} must be a {'non-negative ' if minimum is not None else ''}number, got {limit!r}",
+                              hint="e.g. --max-task-drop prune_cloze=0.05 (absolute, in the metric's units)")
+        out[name] = float(limit)
+    return out
+
+
+def _task_names(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise RecipeError(f"{key} must be a list of task names, got {value!r}", hint="e.g. tasks: [prune_cloze]")
+    return tuple(dict.fromkeys(v.strip() for v in value))
 
 
 def _moe(section: dict) -> MoeOptions:

@@ -50,7 +50,7 @@ from prune_cli.model_io import save_dtype as model_save_dtype
 from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
 from prune_cli.plan import Plan, build_plan
 from prune_cli.pruning import CalibrationResult, PruneStage, calibrate_and_prune, check_mask  # noqa: F401 - re-exported
-from prune_cli.report import REPORT_SCHEMA_VERSION, LayerRecord, Timings, overall_sparsity, versions
+from prune_cli.report import EVAL_SCHEMA_VERSION, REPORT_SCHEMA_VERSION, LayerRecord, Timings, overall_sparsity, versions
 from prune_cli.resume import ResumeState
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class CompressRequest:
     resume: bool | None = None  # True: continue an interrupted run; False: discard its state; None: keep it
     checkpoint_interval: float = 30.0  # seconds between resume-state writes (0: after every block)
     max_memory: str | None = None  # budget of the calibration activations ("8GB"); None: a share of the RAM
+    baseline_cache: bool = True  # reuse the dense scores of an earlier run (prune_cli.baseline)
 
 
 def context_length(model_config) -> int | None:
@@ -275,6 +276,7 @@ class _Job:
     eval_text: Text | None
     eval_windows: torch.Tensor | None
     bos: int | None = None  # the token id every window starts with (calibrators.sampling.resolve_bos)
+    tasks: object = None  # a prune_cli.tasks.TaskRun: the lm-eval requests, tokenised
 
     @property
     def driver(self) -> BlockDriver:
@@ -340,8 +342,13 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
     if ev.enabled:
         eval_text = evaluation_text(ev)
         eval_windows = evaluation_windows(tokenize(opened.tokenizer, eval_text.text), ev.windows, ev.seqlen, bos)
+    tasks = None
+    if ev.enabled and ev.task_settings() is not None:
+        from prune_cli.tasks import TaskRun
+
+        tasks = TaskRun(ev.task_settings(), opened.tokenizer, opened.config, bos)  # lm-eval's requests, before any walk
     return _Job(opened, saved, plan, act_method, act_targets, cal_text, cal_windows, val_windows, eval_text, eval_windows,
-                bos)
+                bos, tasks)
 
 
 class _Progress:
@@ -391,6 +398,20 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         compressed_eval = EvalStage(job.local_eval, ev.batch_size, tally=tally, head_dtype=head_dtype)
     pending = [dense_eval] if dense_eval else []  # stages that ride along the next walk over the dense weights
     finishing = ([RoundStage(job.save_dtype)] if rounding else []) + ([compressed_eval] if compressed_eval else [])
+    dense_tasks = None
+    if job.tasks is not None:
+        dense_tasks = job.tasks.dense_stage()
+        pending.append(dense_tasks)
+        finishing.append(job.tasks.compressed_stage(head_dtype))
+    baseline = None if target is not None and target.adopted else _dense_baseline(request, source, job, device)
+    cached = baseline.load() if baseline is not None else None
+    if cached is not None:  # the dense numbers of an earlier run with the same model, tokens and settings
+        log.info("dense baseline from the cache (%s)", baseline.path)
+        if dense_eval is not None:
+            dense_eval.result = Perplexity(*cached["ppl"])
+        if dense_tasks is not None:
+            dense_tasks.answers = [tuple(a) for a in cached["answers"]]
+        pending = []
 
     writer = scratch = work = None
     spill_to = _plan_memory(request, job, target)
@@ -450,6 +471,8 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
 
     dense_ppl = dense_eval.result if dense_eval else None
     compressed_ppl = compressed_eval.result if compressed_eval else None
+    if baseline is not None and cached is None:
+        baseline.store(dense_ppl, dense_tasks.answers if dense_tasks is not None else None)
     if dense_ppl is not None:
         _check_dense_loss(dense_ppl, DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype, "float32"))
     if activation_report is not None and tally is not None and compressed_ppl is not None:
@@ -490,6 +513,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
             "tokens_sha256": fingerprint(job.eval_windows),
             "dense": dense_ppl.to_dict() if dense_ppl else None,
             "compressed": compressed_ppl.to_dict() if compressed_ppl else None,
+            "dense_cached": cached is not None,
         },
         "device": str(device),
         "dtype": DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype, str(job.opened.compute_dtype)),
@@ -505,7 +529,10 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "rank_windows": job.shares() if distributed.active() else None,
         "output": None,
     }
-    report["gates"] = config.gates.check(report["ppl"]) if config.gates.active else None
+    report["tasks"] = job.tasks.report() if job.tasks is not None else None
+    if report["tasks"] is not None:
+        report["tasks"]["baseline_cached"] = cached is not None
+    report["gates"] = config.gates.check(report["ppl"], report["tasks"]) if config.gates.active else None
     if target is None and work is not None:
         import shutil
 
@@ -591,21 +618,49 @@ def _plan_memory(request: CompressRequest, job: "_Job", target) -> bool | None:
     return True
 
 
-def run_fingerprint(source: ModelSource, config: RunConfig, job: "_Job", device, backend) -> dict:
-    """What a resumed run must share with the interrupted one: the model's files, the resolved
-    recipe, the token windows, devices, dtypes and versions."""
+def _model_files(source: ModelSource) -> dict[str, str]:
+    """Digest of each of the model's weight and config files (:func:`file_digest`); ``{}`` for
+    a hub id (its files are not known without the network)."""
+    from prune_cli.checkpoint_files import file_digest
     from prune_cli.model_io import local_folder
 
     folder = local_folder(source, offline=True) if source.kind != "hub" else None
-    files = {}
-    if folder is not None:
-        names = [source.gguf_file] if source.gguf_file else sorted(
-            p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-        from prune_cli.checkpoint_files import file_digest
+    if folder is None:
+        return {}
+    names = [source.gguf_file] if source.gguf_file else sorted(
+        p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    return {name: file_digest(Path(folder) / name) for name in names}
 
-        files = {name: file_digest(Path(folder) / name) for name in names}
-    return {
+
+def _dense_baseline(request: CompressRequest, source: ModelSource, job: "_Job", device):
+    """The cache entry of this run's dense scores (:mod:`prune_cli.baseline`), or ``None`` when
+    there is nothing to cache or the cache is off."""
+    from prune_cli import baseline
+
+    if not request.baseline_cache or not baseline.enabled() or distributed.requested():
+        return None
+    if job.eval_windows is None and job.tasks is None:
+        return None
+    files = _model_files(source)
+    if not files:
+        return None
+    parts = {
         "model": {**source.to_dict(), "files": files},
+        "evaluation_tokens": None if job.eval_windows is None else fingerprint(job.eval_windows),
+        "evaluation_batch_size": request.config.evaluation.batch_size,
+        "tasks": None if job.tasks is None else job.tasks.fingerprint(),
+        "dtype": DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype),
+        "device": device.type,
+        "versions": {k: v for k, v in versions().items() if k != "python"},
+    }
+    return baseline.DenseBaseline(baseline.baseline_key(parts), parts)
+
+
+def run_fingerprint(source: ModelSource, config: RunConfig, job: "_Job", device, backend) -> dict:
+    """What a resumed run must share with the interrupted one: the model's files, the resolved
+    recipe, the token windows, devices, dtypes and versions."""
+    return {
+        "model": {**source.to_dict(), "files": _model_files(source)},
         "recipe": config.to_recipe(),
         "calibration_tokens": fingerprint(job.cal_windows),
         "bos": job.bos,
@@ -682,17 +737,19 @@ def _recorded_dtype(saved: dict | None, requested: str) -> str:
 
 def evaluate_checkpoint(
     checkpoint: str | None, ev: EvaluationConfig, device_name: str = "auto", dtype: str = "auto",
-    offline: bool = False, events: Events | None = None, bos_mode: str = "auto",
+    offline: bool = False, events: Events | None = None, bos_mode: str = "auto", perplexity: bool = True,
+    task_batch_size: int = 8,
 ) -> dict:
     """Perplexity and measured sparsity of any checkpoint (folder, .gguf, hub id, bundled), block
-    by block (a model larger than memory is measured the same way). A prune-cli checkpoint's
-    activation sparsifiers are installed on each block as it is read."""
+    by block (a model larger than memory is measured the same way), and the lm-eval tasks of
+    ``ev.tasks`` in the same walk (:mod:`prune_cli.tasks`; ``perplexity=False``: the tasks only).
+    A prune-cli checkpoint's activation sparsifiers are installed on each block as it is read."""
     events = events or Events()
     timings = Timings()
     device = resolve_device(device_name)
     source = resolve_source(checkpoint)
     offline = offline_requested(offline)
-    check_context(load_config(source, offline), {"--eval-seqlen": ev.seqlen})
+    check_context(load_config(source, offline), {"--eval-seqlen": ev.seqlen} if perplexity else {})
     saved = None
     with _timed(timings, "load"):
         if source.kind == "folder":
@@ -715,30 +772,48 @@ def evaluate_checkpoint(
 
         if source.kind == "folder" and (Path(source.location) / ACTIVATION_FILE).is_file():
             driver.prepare_block.append(BlockActivation(Path(source.location), driver))
-        text = evaluation_text(ev)
         bos = resolve_bos(opened.tokenizer, bos_mode)
-        windows = evaluation_windows(tokenize(opened.tokenizer, text.text), ev.windows, ev.seqlen, bos)
+        text = windows = None
+        if perplexity:
+            text = evaluation_text(ev)
+            windows = evaluation_windows(tokenize(opened.tokenizer, text.text), ev.windows, ev.seqlen, bos)
+        tasks = None
+        if ev.task_settings() is not None:
+            from dataclasses import replace as _replace
+
+            from prune_cli.tasks import TaskRun
+
+            tasks = TaskRun(_replace(ev.task_settings(), batch_size=task_batch_size), opened.tokenizer, opened.config, bos)
     from prune_cli.activation.modules import SparsityTally
 
     tally = SparsityTally()
-    stage = EvalStage(windows, ev.batch_size, tally=tally)
+    stages = []
+    stage = None
+    if windows is not None:
+        stage = EvalStage(windows, ev.batch_size, tally=tally)
+        stages.append(stage)
+    if tasks is not None:
+        stages.append(tasks.stage("results", tally=None if stage is not None else tally))
     layers: list[LayerRecord] = []
     progress = _Progress(events, driver)
     with progress.walk("eval") as step:
-        driver.walk([stage], after_block=[lambda i, block: layers.extend(_zero_fractions(driver.name(i), block))],
+        driver.walk(stages, after_block=[lambda i, block: layers.extend(_zero_fractions(driver.name(i), block))],
                     progress=step, timings=timings, after_key="eval")
-    ppl = stage.result
+    ppl = stage.result if stage is not None else None
     return {
         "format": "prune-cli/eval-report",
         "format_version": 1,
+        "schema_version": EVAL_SCHEMA_VERSION,  # prune_cli/schemas/eval-report.v1.schema.json
         "model": source.describe(),
-        "ppl": ppl.ppl,
-        "nll": ppl.nll,
-        "tokens": ppl.tokens,
+        "ppl": ppl.ppl if ppl else None,
+        "nll": ppl.nll if ppl else None,
+        "tokens": ppl.tokens if ppl else None,
         "sparsity": overall_sparsity(layers),
         "activation_sparsity": tally.overall("compute") if tally.counts else None,
-        "evaluation": {"source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape),
-                       "bos": bos is not None, "tokens_sha256": fingerprint(windows)},
+        "evaluation": None if windows is None else {
+            "source": text.source, "text_sha256": text.sha256, "windows": list(windows.shape),
+            "bos": bos is not None, "tokens_sha256": fingerprint(windows)},
+        "tasks": tasks.report() if tasks is not None else None,
         "recorded": None if saved is None else {"method": saved.get("method"), "pattern": saved.get("pattern"), "ppl": saved.get("ppl")},
         "device": str(device),
         "dtype": DTYPE_NAMES_BY_DTYPE.get(opened.compute_dtype, str(opened.compute_dtype)),

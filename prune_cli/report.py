@@ -101,13 +101,18 @@ REPORT_SCHEMA_VERSION = 1
 REPORT_SCHEMA = Path(__file__).resolve().parent / "schemas" / f"sparsity-report.v{REPORT_SCHEMA_VERSION}.schema.json"
 
 
+EVAL_SCHEMA_VERSION = 1
+EVAL_SCHEMA = Path(__file__).resolve().parent / "schemas" / f"eval-report.v{EVAL_SCHEMA_VERSION}.schema.json"
+
+
 def validate_report(report: dict) -> None:
     """Check a sparsity report (``sparsity.json``, ``compress --json``) against its JSON Schema
-    (:data:`REPORT_SCHEMA`); raises ``jsonschema.ValidationError`` naming the path that is wrong.
+    (:data:`REPORT_SCHEMA`), or an eval report (``eval --json``) against :data:`EVAL_SCHEMA`; raises ``jsonschema.ValidationError`` naming the path that is wrong.
     Needs ``jsonschema`` (the ``test`` extra)."""
     import json
 
     import jsonschema
 
-    schema = json.loads(REPORT_SCHEMA.read_text(encoding="utf-8"))
+    path = EVAL_SCHEMA if report.get("format") == "prune-cli/eval-report" else REPORT_SCHEMA
+    schema = json.loads(path.read_text(encoding="utf-8"))
     jsonschema.validate(report, schema, cls=jsonschema.Draft202012Validator)

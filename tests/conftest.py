@@ -10,6 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PRUNE_CLI_CACHE", __import__("tempfile").mkdtemp(prefix="prune-cli-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the dense-baseline cache is off unless a test turns it on (runs would otherwise skip walks depending on order)
+os.environ["PRUNE_CLI_BASELINE_CACHE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,7 +16,18 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+    """The CLI in-process; a ``--json`` report it prints is checked against its JSON Schema."""
+    result = runner.invoke(app, [str(a) for a in args])
+    if "--json" in args and result.exit_code in (0, 3) and args and args[0] in ("compress", "eval"):
+        try:
+            report = json.loads(result.stdout)
+        except ValueError:
+            report = None
+        if isinstance(report, dict) and report.get("format") in ("prune-cli/sparsity-report", "prune-cli/eval-report"):
+            from prune_cli.report import json_ready, validate_report
+
+            validate_report(json_ready(report))
+    return result
 
 
 def assert_one_line_error(result, code=2):
