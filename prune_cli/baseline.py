@@ -20,6 +20,7 @@ under several processes, neither read nor write it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,14 +32,32 @@ log = logging.getLogger(__name__)
 FORMAT = "prune-cli/dense-baseline"
 
 
+_SCOPED: list[Path] = []  # folders of scoped() caches, innermost last
+
+
 def enabled() -> bool:
+    if _SCOPED:
+        return True
     return os.environ.get("PRUNE_CLI_BASELINE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def folder() -> Path:
+    if _SCOPED:
+        return _SCOPED[-1]
     from prune_cli.gguf_cache import cache_root
 
     return cache_root() / "baselines"
+
+
+@contextlib.contextmanager
+def scoped(path: Path):
+    """A cache in ``path`` for the duration, on even where the user's cache is off (a sweep
+    scores its dense model once without keeping it)."""
+    _SCOPED.append(Path(path))
+    try:
+        yield
+    finally:
+        _SCOPED.pop()
 
 
 def baseline_key(parts: dict) -> str:

@@ -544,6 +544,77 @@ def eval_command(
         _fail(exc, debug, as_json)
 
 
+@app.command("sweep")
+def sweep_command(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local HF folder, .gguf file; omit for the bundled SmolLM2-135M."),
+    methods: str = typer.Option(..., "--methods", help="Weight methods, comma-separated, e.g. wanda,sparsegpt."),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", help="Unstructured sparsities, comma-separated, e.g. 0.3,0.5,0.7."),
+    patterns: Optional[str] = typer.Option(None, "--patterns", help="N:M patterns, comma-separated, e.g. 2:4,4:8."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML for everything but the method and sparsity."),
+    calib_text: Optional[List[Path]] = typer.Option(None, "--calib-text", help="Calibration .txt/.jsonl file(s)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 32)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 512)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for drawing calibration windows (default 0)."),
+    eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help="Held-out evaluation text file(s)."),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Evaluation windows (default 16)."),
+    eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help="Tokens per evaluation window (default 512)."),
+    eval_tasks: Optional[str] = typer.Option(None, "--eval-tasks", help="lm-eval tasks scored per point, comma-separated."),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", min=1, help="Examples per task (default: all)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of perplexity against sparsity here."),
+    keep_checkpoints: Optional[Path] = typer.Option(None, "--keep-checkpoints", help="Export every point's checkpoint under this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace checkpoints prune-cli wrote under --keep-checkpoints."),
+    baseline_cache: bool = typer.Option(True, "--baseline-cache/--no-baseline-cache", help="Keep the dense scores in ~/.cache/prune-cli/baselines (off: for this sweep only)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory for the calibration activations, e.g. 8GB."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Compress MODEL with several methods at several sparsities: a table, --json, a --plot PNG.
+
+    The dense model is scored once for the whole sweep. Exit codes as for compress (no gates)."""
+    _setup_logging(verbose)
+    try:
+        from prune_cli.config import load_recipe
+        from prune_cli.sweep import parse_list, plan_summary, plot, points, run_sweep
+
+        try:
+            values = [float(x) for x in parse_list(sparsities)]
+        except ValueError:
+            raise typer.BadParameter(f"expected numbers, got {sparsities!r}", param_hint="--sparsities") from None
+        grid = points(parse_list(methods), values, parse_list(patterns))
+        base = {
+            "calibration": {"text": [str(p) for p in calib_text] if calib_text else None, "samples": calib_samples,
+                            "seqlen": seqlen, "seed": seed},
+            "evaluation": {"text": [str(p) for p in eval_text] if eval_text else None, "windows": eval_windows,
+                           "seqlen": eval_seqlen, "tasks": list(_parse_tasks(eval_tasks)) or None, "task_limit": task_limit},
+            "device": device, "dtype": dtype,
+        }
+        recipe_data = load_recipe(recipe) if recipe else None
+        with _signals_as_interrupts(), RichEvents() as events:
+            report = run_sweep(model, recipe_data, base, grid, offline=offline, keep=keep_checkpoints, overwrite=overwrite,
+                               baseline_cache=baseline_cache, events=events, max_memory=max_memory)
+        if plot_path is not None:
+            report["plot"] = str(plot(report, plot_path))
+        if as_json:
+            _emit_json(report)
+            return
+        table = Table(title=f"prune-cli sweep: {report['model']} (dense perplexity {_fmt(report['dense']['ppl'])})")
+        for col in ("method", "sparsity / pattern", "achieved", "perplexity", "ratio", "seconds"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for row in plan_summary(report):
+            table.add_row(*[_fmt(v) for v in row])
+        stdout.print(table)
+        if report.get("plot"):
+            stdout.print(f"plot: {report['plot']}", highlight=False)
+    except typer.Exit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, debug, as_json)
+
+
 @app.command("verify")
 def verify_command(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder written by prune-cli compress."),
