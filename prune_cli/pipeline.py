@@ -50,7 +50,8 @@ from prune_cli.model_io import save_dtype as model_save_dtype
 from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
 from prune_cli.plan import Plan, build_plan
 from prune_cli.pruning import CalibrationResult, PruneStage, calibrate_and_prune, check_mask  # noqa: F401 - re-exported
-from prune_cli.report import EVAL_SCHEMA_VERSION, REPORT_SCHEMA_VERSION, LayerRecord, Timings, overall_sparsity, versions
+from prune_cli.report import (EVAL_SCHEMA_VERSION, REPORT_SCHEMA_VERSION, LayerRecord, Timings, masks_digest,
+                              overall_sparsity, versions)
 from prune_cli.resume import ResumeState
 
 log = logging.getLogger(__name__)
@@ -521,6 +522,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "streamed": driver.streamed,
         "backend": backend.name,
         "layers": [r.to_dict() for r in layers],
+        "masks_sha256": masks_digest(layers),
         "experts": _experts_report(experts, config.moe),
         "timings": timings.values,
         "versions": versions(),
@@ -539,15 +541,20 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         shutil.rmtree(work, ignore_errors=True)
     if target is not None:
         events.stage("export")
-        with _timed(timings, "export"):
-            report["output"] = str(target.output)
-            report["timings"] = dict(timings.values)  # the commit itself is not in the written report
-            writer.finish(job.opened.tokenizer, report)
-            target.commit()
+        finishing_export = time.perf_counter()
+        report["output"] = str(target.output)
+        # the written report is the one returned (and printed by --json): its timings end here,
+        # before the config, tokenizer and report files are written and the folder is moved into place
+        timings.add("export", time.perf_counter() - finishing_export)
+        timings.add("total", time.perf_counter() - started)
+        report["timings"] = dict(timings.values)
+        writer.finish(job.opened.tokenizer, report)
+        target.commit()
         events.done("export")
         log.info("wrote %s", target.output)
+        return report
     timings.add("total", time.perf_counter() - started)
-    report["timings"] = timings.values
+    report["timings"] = dict(timings.values)
     return report
 
 

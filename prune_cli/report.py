@@ -49,6 +49,20 @@ class LayerRecord:
         return out
 
 
+def masks_digest(layers: list[LayerRecord]) -> str | None:
+    """One hash of every pruned layer's mask: the first 16 hex digits of the sha256 of the
+    layers' names and mask hashes in order (``None`` when no mask was recorded). Two runs with
+    the same inputs and seed give the same value."""
+    import hashlib
+
+    if not layers or any(r.mask_sha256 is None for r in layers):
+        return None
+    digest = hashlib.sha256()
+    for r in layers:
+        digest.update(f"{r.name}={r.mask_sha256}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def tensor_sha256(t) -> str:
     """First 16 hex digits of the sha256 of a tensor's bytes (on the CPU, contiguous)."""
     import hashlib

@@ -53,6 +53,7 @@ def test_compress_then_eval(request, tmp_path, family_dir, method, pattern_args)
     assert report["sparsity"] == pytest.approx(0.5)
     assert report["ppl"]["dense"] > 1 and report["ppl"]["compressed"] > 1
     saved = json.loads((out / "sparsity.json").read_text())
+    assert saved == report  # --json prints the very report written into the checkpoint
     assert saved["method"] == method and saved["calibration"]["windows"] == [4, 32]
     assert saved["recipe"]["calibration"]["seed"] == 0
 

@@ -51,11 +51,12 @@ def test_gate_in_a_recipe_and_the_table_output(tmp_path, tiny_llama_dir, measure
     assert result.exit_code == 3, result.output
     assert "gate failed: max_ppl_ratio" in result.stderr
     saved = json.loads((tmp_path / "out" / "sparsity.json").read_text())
-    assert saved["recipe"]["gates"] == {"max_ppl_ratio": pytest.approx(measured_ratio * 0.999)}
+    assert saved["recipe"]["gates"] == {"max_ppl_ratio": pytest.approx(measured_ratio * 0.999), "min_task_score": {},
+                                        "max_task_drop": {}}
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--no-eval", "--max-ppl-ratio", "1.5"], "a perplexity gate needs the evaluation"),
+    (["--no-eval", "--max-ppl-ratio", "1.5"], "a quality gate needs the evaluation"),
     (["--max-ppl-ratio", "0"], "gates.max_ppl_ratio must be a positive number"),
     (["--max-ppl-ratio", "nan"], "gates.max_ppl_ratio must be a positive number"),
 ])

@@ -97,5 +97,10 @@ def test_two_runs_with_the_same_inputs_give_the_same_hashes(checkpoint, tiny_lla
     first, second = (json.loads((p / "sparsity.json").read_text()) for p in (checkpoint, again))
     assert first["tensors_sha256"] == second["tensors_sha256"]
     assert [l["mask_sha256"] for l in first["layers"]] == [l["mask_sha256"] for l in second["layers"]]
+    assert first["masks_sha256"] == second["masks_sha256"] and len(first["masks_sha256"]) == 16
+    other = run("compress", tiny_llama_dir, "--method", "wanda", "--pattern", "2:4", *SMALL, "--no-eval", "--seed", "1",
+                "-o", tmp_path / "seed1")
+    assert other.exit_code == 0, other.output
+    assert json.loads((tmp_path / "seed1" / "sparsity.json").read_text())["masks_sha256"] != first["masks_sha256"]
     assert torch.equal(load_file(str(checkpoint / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"],
                        load_file(str(again / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"])

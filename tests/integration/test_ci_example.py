@@ -25,7 +25,7 @@ def _run(step, env, cwd):
     return subprocess.run(["bash", "-e", "-c", step["run"]], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def _environment(tmp_path, tiny_llama_dir, ratio):
+def _environment(tmp_path, tiny_llama_dir, ratio, task_drop=1.0):
     job_env, _ = _steps()
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -33,6 +33,7 @@ def _environment(tmp_path, tiny_llama_dir, ratio):
         "calibration": {"samples": 4, "seqlen": 32}, "evaluation": {"windows": 2, "seqlen": 32}, "device": "cpu",
     }))
     env = {**os.environ, **job_env, "MODEL": str(tiny_llama_dir), "RECIPE": str(recipe), "MAX_PPL_RATIO": str(ratio),
+           "TASK_LIMIT": "8", "MAX_TASK_DROP": str(task_drop),
            "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return env
 
@@ -44,7 +45,8 @@ def test_the_workflow_steps_compress_gate_and_verify(tmp_path, tiny_llama_dir):
         result = _run(step, env, tmp_path)
         assert result.returncode == 0, f"{step['name']}: {result.stderr[-2000:]}"
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["gates"][0]["passed"] is True
+    assert [g["gate"] for g in report["gates"]] == ["max_ppl_ratio", "max_task_drop"]
+    assert all(g["passed"] for g in report["gates"]) and report["tasks"]["compressed"]["prune_cloze"]["samples"] == 8
     assert json.loads((tmp_path / "verify.json").read_text())["ok"] is True
     assert (tmp_path / env["OUT"] / "model.safetensors").is_file()
 
