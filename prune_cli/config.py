@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from prune_cli import settings
 from prune_cli.errors import RecipeError
 from prune_cli.gates import Gates
 from prune_cli.moe import FALLBACKS as MOE_FALLBACKS
@@ -61,42 +62,10 @@ from prune_cli.registry import did_you_mean
 
 RECIPE_VERSION = 1
 
-DEFAULTS: dict[str, Any] = {
-    "version": RECIPE_VERSION,
-    "name": None,
-    "description": None,
-    "method": None,
-    "method_options": {},
-    "sparsity": None,
-    "pattern": "unstructured",
-    "targets": {"include": [], "exclude": []},
-    "layerwise": {"method": "uniform", "m": "auto", "lambda": "auto", "validation_windows": 4},
-    "overrides": [],
-    "activation": {"method": None, "sparsity": None, "allocation": "uniform", "options": {}, "max_tokens": 16384},
-    "calibration": {
-        "samples": 32,
-        "seqlen": 512,
-        "seed": 0,
-        "batch_size": 8,
-        "text": [],
-        "dataset": None,
-        "split": "train",
-        "column": "text",
-        "chat_template": False,
-    },
-    "evaluation": {"enabled": True, "windows": 16, "seqlen": 512, "batch_size": 4, "text": [],
-                   "tasks": [], "task_limit": None, "num_fewshot": None, "task_include_path": []},
-    "device": "auto",
-    "dtype": "auto",
-    "save_dtype": "auto",
-    "backend": "auto",
-    "bos": "auto",
-    "gates": {"max_ppl_ratio": None, "min_task_score": {}, "max_task_drop": {}},
-    "moe": {"min_tokens": 128, "fallback": "all-tokens"},
-}
+DEFAULTS: dict[str, Any] = settings.defaults()  # every key's type, default and help: prune_cli/settings.py
 
-DEVICES = ("auto", "cpu", "cuda")
-BOS_MODES = ("auto", "always", "never")  # see calibrators.sampling.resolve_bos
+DEVICES = settings.choices("device")
+BOS_MODES = settings.choices("bos")  # see calibrators.sampling.resolve_bos
 DEFAULT_M_GRID = (3.0, 5.0, 7.0, 10.0)
 DEFAULT_LAMBDA_GRID = (0.0, 0.04, 0.08, 0.12, 0.16)
 
@@ -123,7 +92,7 @@ class Override:
             return False
         return self.match is None or re.search(self.match, name) is not None
 
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_NAMES = settings.choices("dtype")
 
 
 @dataclass(frozen=True)
@@ -279,37 +248,13 @@ def _str(value: Any, key: str, optional: bool = False) -> str | None:
     return value
 
 
-def _number(value: Any, key: str, optional: bool = False) -> float | int | None:
-    """``value`` if it is a number (not a boolean), or ``None`` when ``optional``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"{key} must be a number in [0, 1), got {_kind(value)} ({value!r})")
-    return value
-
-
 def _check_types(merged: dict) -> None:
-    """Check the type of every scalar setting of the merged recipe before any is used.
-
-    Values are checked here, once, so that a wrongly typed YAML value (``method: [wanda]``,
-    ``device: {cpu: 1}``, ``pattern: 2:4`` read as an integer) is a one-line
-    :class:`RecipeError` naming its key instead of a TypeError deep inside the lookups below.
-    Ranges and allowed names are still checked where each value is consumed.
-    """
-    for key in ("name", "description", "method"):
-        _str(merged[key], key, optional=True)
-    _str(merged["pattern"], "pattern", optional=True)
-    _number(merged["sparsity"], "sparsity", optional=True)
-    for key in ("device", "dtype", "save_dtype", "backend", "bos"):
-        _str(merged[key], key)
-    cal, act, layerwise = merged["calibration"], merged["activation"], merged["layerwise"]
-    _str(cal["dataset"], "calibration.dataset", optional=True)
-    _str(cal["split"], "calibration.split")
-    _str(cal["column"], "calibration.column")
-    _str(act["method"], "activation.method", optional=True)
-    _number(act["sparsity"], "activation.sparsity", optional=True)
-    _str(act["allocation"], "activation.allocation")
-    _str(layerwise["method"], "layerwise.method", optional=True)
+    """Check the type (and allowed values) of every scalar setting of the merged recipe before
+    any is used (:func:`prune_cli.settings.check`), so that a wrongly typed YAML value
+    (``method: [wanda]``, ``device: {cpu: 1}``, ``pattern: 2:4`` read as an integer) is a
+    one-line :class:`RecipeError` naming its key instead of a TypeError deep inside the lookups
+    below. Ranges are checked where each value is consumed."""
+    settings.check(merged)
 
 
 def _options(value: Any, key: str) -> dict:
