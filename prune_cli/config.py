@@ -55,8 +55,8 @@ import yaml
 from prune_cli import settings
 from prune_cli.errors import RecipeError
 from prune_cli.gates import Gates
-from prune_cli.moe import FALLBACKS as MOE_FALLBACKS
-from prune_cli.moe import MoeOptions
+from prune_cli.settings import FALLBACKS as MOE_FALLBACKS
+from prune_cli.settings import MoeOptions
 from prune_cli.patterns import SparsityPattern, Unstructured, parse_pattern, pattern_to_text
 from prune_cli.registry import did_you_mean
 

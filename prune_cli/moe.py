@@ -46,9 +46,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-FALLBACKS = ("all-tokens", "magnitude")
-DEFAULT_MIN_TOKENS = 128
-DEFAULT_FALLBACK = "all-tokens"
+from prune_cli.settings import DEFAULT_FALLBACK, DEFAULT_MIN_TOKENS, FALLBACKS, MoeOptions  # noqa: F401 - the recipe's moe keys
 
 
 @lru_cache(maxsize=None)
@@ -206,18 +204,6 @@ def expert_of(block: nn.Module, local: str) -> tuple[str, int] | None:
     module = owner._modules.get(leaf)
     index = getattr(module, "index", None)
     return (owner_name, index) if isinstance(index, int) else None
-
-
-@dataclass(frozen=True)
-class MoeOptions:
-    """The recipe's ``moe:`` section: experts routed fewer than ``min_tokens`` calibration tokens
-    follow ``fallback`` (see the module docstring)."""
-
-    min_tokens: int = DEFAULT_MIN_TOKENS
-    fallback: str = DEFAULT_FALLBACK
-
-    def to_dict(self) -> dict:
-        return {"min_tokens": self.min_tokens, "fallback": self.fallback}
 
 
 @dataclass(frozen=True)

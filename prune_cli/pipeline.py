@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -365,8 +365,57 @@ class _Progress:
         self.events.done(name)
 
 
+@dataclass
+class _Evaluation:
+    """The evaluation stages of a run (dense and compressed perplexity and tasks) and the walks
+    they ride along: ``pending`` the next walk over the dense weights, ``finishing`` the walk
+    that makes the last change (after it). ``cached``: the dense results came from the baseline
+    cache (:mod:`prune_cli.baseline`), so no dense stage rides along."""
+
+    dense_eval: EvalStage | None = None
+    compressed_eval: EvalStage | None = None
+    dense_tasks: object = None
+    tally: SparsityTally | None = None
+    pending: list = field(default_factory=list)
+    finishing: list = field(default_factory=list)
+    baseline: object = None
+    cached: dict | None = None
+
+
+@dataclass
+class _Output:
+    """Where the run writes: the checkpoint writer (``None`` without ``--output``), the work
+    folder (spilled activations, blocks kept between walks) and whether to remove it after."""
+
+    writer: CheckpointWriter | None = None
+    work: Path | None = None
+    temporary_work: bool = False
+
+    def work_folder(self) -> Path:
+        if self.work is None:
+            import tempfile
+
+            self.work, self.temporary_work = Path(tempfile.mkdtemp(prefix="prune-cli-work-")), True
+        return self.work
+
+
+@dataclass
+class _Pruned:
+    """What the weight-pruning stage did: the final plan, OWL's allocation, one record per
+    pruned Linear and per mixture-of-experts expert."""
+
+    plan: Plan | None = None
+    allocation: object = None
+    layers: list = field(default_factory=list)
+    experts: list = field(default_factory=list)
+
+
 def _compress(request: CompressRequest, source: ModelSource, device, backend, backend_note, target, events) -> dict:
-    """The walks of one compress run (each block read once per walk, written once):
+    """One compress run as a sequence of named stages, each a function of what the earlier ones
+    made: load -> plan the evaluation -> prepare the output -> prune (weights) -> activation
+    sparsity -> evaluate -> report -> gate -> export.
+
+    The work happens in block walks (each block read once per walk, written once):
 
     1. OWL only: the dense pre-pass (with the dense evaluation riding along), then every
        candidate allocation at once;
@@ -378,107 +427,147 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     A streamed model's blocks pruned in walk 2 are kept in the staging folder's work folder for
     walk 3. Before the compressed evaluation every block is rounded to the save dtype, so the
     reported perplexity is that of the checkpoint as written."""
-    config = request.config
     timings = Timings()
     started = time.perf_counter()
+    job = _stage_load(request, source, device, target, events, timings)
+    if backend_note:
+        log.info(backend_note)
+    progress = _Progress(events, job.driver)
+    evaluation = _stage_plan_evaluation(request, source, job, device, target)
+    output = _stage_prepare_output(request, source, job, device, backend, target, timings)
+    pruned = _stage_prune(request.config, job, backend, evaluation, output, progress, timings)
+    activation_report = None
+    if request.config.activation is not None:
+        activation_report = _activation_walks(job.driver, request.config, job, backend, evaluation.pending,
+                                              evaluation.finishing, output.writer, progress, timings)
+    dense_ppl, compressed_ppl = _stage_evaluate(job, evaluation, activation_report)
+    report = _stage_report(request.config, source, job, device, backend, pruned, activation_report, evaluation,
+                           dense_ppl, compressed_ppl, timings)
+    report["gates"] = _stage_gate(request.config, report)
+    if output.temporary_work or (target is None and output.work is not None):
+        import shutil
 
+        shutil.rmtree(output.work, ignore_errors=True)
+    return _stage_export(report, job, output, target, events, timings, started)
+
+
+def _stage_load(request: CompressRequest, source: ModelSource, device, target, events, timings: Timings) -> _Job:
+    """Load: the model opened for streaming, the plan, the token windows, the task requests."""
     events.stage("load")
     with _timed(timings, "load"):
         job = _load(request, source, device, target)
     events.done("load")
-    driver, model, cal, ev = job.driver, job.opened.model, config.calibration, config.evaluation
-    if backend_note:
-        log.info(backend_note)
-    progress = _Progress(events, driver)
+    return job
+
+
+def _stage_plan_evaluation(request: CompressRequest, source: ModelSource, job: _Job, device, target) -> _Evaluation:
+    """The evaluation stages and the walks they ride along; dense results from the baseline
+    cache when it holds them (not for a resumed run: its walks must match the interrupted one's)."""
+    config, ev = request.config, request.config.evaluation
     rounding = needs_rounding(job.save_dtype, job.opened.compute_dtype)
     head_dtype = job.save_dtype if rounding else None
-    tally = SparsityTally() if config.activation is not None else None
-    dense_eval = compressed_eval = None
+    out = _Evaluation(tally=SparsityTally() if config.activation is not None else None)
     if job.eval_windows is not None:
-        dense_eval = EvalStage(job.local_eval, ev.batch_size, check_finite=True)
-        compressed_eval = EvalStage(job.local_eval, ev.batch_size, tally=tally, head_dtype=head_dtype)
-    pending = [dense_eval] if dense_eval else []  # stages that ride along the next walk over the dense weights
-    finishing = ([RoundStage(job.save_dtype)] if rounding else []) + ([compressed_eval] if compressed_eval else [])
-    dense_tasks = None
+        out.dense_eval = EvalStage(job.local_eval, ev.batch_size, check_finite=True)
+        out.compressed_eval = EvalStage(job.local_eval, ev.batch_size, tally=out.tally, head_dtype=head_dtype)
+    out.pending = [out.dense_eval] if out.dense_eval else []
+    out.finishing = ([RoundStage(job.save_dtype)] if rounding else []) + ([out.compressed_eval] if out.compressed_eval else [])
     if job.tasks is not None:
-        dense_tasks = job.tasks.dense_stage()
-        pending.append(dense_tasks)
-        finishing.append(job.tasks.compressed_stage(head_dtype))
-    baseline = None if target is not None and target.adopted else _dense_baseline(request, source, job, device)
-    cached = baseline.load() if baseline is not None else None
-    if cached is not None:  # the dense numbers of an earlier run with the same model, tokens and settings
-        log.info("dense baseline from the cache (%s)", baseline.path)
-        if dense_eval is not None:
-            dense_eval.result = Perplexity(*cached["ppl"])
-        if dense_tasks is not None:
-            dense_tasks.answers = [tuple(a) for a in cached["answers"]]
-        pending = []
+        out.dense_tasks = job.tasks.dense_stage()
+        out.pending.append(out.dense_tasks)
+        out.finishing.append(job.tasks.compressed_stage(head_dtype))
+    out.baseline = None if target is not None and target.adopted else _dense_baseline(request, source, job, device)
+    out.cached = out.baseline.load() if out.baseline is not None else None
+    if out.cached is not None:  # the dense numbers of an earlier run with the same model, tokens and settings
+        log.info("dense baseline from the cache (%s)", out.baseline.path)
+        if out.dense_eval is not None:
+            out.dense_eval.result = Perplexity(*out.cached["ppl"])
+        if out.dense_tasks is not None:
+            out.dense_tasks.answers = [tuple(a) for a in out.cached["answers"]]
+        out.pending = []
+    return out
 
-    writer = scratch = work = None
+
+def _stage_prepare_output(request: CompressRequest, source: ModelSource, job: _Job, device, backend, target,
+                          timings: Timings) -> _Output:
+    """The resume state, the checkpoint writer (everything outside the blocks written now), and
+    the spill folder for calibration activations beyond ``--max-memory``."""
+    driver = job.driver
+    out = _Output()
     spill_to = _plan_memory(request, job, target)
     if target is not None and not distributed.active():
-        resume = ResumeState(target.staging, run_fingerprint(source, config, job, device, backend), request.checkpoint_interval)
+        resume = ResumeState(target.staging, run_fingerprint(source, request.config, job, device, backend),
+                             request.checkpoint_interval)
         if target.adopted and not resume.load():
             raise CheckpointError(f"{target.staging} holds no resume state", hint="pass --no-resume to start over")
         driver.resume = resume
     if target is not None:
-        writer = CheckpointWriter(target.staging, driver, job.save_dtype, resume=target.adopted)
+        out.writer = CheckpointWriter(target.staging, driver, job.save_dtype, resume=target.adopted)
         with _timed(timings, "export"):
-            writer.write_head()
-        work = target.staging / WORK_FOLDER
+            out.writer.write_head()
+        out.work = target.staging / WORK_FOLDER
     if spill_to is not None:
         import shutil
-        import tempfile
 
-        work = work or Path(tempfile.mkdtemp(prefix="prune-cli-work-"))
+        work = out.work_folder()
         shutil.rmtree(work / "activations", ignore_errors=True)  # an interrupted run's (its resume state links what it needs)
         driver.spill_folder = work / "activations"
-    plan, allocation = job.plan, None
+    return out
+
+
+def _stage_prune(config: RunConfig, job: _Job, backend, evaluation: _Evaluation, output: _Output, progress: _Progress,
+                 timings: Timings) -> _Pruned:
+    """Weight pruning: OWL's walks when asked for, then the pruning walk (with the stages that
+    ride along it); a streamed model's pruned blocks kept for the activation walks."""
+    driver, cal = job.driver, config.calibration
+    out = _Pruned(plan=job.plan)
     if config.owl is not None:
         with progress.walk("allocation", walks=2 if job.val_windows is not None else 1) as step:
-            plan, allocation = allocate_owl(
-                driver, plan, config.owl, job.local_cal, job.local_val, cal.batch_size, device,
-                config.pattern.target_sparsity, also=pending, moe=config.moe, progress=step, timings=timings,
+            out.plan, out.allocation = allocate_owl(
+                driver, out.plan, config.owl, job.local_cal, job.local_val, cal.batch_size, driver.device,
+                config.pattern.target_sparsity, also=evaluation.pending, moe=config.moe, progress=step, timings=timings,
             )
-        pending = []
-        plan = with_overrides(plan, config.overrides)
+        evaluation.pending = []
+        out.plan = with_overrides(out.plan, config.overrides)
+    if out.plan is None:
+        return out
+    last = config.activation is None
+    pruning = PruneStage(out.plan, job.local_cal, cal.batch_size, backend, moe=config.moe)
+    after, scratch = [], None
+    if last and output.writer is not None:
+        after = [output.writer.write_block]
+    elif not last and driver.streamed:
+        scratch = ScratchBlocks(output.work_folder() / "blocks", driver)
+        after = [scratch.write_block]
+    with progress.walk("calibration") as step:
+        driver.walk([*evaluation.pending, pruning, *(evaluation.finishing if last else [])], after_block=after,
+                    progress=step, timings=timings)
+    evaluation.pending = []
+    out.layers, out.experts = pruning.records, pruning.experts
+    if scratch is not None:
+        driver.weights = scratch.source(driver.weights)
+    return out
 
-    layers: list[LayerRecord] = []
-    experts: list = []
-    if plan is not None:
-        last = config.activation is None
-        pruning = PruneStage(plan, job.local_cal, cal.batch_size, backend, moe=config.moe)
-        after = []
-        if last and writer is not None:
-            after = [writer.write_block]
-        elif not last and driver.streamed:
-            import tempfile
 
-            work = work or Path(tempfile.mkdtemp(prefix="prune-cli-work-"))
-            scratch = ScratchBlocks(work / "blocks", driver)
-            after = [scratch.write_block]
-        with progress.walk("calibration") as step:
-            driver.walk([*pending, pruning, *(finishing if last else [])], after_block=after, progress=step, timings=timings)
-        pending = []
-        layers, experts = pruning.records, pruning.experts
-        if scratch is not None:
-            driver.weights = scratch.source(driver.weights)
-
-    activation_report = None
-    if config.activation is not None:
-        activation_report = _activation_walks(
-            driver, config, job, backend, pending, finishing, writer, progress, timings
-        )
-
-    dense_ppl = dense_eval.result if dense_eval else None
-    compressed_ppl = compressed_eval.result if compressed_eval else None
-    if baseline is not None and cached is None:
-        baseline.store(dense_ppl, dense_tasks.answers if dense_tasks is not None else None)
+def _stage_evaluate(job: _Job, evaluation: _Evaluation, activation_report: dict | None):
+    """The dense and compressed perplexities the walks measured (the dense ones stored in the
+    baseline cache); a non-finite dense loss is an error (its activations overflow)."""
+    dense_ppl = evaluation.dense_eval.result if evaluation.dense_eval else None
+    compressed_ppl = evaluation.compressed_eval.result if evaluation.compressed_eval else None
+    if evaluation.baseline is not None and evaluation.cached is None:
+        evaluation.baseline.store(dense_ppl, evaluation.dense_tasks.answers if evaluation.dense_tasks is not None else None)
     if dense_ppl is not None:
         _check_dense_loss(dense_ppl, DTYPE_NAMES_BY_DTYPE.get(job.opened.compute_dtype, "float32"))
-    if activation_report is not None and tally is not None and compressed_ppl is not None:
-        _add_achieved(activation_report, tally)
+    if activation_report is not None and evaluation.tally is not None and compressed_ppl is not None:
+        _add_achieved(activation_report, evaluation.tally)
+    return dense_ppl, compressed_ppl
 
+
+def _stage_report(config: RunConfig, source: ModelSource, job: _Job, device, backend, pruned: _Pruned,
+                  activation_report: dict | None, evaluation: _Evaluation, dense_ppl, compressed_ppl,
+                  timings: Timings) -> dict:
+    """The report (prune_cli/schemas/sparsity-report.v1.schema.json), gates not yet checked."""
+    cal, driver, layers, cached = config.calibration, job.driver, pruned.layers, evaluation.cached
     report = {
         "format": "prune-cli/sparsity-report",
         "format_version": 1,
@@ -487,13 +576,13 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "model_source": source.to_dict(),
         "method": config.method or config.activation.method,
         "pattern": config.pattern.describe() if config.pattern else f"activation {config.activation.allocation}",
-        "sparsity": overall_sparsity(layers) if plan is not None else activation_report.get("achieved_sparsity"),
+        "sparsity": overall_sparsity(layers) if pruned.plan is not None else activation_report.get("achieved_sparsity"),
         "target_sparsity": config.pattern.target_sparsity if config.pattern else config.activation.sparsity,
-        "weight_sparsity": overall_sparsity(layers) if plan is not None else 0.0,
+        "weight_sparsity": overall_sparsity(layers) if pruned.plan is not None else 0.0,
         "ppl": _ppl_dict(dense_ppl, compressed_ppl),
         "recipe": config.to_recipe(),
         "method_options": config.method_options,
-        "allocation": allocation.to_dict() if allocation else None,
+        "allocation": pruned.allocation.to_dict() if pruned.allocation else None,
         "activation": activation_report,
         "calibration": {
             "source": job.cal_text.source,
@@ -523,7 +612,7 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
         "backend": backend.name,
         "layers": [r.to_dict() for r in layers],
         "masks_sha256": masks_digest(layers),
-        "experts": _experts_report(experts, config.moe),
+        "experts": _experts_report(pruned.experts, config.moe),
         "timings": timings.values,
         "versions": versions(),
         "resumed": driver.resume.resumed_from if driver.resume is not None else None,
@@ -534,27 +623,30 @@ def _compress(request: CompressRequest, source: ModelSource, device, backend, ba
     report["tasks"] = job.tasks.report() if job.tasks is not None else None
     if report["tasks"] is not None:
         report["tasks"]["baseline_cached"] = cached is not None
-    report["gates"] = config.gates.check(report["ppl"], report["tasks"]) if config.gates.active else None
-    if target is None and work is not None:
-        import shutil
+    return report
 
-        shutil.rmtree(work, ignore_errors=True)
-    if target is not None:
-        events.stage("export")
-        finishing_export = time.perf_counter()
-        report["output"] = str(target.output)
-        # the written report is the one returned (and printed by --json): its timings end here,
-        # before the config, tokenizer and report files are written and the folder is moved into place
-        timings.add("export", time.perf_counter() - finishing_export)
+
+def _stage_gate(config: RunConfig, report: dict) -> list[dict] | None:
+    """The quality gates' results (:mod:`prune_cli.gates`); a failed one exits 3 in the CLI."""
+    return config.gates.check(report["ppl"], report["tasks"]) if config.gates.active else None
+
+
+def _stage_export(report: dict, job: _Job, output: _Output, target, events, timings: Timings, started: float) -> dict:
+    """Export: config, tokenizer and report written, the staging folder moved into place. The
+    written report is the one returned (and printed by --json): its timings end before the
+    config, tokenizer and report files are written and the folder is moved into place."""
+    if target is None:
         timings.add("total", time.perf_counter() - started)
         report["timings"] = dict(timings.values)
-        writer.finish(job.opened.tokenizer, report)
-        target.commit()
-        events.done("export")
-        log.info("wrote %s", target.output)
         return report
+    events.stage("export")
+    report["output"] = str(target.output)
     timings.add("total", time.perf_counter() - started)
     report["timings"] = dict(timings.values)
+    output.writer.finish(job.opened.tokenizer, report)
+    target.commit()
+    events.done("export")
+    log.info("wrote %s", target.output)
     return report
 
 

@@ -22,7 +22,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from prune_cli.errors import RecipeError
-from prune_cli.moe import DEFAULT_FALLBACK, DEFAULT_MIN_TOKENS, FALLBACKS
+
+# mixture-of-experts fallback (prune_cli.moe; here so that reading the settings imports no torch)
+FALLBACKS = ("all-tokens", "magnitude")
+DEFAULT_MIN_TOKENS = 128
+DEFAULT_FALLBACK = "all-tokens"
+
+
+@dataclass(frozen=True)
+class MoeOptions:
+    """The recipe's ``moe:`` section: experts routed fewer than ``min_tokens`` calibration tokens
+    follow ``fallback`` (:mod:`prune_cli.moe`)."""
+
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    fallback: str = DEFAULT_FALLBACK
+
+    def to_dict(self) -> dict:
+        return {"min_tokens": self.min_tokens, "fallback": self.fallback}
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
