@@ -80,12 +80,13 @@ def activation_table() -> str:
 MODEL_NAMES = {"smollm2": "SmolLM2-135M (bundled; Llama, no BOS)", "gemma3": "Gemma 3 270M (sliding + global attention, BOS)"}
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """Mean ± sample standard deviation over the seeds."""
     import statistics
 
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def second_model_tables() -> str:
@@ -102,7 +103,7 @@ def second_model_tables() -> str:
         "(the evaluation windows are the same for every seed). Windows follow the tokenizer's BOS convention "
         "(`--bos auto`); \"no BOS\" is the same run (seed 0) with `--bos never`.",
     ]
-    ranks = {}
+    ranks, stats = {}, {}
     for model in ("smollm2", "gemma3"):
         rows = data.get(model)
         if not rows:
@@ -119,19 +120,61 @@ def second_model_tables() -> str:
             seeded = [r for k, r in runs.items() if k.startswith("seed")]
             values = [r["compressed"] for r in seeded]
             means[method] = sum(values) / len(values)
+            import statistics
+
+            stats.setdefault(model, {})[method] = (means[method], statistics.stdev(values) if len(values) > 1 else 0.0)
             cell = f"| {method} | {_mean_spread(values)} | {seeded[0]['sparsity']:.3f} |"
             if nobos:
                 cell += f" {runs['no bos, seed 0']['compressed']:.2f} |" if "no bos, seed 0" in runs else " |"
             lines.append(cell)
         ranks[model] = sorted(means, key=means.get)
     if len(ranks) == 2:
-        lines += ["", "**Caveat (bench defect, found after the run):** the two greedy activation rows ran with",
-                  "`--recipe` only; `bench/second_model.py` dropped their `--seed` and `--bos` flags (fixed since,",
-                  "not re-run). So their \"± 0.00\" is one seed (0) three times, and their \"no BOS\" cell is the BOS",
-                  "run. The weight-method rows are as labelled.",
-                  "", "Ranking by mean perplexity (best first):", ""]
+        lines += ["", "Ranking by mean perplexity (best first):", ""]
         for model, order in ranks.items():
             lines.append(f"- {MODEL_NAMES[model]}: " + " < ".join(order))
+        lines += ["", "Where the two models rank a pair of methods the other way round (a gap larger than the two "
+                  "standard deviations together is marked *clear*, otherwise *within the spread*):", ""]
+        (a_model, a_stats), (b_model, b_stats) = list(stats.items())
+        for i, x in enumerate(ranks[a_model]):
+            for y in ranks[a_model][i + 1:]:
+                if x in b_stats and y in b_stats and b_stats[y][0] < b_stats[x][0]:
+                    def clear(st):
+                        return abs(st[x][0] - st[y][0]) > st[x][1] + st[y][1]
+                    how = "clear" if clear(a_stats) and clear(b_stats) else "within the spread"
+                    lines.append(f"- {x} vs {y}: {MODEL_NAMES[a_model].split(' ')[0]} {a_stats[x][0]:.2f} < "
+                                 f"{a_stats[y][0]:.2f}, {MODEL_NAMES[b_model].split(' ')[0]} {b_stats[x][0]:.2f} > "
+                                 f"{b_stats[y][0]:.2f} ({how})")
+    return "\n".join(lines)
+
+
+def task_table() -> str:
+    """docs/task_scores.json (bench/task_scores.py): dense and compressed offline-suite scores."""
+    path = DOCS / "task_scores.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    seeds = data["setup"]["seeds"]
+    first = next(iter(next(iter(data["runs"].values())).values()))
+    dense = first["dense"]
+    lines = [f"{data['setup']['model']}; the offline suite (prune_cloze: {first['dense']['prune_cloze']['samples']} four-way "
+             f"cloze items, chance 0.25; prune_lastword: {first['dense']['prune_lastword']['samples']} held-back last words), "
+             f"calibration 16 x 256 tokens, mean ± standard deviation over seeds {', '.join(map(str, seeds))}; "
+             "lm-eval's stderr of one run in the dense row. Not a published benchmark: comparable only with itself.", "",
+             "| model | cloze acc | cloze acc_norm | last-word acc | last-word ppl | held-out ppl |", "|---|---|---|---|---|---|"]
+    m = {t: dense[t]["metrics"] for t in dense}
+    lines.append(f"| dense | {m['prune_cloze']['acc']:.3f} ± {m['prune_cloze']['acc_stderr']:.3f} | "
+                 f"{m['prune_cloze']['acc_norm']:.3f} ± {m['prune_cloze']['acc_norm_stderr']:.3f} | "
+                 f"{m['prune_lastword']['acc']:.3f} ± {m['prune_lastword']['acc_stderr']:.3f} | "
+                 f"{m['prune_lastword']['perplexity']:.1f} | {first['ppl']['dense']:.2f} |")
+    for method, runs in data["runs"].items():
+        rs = list(runs.values())
+
+        def cell(task, metric, fmt="{:.3f}"):
+            return _mean_spread([r["compressed"][task]["metrics"][metric] for r in rs], fmt)
+
+        lines.append(f"| {method} | {cell('prune_cloze', 'acc')} | {cell('prune_cloze', 'acc_norm')} | "
+                     f"{cell('prune_lastword', 'acc')} | {cell('prune_lastword', 'perplexity', '{:.1f}')} | "
+                     f"{_mean_spread([r['ppl']['compressed'] for r in rs])} |")
     return "\n".join(lines)
 
 
@@ -145,3 +188,7 @@ if __name__ == "__main__":
     if second:
         print("\n## Two models (bench/second_model.py)\n")
         print(second)
+    tasks = task_table()
+    if tasks:
+        print("\n## Offline task suite (bench/task_scores.py)\n")
+        print(tasks)
