@@ -220,20 +220,8 @@ class RunConfig:
         }
 
 
-def _kind(value: Any) -> str:
-    """How a wrongly typed recipe value is named in an error: "a list", "an integer", "null"."""
-    if value is None:
-        return "null"
-    for types, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                        (list, "a list"), (dict, "a mapping")):
-        if isinstance(value, types):
-            return name
-    return f"a {type(value).__name__}"
-
-
-# YAML 1.1 reads some unquoted words as other types: 2:4 is the integer 124, 1.0 a float, yes a
-# boolean, 2024-01-01 a date. Such a value where a name belongs gets this hint.
-_QUOTE_HINT = 'quote the value in the recipe, e.g. pattern: "2:4" (unquoted, YAML reads 2:4 as the number 124)'
+_kind = settings.kind_of  # how a wrongly typed value is named in an error: "a list", "null"
+_QUOTE_HINT = settings.QUOTE_HINT
 
 
 def _str(value: Any, key: str, optional: bool = False) -> str | None:

@@ -152,7 +152,8 @@ def cli_help(key: str, text: str | None = None) -> str:
     return f"{body}{s.describe_default()}."
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """How a wrongly typed recipe value is named in an error: "a list", "an integer", "null"."""
     if value is None:
         return "null"
     for types, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
@@ -162,7 +163,9 @@ def _kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-_QUOTE_HINT = 'quote the value in the recipe, e.g. pattern: "2:4" (unquoted, YAML reads 2:4 as the number 124)'
+# YAML 1.1 reads some unquoted words as other types: 2:4 is the integer 124, 1.0 a float, yes a
+# boolean, 2024-01-01 a date. Such a value where a name belongs gets this hint.
+QUOTE_HINT = 'quote the value in the recipe, e.g. pattern: "2:4" (unquoted, YAML reads 2:4 as the number 124)'
 
 
 def _get(merged: dict, key: str):
@@ -182,7 +185,7 @@ def check_value(s: Setting, value: Any) -> None:
     if s.kind in ("str", "choice"):
         if not isinstance(value, str):
             scalar = not isinstance(value, (list, dict, type(None)))
-            raise RecipeError(f"{key} must be a string, got {_kind(value)}", hint=_QUOTE_HINT if scalar else None)
+            raise RecipeError(f"{key} must be a string, got {kind_of(value)}", hint=QUOTE_HINT if scalar else None)
         if s.kind == "choice" and value not in s.choices:
             raise RecipeError(f"{key} must be one of {', '.join(s.choices)}, got {value!r}",
                               hint=did_you_mean(value, list(s.choices)))
@@ -191,14 +194,14 @@ def check_value(s: Setting, value: Any) -> None:
             raise RecipeError(f"{key} must be an integer >= {s.minimum:g}, got {value!r}")
     elif s.kind == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):  # ranges: where it is built
-            raise RecipeError(f"{key} must be a number in [0, 1), got {_kind(value)} ({value!r})"
-                              if key.endswith("sparsity") else f"{key} must be a number, got {_kind(value)} ({value!r})")
+            raise RecipeError(f"{key} must be a number in [0, 1), got {kind_of(value)} ({value!r})"
+                              if key.endswith("sparsity") else f"{key} must be a number, got {kind_of(value)} ({value!r})")
     elif s.kind == "bool":
         if not isinstance(value, bool):
-            raise RecipeError(f"{key} must be true or false, got {_kind(value)} ({value!r})")
+            raise RecipeError(f"{key} must be true or false, got {kind_of(value)} ({value!r})")
     elif s.kind == "mapping":
         if not isinstance(value, dict):
-            raise RecipeError(f"{key} must be a mapping, got {_kind(value)}")
+            raise RecipeError(f"{key} must be a mapping, got {kind_of(value)}")
 
 
 def check(merged: dict) -> None:

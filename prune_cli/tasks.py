@@ -190,6 +190,7 @@ class TaskSuite:
         self._folder = Path(tempfile.mkdtemp(prefix="prune-cli-tasks-"))
         write_offline_suite(self._folder)
         self._requests: list[tuple[str, str]] | None = None
+        self._task_manager = None
 
     def close(self) -> None:
         import shutil
@@ -197,6 +198,12 @@ class TaskSuite:
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def _manager(self):
+        """lm-eval's task index (built once: with lm-eval's own tasks it scans thousands of YAML files)."""
+        if self._task_manager is None:
+            self._task_manager = self._new_manager()
+        return self._task_manager
+
+    def _new_manager(self):
         from lm_eval.tasks import TaskManager
 
         include = [str(self._folder), *(str(p) for p in self.settings.include_path)]
