@@ -86,6 +86,8 @@ def test_activation_sparsity_is_refused_with_several_processes(monkeypatch):
     from prune_cli.config import resolve
     from prune_cli.pipeline import CompressRequest, _check_data_parallel
 
+    from types import SimpleNamespace
+
     request = CompressRequest(resolve(None, {"method": "teal", "sparsity": 0.5}), None, None)
     with pytest.raises(BadInputError, match="one process"):
-        _check_data_parallel(request)
+        _check_data_parallel(request, SimpleNamespace())  # a dense model's config
