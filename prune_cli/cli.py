@@ -101,6 +101,18 @@ def _emit_error(kind: str, message: str, hint: str | None, code: int, as_json: b
         _emit_json({"error": {"type": kind, "message": message, "hint": hint}, "exit_code": code})
 
 
+@contextlib.contextmanager
+def _cli_boundary(debug: bool, as_json: bool):
+    """Every command's body runs inside it: an exception becomes its exit code and one line
+    (:func:`_fail`); ``typer.Exit`` passes through."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, debug, as_json)
+
+
 def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
     """Turn an exception at the CLI boundary into its exit code and one line."""
     from prune_cli.errors import InterruptedRun, PruneCliError
@@ -415,7 +427,7 @@ def compress(
     Exit codes: 0 done, 1 internal error, 2 bad input, 3 a quality gate failed (checkpoint and
     report written), 130 Ctrl-C, 143 SIGTERM."""
     _setup_logging(verbose)
-    try:
+    with _cli_boundary(debug, as_json):
         from prune_cli.config import load_recipe, resolve
         from prune_cli.pipeline import CompressRequest
         from prune_cli.pipeline import compress as run_compress
@@ -482,10 +494,6 @@ def compress(
         elif _launcher_rank() == 0:
             _print_compress_table(report)
         _exit_on_failed_gates(report)
-    except typer.Exit:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
-        _fail(exc, debug, as_json)
 
 
 @app.command("eval")
@@ -510,7 +518,7 @@ def eval_command(
 ) -> None:
     """Evaluate any checkpoint: perplexity on held-out text, lm-eval tasks (--tasks), measured sparsity."""
     _setup_logging(verbose)
-    try:
+    with _cli_boundary(debug, as_json):
         from prune_cli.config import BOS_MODES, DEVICES, DTYPE_NAMES, EvaluationConfig
         from prune_cli.errors import RecipeError
         from prune_cli.pipeline import evaluate_checkpoint
@@ -541,10 +549,6 @@ def eval_command(
             stdout.print(table)
             if report.get("tasks"):
                 _print_tasks_table(report["tasks"])
-    except typer.Exit:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
-        _fail(exc, debug, as_json)
 
 
 @app.command("sweep")
@@ -579,7 +583,7 @@ def sweep_command(
 
     The dense model is scored once for the whole sweep. Exit codes as for compress (no gates)."""
     _setup_logging(verbose)
-    try:
+    with _cli_boundary(debug, as_json):
         from prune_cli.config import load_recipe
         from prune_cli.sweep import parse_list, plan_summary, plot, points, run_sweep
 
@@ -612,10 +616,6 @@ def sweep_command(
         stdout.print(table)
         if report.get("plot"):
             stdout.print(f"plot: {report['plot']}", highlight=False)
-    except typer.Exit:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
-        _fail(exc, debug, as_json)
 
 
 @app.command("verify")
@@ -629,7 +629,7 @@ def verify_command(
 
     Exit codes: 0 it matches, 2 a mismatch (the first tensor or layer named), 1 internal error."""
     _setup_logging(False)
-    try:
+    with _cli_boundary(debug, as_json):
         from prune_cli.verify import verify_checkpoint
 
         summary = verify_checkpoint(checkpoint)
@@ -639,10 +639,6 @@ def verify_command(
             note = "" if summary["hashes_recorded"] else " (no tensor hashes recorded: an older prune-cli wrote it)"
             stdout.print(f"{checkpoint}: ok, {summary['tensors_checked']} tensors and {summary['layers_checked']} "
                          f"pruned layers match its report{note}", highlight=False)
-    except typer.Exit:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
-        _fail(exc, debug, as_json)
 
 
 @app.command("methods")
