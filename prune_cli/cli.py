@@ -29,9 +29,46 @@ app = typer.Typer(
     name="prune-cli",
     help="Training-free compression of causal language models: prune, evaluate, export.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
+
+DISTRIBUTION = "llm-prune-cli"  # the name on PyPI (`prune-cli` there is another project)
+
+
+def version_line() -> str:
+    """``prune-cli X.Y.Z (llm-prune-cli; torch A, transformers B, Python C)``: the installed
+    distribution's version, and the libraries that decide a run's numbers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import prune_cli
+
+    try:
+        ours = version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        ours = prune_cli.__version__
+    libs = []
+    for lib in ("torch", "transformers"):
+        try:
+            libs.append(f"{lib} {version(lib)}")
+        except PackageNotFoundError:
+            libs.append(f"{lib} missing")
+    return f"prune-cli {ours} ({DISTRIBUTION}; {', '.join(libs)}, Python {platform.python_version()})"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", help="Print the version and exit.",
+                                 is_eager=True, callback=_show_version),
+) -> None:
+    """Training-free compression of causal language models: prune, evaluate, export."""
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -351,7 +388,10 @@ def _print_plan(plan: dict) -> None:
 
 
 def _parse_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings into a dict; values are read as YAML scalars (numbers, bools)."""
+    """``KEY=VALUE`` strings into a dict; values are read as YAML scalars (numbers, bools).
+
+    A value YAML cannot read (``scope=[``, an unclosed quote, a ``!!python/...`` tag) is a
+    usage error naming the option and the value, not an internal error."""
     import yaml
 
     out = {}
@@ -359,7 +399,12 @@ def _parse_options(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise typer.BadParameter(f"cannot read the value of {key.strip()!r} ({value!r}): {problem} "
+                                     "(quote a text value, e.g. -O 'key=\"text\"')", param_hint="--option") from None
     return out
 
 
