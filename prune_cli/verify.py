@@ -78,6 +78,7 @@ def verify_checkpoint(folder: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{report_path} is not valid JSON") from None
     check_checkpoint_folder(folder, report)  # weight files whole, declared components present
+    _check_activation_file(folder)
     problems: list[str] = []
     for entry in report.get("files") or []:
         path = folder / entry["name"]
@@ -103,6 +104,22 @@ def verify_checkpoint(folder: str | Path) -> dict:
                               hint="the checkpoint was changed after prune-cli wrote it, or the report belongs to another one")
     return {"checkpoint": str(folder), "tensors_checked": len(digests) if recorded is not None else 0,
             "layers_checked": len(layers), "hashes_recorded": recorded is not None}
+
+
+def _check_activation_file(folder: Path) -> None:
+    """Every buffer of the checkpoint's activation file (thresholds, channel scales, low-rank
+    factors, WINA's rotations) is finite (:func:`prune_cli.runtime.check_activation_buffers`),
+    one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    from prune_cli.runtime import ACTIVATION_FILE, check_activation_buffers
+
+    path = folder / ACTIVATION_FILE
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        for name in sorted(handle.keys()):
+            check_activation_buffers({name: handle.get_tensor(name)}, path)
 
 
 def stored_weight_name(model, layer: str) -> tuple[str, int | None]:

@@ -24,6 +24,20 @@ REPORT_FILE = "sparsity.json"
 
 
 ROTATION_PREFIX = "wina_rotation."  # + norm name: WINA's transform (prune_cli.activation.transform)
+ACTIVATION_HINT = ("the activation file is damaged or was edited: export the checkpoint again "
+                   "(prune-cli never writes non-finite thresholds, scales or factors)")
+
+
+def check_activation_buffers(tensors: dict[str, torch.Tensor], where: str | Path = ACTIVATION_FILE) -> None:
+    """Raise :class:`~prune_cli.errors.NonFiniteError` (exit 2) naming ``where`` (the activation
+    file) and its first buffer, in name order, that holds NaN or +-inf: a NaN threshold or scale
+    keeps or drops every input without any error, and the perplexity is garbage."""
+    from prune_cli.finite import all_finite, check_finite_tensor
+
+    if all_finite(tensors.values()):
+        return
+    for name in sorted(tensors):
+        check_finite_tensor(tensors[name], f"{where}, buffer {name}", hint=ACTIVATION_HINT)
 
 
 def activation_tensors(wrappers: dict, rotations: dict | None = None) -> dict[str, torch.Tensor]:
@@ -57,6 +71,7 @@ def install_activation(root: nn.Module, tensors: dict[str, torch.Tensor], prefix
 
     dot = f"{prefix}." if prefix else ""
     tensors = dict(tensors)
+    check_activation_buffers(tensors, where)
     rotations = {k[len(ROTATION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(ROTATION_PREFIX)}
     if rotations:  # the checkpoint holds F_r with weight-1 norms: rotate them again (bit-identical W'_r)
         from prune_cli.activation.transform import apply_transform, transform_block
@@ -74,6 +89,7 @@ def install_activation(root: nn.Module, tensors: dict[str, torch.Tensor], prefix
             raise CheckpointError(f"{where} names {full}, which the model does not have") from None
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{where}: {full} is not a Linear")
+        _check_entries(tensors, full, linear, where)
         module = SparseInputLinear(
             linear,
             float(tensors[f"{full}.threshold"][0]),
@@ -87,11 +103,27 @@ def install_activation(root: nn.Module, tensors: dict[str, torch.Tensor], prefix
     return len(names)
 
 
+def _check_entries(tensors: dict[str, torch.Tensor], full: str, linear: nn.Linear, where: str | Path) -> None:
+    """The entries of one wrapped Linear are there and fit it: a threshold of one value and a
+    channel scale of one value per input feature (a :class:`CheckpointError` otherwise, not a
+    ``KeyError`` or a shape error deep in the forward)."""
+    from prune_cli.errors import CheckpointError
+
+    for key, size in (("threshold", 1), ("channel_scale", linear.in_features)):
+        tensor = tensors.get(f"{full}.{key}")
+        if tensor is None:
+            raise CheckpointError(f"{where} has no {full}.{key}", hint=ACTIVATION_HINT)
+        if tensor.numel() != size:
+            raise CheckpointError(f"{where}: {full}.{key} has {tensor.numel()} values, the Linear needs {size}",
+                                  hint=ACTIVATION_HINT)
+
+
 def apply_activation(model: nn.Module, folder: Path) -> int:
     """Wrap the Linears named in ``folder``'s activation file; returns how many were wrapped."""
     from safetensors.torch import load_file
 
-    return install_activation(model, load_file(str(Path(folder) / ACTIVATION_FILE)))
+    path = Path(folder) / ACTIVATION_FILE
+    return install_activation(model, load_file(str(path)), where=str(path))
 
 
 class BlockActivation:
@@ -106,12 +138,17 @@ class BlockActivation:
         self.driver = driver
         self._file = safe_open(str(self.path), framework="pt")
         self._keys = list(self._file.keys())
+        # every Linear's buffers checked now, not after the blocks before it ran (a rotation, one
+        # hidden x hidden matrix per norm, is checked as its block is read)
+        for key in self._keys:
+            if not key.startswith(ROTATION_PREFIX):
+                check_activation_buffers({key: self._file.get_tensor(key)}, self.path)
 
     def __call__(self, index: int, block: nn.Module) -> None:
         prefix = self.driver.name(index)
         mine = [k for k in self._keys if k.startswith(prefix + ".") or k.startswith(f"{ROTATION_PREFIX}{prefix}.")]
         tensors = {k: self._file.get_tensor(k).to(self.driver.device) for k in mine}
-        install_activation(block, tensors, prefix, where=self.path.name)
+        install_activation(block, tensors, prefix, where=str(self.path))
 
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = False):
