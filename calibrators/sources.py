@@ -139,8 +139,19 @@ def _read_jsonl(path: Path, column: str, chat=None) -> list[str]:
                 f"{path}:{line_no}: no field {column!r}",
                 hint="render chat rows with --calib-chat-template" if has_messages else "name the text field with --calib-column",
             )
-        docs.append(str(record[column]))
+        docs.append(_text_field(record[column], column, f"{path}:{line_no}"))
     return docs
+
+
+def _text_field(value, column: str, where: str) -> str:
+    """The ``column`` field of one ``.jsonl`` row, which must be a string: a number, ``null``, a
+    list or an object would otherwise be calibrated on as its Python spelling ("5", "None")."""
+    if not isinstance(value, str):
+        from prune_cli.settings import kind_of
+
+        raise BadInputError(f"{where}: field {column!r} is {kind_of(value)}, not text ({json.dumps(value)[:40]})",
+                            hint=f"each row's {column!r} field must be a JSON string, e.g. {{\"{column}\": \"...\"}}")
+    return value
 
 
 def _render_chat(chat, messages, where: str) -> str:

@@ -45,3 +45,18 @@ def test_option_without_key_or_value_is_a_usage_error(tmp_path, tiny_llama_dir, 
 
 def test_option_with_two_equals_signs_names_the_unknown_option(tmp_path, tiny_llama_dir):
     one_line_error(_compress(tmp_path, tiny_llama_dir, *WANDA, "-O", "a=b=c"), 2, "unknown option 'a'")
+
+
+# ----------------------------------------------------------------------------- calibration text
+
+
+@pytest.mark.parametrize("flag", ["--calib-text", "--eval-text"])
+def test_jsonl_text_that_is_not_a_string_names_file_line_and_type(tmp_path, tiny_llama_dir, flag):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a sentence " * 50}) + "\n" + json.dumps({"text": 5}) + "\n")
+    before = fingerprint(tmp_path)
+    result = run("compress", tiny_llama_dir, *WANDA, "--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1",
+                 "--eval-seqlen", "16", "--device", "cpu", flag, rows, "-o", tmp_path / "out", "--json")
+    data = one_line_error(result, 2, f"{rows}:2: field 'text' is an integer", as_json=True)
+    assert data["error"]["type"] == "BadInputError"
+    assert fingerprint(tmp_path) == before

@@ -207,3 +207,12 @@ def test_resolve_bos_refusals():
     with pytest.raises(RecipeError, match="no BOS token"):
         resolve_bos(NoBos(), "always")
     assert resolve_bos(NoBos(), "auto") is None
+
+
+@pytest.mark.parametrize("value, kind", [(5, "an integer"), (None, "null"), (1.5, "a number"), (True, "a boolean"),
+                                         (["a"], "a list"), ({"a": 1}, "a mapping")])
+def test_jsonl_text_field_must_be_a_string(tmp_path, value, kind):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(BadInputError, match=f"rows.jsonl:2: field 'text' is {kind}, not text"):
+        text_from_files([path])
