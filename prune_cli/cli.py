@@ -31,6 +31,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
+    # click's plain help: it wraps long option names at any width, where rich's panels cut
+    # them (`--calib-chat-te…` at 80 columns) and read `[...]` in help texts as markup
+    rich_markup_mode=None,
 )
 
 DISTRIBUTION = "llm-prune-cli"  # the name on PyPI (`prune-cli` there is another project)
@@ -419,16 +422,26 @@ def _emit_json(data: dict) -> None:
 from prune_cli.settings import cli_help  # noqa: E402 - option help from the one table of recipe keys
 
 
+def _auto_number(value: Optional[str]) -> "str | float | None":
+    """``auto`` or a number, as the recipe's ``auto-number`` settings take them."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither 'auto' nor a number") from None
+
+
 @app.command()
 def compress(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF folder, .gguf file; omit for the bundled SmolLM2-135M."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (flags override it)."),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="Weight method: magnitude, wanda, sparsegpt, dsnot."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=cli_help("method")),
     base: Optional[str] = typer.Option(None, "--base", help="Base method of dsnot: magnitude, wanda or sparsegpt."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE (repeatable), e.g. -O mode=reference."),
     layerwise: Optional[str] = typer.Option(None, "--layerwise", help=cli_help("layerwise.method")),
-    owl_m: Optional[float] = typer.Option(None, "--owl-m", help=cli_help("layerwise.m")),
-    owl_lambda: Optional[float] = typer.Option(None, "--owl-lambda", help=cli_help("layerwise.lambda")),
+    owl_m: Optional[str] = typer.Option(None, "--owl-m", help=cli_help("layerwise.m"), callback=_auto_number, metavar="auto|<float>"),
+    owl_lambda: Optional[str] = typer.Option(None, "--owl-lambda", help=cli_help("layerwise.lambda"), callback=_auto_number, metavar="auto|<float>"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help=cli_help("sparsity")),
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help=cli_help("pattern")),
     calib_text: Optional[List[Path]] = typer.Option(None, "--calib-text", help=cli_help("calibration.text")),
@@ -444,8 +457,8 @@ def compress(
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help=cli_help("evaluation.seqlen")),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
     max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help=cli_help("gates.max_ppl_ratio")),
-    eval_tasks: Optional[str] = typer.Option(None, "--eval-tasks", help=cli_help("evaluation.tasks")),
-    task_limit: Optional[int] = typer.Option(None, "--task-limit", min=1, help=cli_help("evaluation.task_limit")),
+    eval_tasks: Optional[str] = typer.Option(None, "--tasks", "--eval-tasks", help=cli_help("evaluation.tasks")),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", "--limit", min=1, help=cli_help("evaluation.task_limit")),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help=cli_help("evaluation.num_fewshot")),
     include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help=cli_help("evaluation.task_include_path")),
     min_task_score: Optional[List[str]] = typer.Option(None, "--min-task-score", help="Quality gate TASK[:METRIC]=V (repeatable): exit 3 when the compressed score is below V."),
@@ -548,8 +561,8 @@ def eval_command(
     eval_windows: int = typer.Option(16, "--eval-windows", min=1, help="Evaluation windows."),
     eval_seqlen: int = typer.Option(512, "--eval-seqlen", min=2, help="Tokens per evaluation window."),
     bos: str = typer.Option("auto", "--bos", help="Start every window with the BOS token: auto (when the tokenizer adds one by default), always or never."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks to score, comma-separated (offline: prune_cloze, prune_lastword)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Examples per task (default: all)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "--eval-tasks", help="lm-eval tasks to score, comma-separated (offline: prune_cloze, prune_lastword)."),
+    limit: Optional[int] = typer.Option(None, "--task-limit", "--limit", min=1, help="Examples per task (default: all)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples per task prompt (default: the task's)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Task requests per batch (grouped by length)."),
     include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAML (repeatable)."),
@@ -610,8 +623,8 @@ def sweep_command(
     eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help=cli_help("evaluation.text")),
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help=cli_help("evaluation.windows")),
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen", help=cli_help("evaluation.seqlen")),
-    eval_tasks: Optional[str] = typer.Option(None, "--eval-tasks", help=cli_help("evaluation.tasks")),
-    task_limit: Optional[int] = typer.Option(None, "--task-limit", min=1, help=cli_help("evaluation.task_limit")),
+    eval_tasks: Optional[str] = typer.Option(None, "--tasks", "--eval-tasks", help=cli_help("evaluation.tasks")),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", "--limit", min=1, help=cli_help("evaluation.task_limit")),
     device: Optional[str] = typer.Option(None, "--device", help=cli_help("device")),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=cli_help("dtype")),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of perplexity against sparsity here."),
@@ -686,17 +699,43 @@ def verify_command(
                          f"pruned layers match its report{note}", highlight=False)
 
 
-@app.command("methods")
-def methods_command() -> None:
-    """List the available methods and their options."""
+def method_summary(cls) -> str:
+    """The first line of a method class's own docstring (a dataclass without one gets a
+    generated ``Name(field: type = default)`` text, which is no description)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    if not doc.strip() or doc.startswith(f"{cls.__name__}("):
+        return "(no description)"
+    return doc.strip().splitlines()[0]
+
+
+def method_options(cls) -> str:
+    """``name=default, ...`` of a method's recipe options (``-O`` / ``method_options:``)."""
     import dataclasses
 
+    return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init)
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List every weight and activation method, with its options (-O KEY=VALUE)."""
+    from prune_cli.activation import ACTIVATION_METHODS
     from prune_cli.methods import WEIGHT_METHODS
 
-    for name in WEIGHT_METHODS:
-        cls = WEIGHT_METHODS.get(name)
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        stdout.print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}" + (f" [options: {opts}]" if opts else ""), highlight=False)
+    import textwrap
+
+    width, indent = max(40, stdout.width), " " * 13
+
+    def say(first: str, text: str) -> None:  # hanging indent, wrapped at the terminal's width
+        for line in textwrap.wrap(text, width - 1, initial_indent=first, subsequent_indent=indent):
+            stdout.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    for title, registry in (("weight methods (--method; prune the weights)", WEIGHT_METHODS),
+                            ("activation methods (--method; skip small inputs at run time)", ACTIVATION_METHODS)):
+        stdout.print(title, markup=False, highlight=False, soft_wrap=True)
+        for name in registry:
+            cls = registry.get(name)
+            say(f"  {name:<10} ", method_summary(cls))
+            say(indent, f"options: {method_options(cls) or '(none)'}")
 
 
 def main(argv: list[str] | None = None) -> None:

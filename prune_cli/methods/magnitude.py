@@ -14,6 +14,8 @@ from prune_cli.methods.base import ScoreMethod
 
 @dataclass(frozen=True)
 class Magnitude(ScoreMethod):
+    """Magnitude: drop the smallest |W_ij| per row (or over the whole matrix), no calibration."""
+
     name = "magnitude"
     scope: str = "row"
 

@@ -19,6 +19,8 @@ from prune_cli.patterns import SparsityPattern
 
 @dataclass(frozen=True)
 class Wanda(ScoreMethod):
+    """Wanda: drop the smallest |W_ij| * ||X_j||_2 per output row (Sun et al. 2023)."""
+
     name = "wanda"
     required_stats = frozenset({Stat.SQ_NORM})
 
