@@ -25,7 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import stat
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prune_cli.errors import CheckpointError
@@ -35,6 +38,12 @@ log = logging.getLogger(__name__)
 ACTIVATION_FILE = "activation_sparsity.safetensors"  # == prune_cli.runtime.ACTIVATION_FILE
 REPORT_FILE = "sparsity.json"
 INDEX_SUFFIX = ".safetensors.index.json"
+# the names transformers looks for in a local folder, in its order (modeling_utils:
+# _get_resolved_checkpoint_files): the single file first, then the index of the shards
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
 # The safetensors library refuses headers longer than this; anything longer is garbage.
 MAX_HEADER_BYTES = 100_000_000
@@ -52,6 +61,27 @@ DAMAGED_HINT = "the file is damaged or incomplete (an interrupted copy, download
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path} has a corrupt header: {why}", hint=DAMAGED_HINT)
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def check_regular_file(path: str | Path, what: str = "file") -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed) after checking it is a regular file: a named pipe
+    would block the first ``open`` forever (nobody writes to it), a device could be endless.
+    ``stat`` itself never blocks. Raises :class:`CheckpointError` naming the file and its kind."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a {what}", hint="pass a folder of ordinary files")
+    return info
 
 
 def _tensor_range(path: Path, name: str, entry) -> tuple[int, int]:
@@ -89,6 +119,9 @@ def check_safetensors(path: str | Path) -> dict:
     has bytes after its last tensor.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a safetensors file")
+    check_regular_file(path, "safetensors file")
     try:
         with path.open("rb") as handle:
             size = handle.seek(0, 2)
@@ -146,34 +179,114 @@ def _read_json(path: Path, what: str):
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def check_weight_files(folder: str | Path) -> None:
-    """Check the weight files of a model folder: every shard a ``*.safetensors.index.json``
-    names exists (and holds the tensors the index assigns to it), and every top-level
-    ``*.safetensors`` file but the activation file is complete (:func:`check_safetensors`).
-    Folders without safetensors (``pytorch_model.bin``, GGUF) pass untouched."""
+def _index_shards(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a ``*.index.json``, checked: an
+    object of strings, each a plain file name in the index's own folder (``../x``, ``/x`` or
+    ``sub/x`` would read a file outside the checkpoint)."""
+    check_regular_file(index, "JSON file")
+    data = _read_json(index, "the index of the weight shards")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no valid weight_map", hint=DAMAGED_HINT)
+    for shard in sorted(set(weight_map.values())):
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise CheckpointError(f"{index} names the shard {shard!r}, which is not a file in {index.parent}",
+                                  hint="an index names its shards by file name, in its own folder")
+    return weight_map
+
+
+@dataclass
+class WeightFiles:
+    """The weight files of a model folder that are read, chosen as transformers chooses them
+    (``files``), the index followed (``index``, ``None`` for a single file) and the files left
+    alone (``ignored``: strays such as an old shard next to ``model.safetensors``)."""
+
+    files: list[Path]
+    index: Path | None = None
+    ignored: list[Path] = field(default_factory=list)
+
+
+def weight_files(folder: str | Path, kind: str = "safetensors") -> WeightFiles:
+    """The ``kind`` (``"safetensors"`` or ``"bin"``) weight files of ``folder`` that a load reads,
+    as ``transformers``' ``from_pretrained`` picks them in a local folder: ``model.safetensors``
+    alone when it is there, else the shards ``model.safetensors.index.json`` names (same for
+    ``pytorch_model.bin`` and its index). Every other ``*.safetensors`` (``pytorch_model*.bin``)
+    is ignored, as transformers ignores it: reading it too let a stray file (an old shard)
+    override the real weights. A folder with neither name (prune-cli's own scratch folders, a
+    single oddly named file) reads all of its files; :func:`read_weight_headers` refuses a
+    tensor name found in two of them. prune-cli's activation file is never a weight file."""
     folder = Path(folder)
-    headers: dict[str, dict] = {}
+    single, index_name = ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) if kind == "safetensors"
+                          else (BIN_WEIGHTS_NAME, BIN_WEIGHTS_INDEX_NAME))
+    pattern = "*.safetensors" if kind == "safetensors" else "pytorch_model*.bin"
+    present = sorted(p for p in folder.glob(pattern) if p.name != ACTIVATION_FILE)
+    if os.path.lexists(folder / single):
+        chosen, index = [folder / single], None
+    elif (folder / index_name).exists():
+        index = folder / index_name
+        chosen = [folder / name for name in sorted(set(_index_shards(index).values()))]
+    else:
+        chosen, index = present, None
+    ignored = [p for p in present if p not in chosen]
+    if ignored:
+        log.info("reading the weights of %s from %s, as transformers does; ignoring %s", folder,
+                 index.name if index else ", ".join(p.name for p in chosen), ", ".join(p.name for p in ignored))
+    return WeightFiles(chosen, index, ignored)
+
+
+def read_weight_headers(folder: str | Path) -> tuple[WeightFiles, dict[Path, dict]]:
+    """The safetensors weight files a load reads (:func:`weight_files`) and their headers, each
+    file checked (:func:`check_safetensors`), the index's shards present and holding what it
+    places in them, and no tensor name in two of the files (which one a reader takes would
+    depend on the order it reads them in). Raises :class:`CheckpointError` naming the files."""
+    folder = Path(folder)
+    chosen = weight_files(folder)
+    headers: dict[Path, dict] = {}
+    for path in chosen.files:
+        if chosen.index is not None and not os.path.lexists(path):
+            raise CheckpointError(f"{chosen.index.name} names {path.name}, which is missing from {folder}",
+                                  hint="the checkpoint is incomplete; copy or download every shard")
+        headers[path] = check_safetensors(path)
+    if chosen.index is not None:
+        for name, shard in _index_shards(chosen.index).items():
+            if name not in headers[folder / shard]:
+                raise CheckpointError(f"{chosen.index.name} places {name} in {shard}, which does not hold it",
+                                      hint=DAMAGED_HINT)
+    first: dict[str, Path] = {}
+    for path, header in headers.items():
+        for name in header:
+            if name == "__metadata__":
+                continue
+            if name in first:
+                raise CheckpointError(
+                    f"tensor {name} is in both {first[name]} and {path}: which one is the model's is ambiguous",
+                    hint="remove the stray file (an old shard or a leftover copy) from the folder")
+            first[name] = path
+    return chosen, headers
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Check the weight files of a model folder: the ones a load reads
+    (:func:`read_weight_headers`: complete, consistent with their index, no tensor in two of
+    them), and every other top-level ``*.safetensors`` file and ``*.safetensors.index.json``
+    there, which must be whole too (a damaged file in a model folder is a damaged copy, even
+    where the load would not read it). Folders without safetensors (``pytorch_model.bin``,
+    GGUF) pass untouched."""
+    folder = Path(folder)
     for path in sorted(folder.glob("*.safetensors")):
         if path.name != ACTIVATION_FILE and not path.is_dir():  # a broken link: "is missing"
-            headers[path.name] = check_safetensors(path)
+            check_safetensors(path)
     for index in sorted(folder.glob(f"*{INDEX_SUFFIX}")):
-        data = _read_json(index, "the index of the weight shards")
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index} has no valid weight_map", hint=DAMAGED_HINT)
+        weight_map = _index_shards(index)
         for shard in sorted(set(weight_map.values())):
-            if shard not in headers:
-                shard_path = folder / shard
-                if not shard_path.is_file():
-                    raise CheckpointError(
-                        f"{index.name} names {shard}, which is missing from {folder}",
-                        hint="the checkpoint is incomplete; copy or download every shard",
-                    )
-                headers[shard] = check_safetensors(shard_path)
-        for name, shard in weight_map.items():
-            if name not in headers[shard]:
-                raise CheckpointError(f"{index.name} places {name} in {shard}, which does not hold it", hint=DAMAGED_HINT)
-    log.debug("checked %d safetensors weight file(s) in %s", len(headers), folder)
+            if not (folder / shard).is_file():
+                raise CheckpointError(
+                    f"{index.name} names {shard}, which is missing from {folder}",
+                    hint="the checkpoint is incomplete; copy or download every shard",
+                )
+    if any(p.name != ACTIVATION_FILE for p in folder.glob("*.safetensors")) or (folder / SAFE_WEIGHTS_INDEX_NAME).exists():
+        chosen, headers = read_weight_headers(folder)
+        log.debug("checked %d safetensors weight file(s) in %s", len(headers), folder)
 
 
 def check_checkpoint_folder(folder: str | Path, report: dict | None = None) -> None:

@@ -37,14 +37,12 @@ _CHUNK = 64 << 20
 
 def tensor_digests(folder: str | Path, files: list[str] | None = None) -> dict[str, str]:
     """``name -> first 16 hex digits of sha256(stored bytes)`` for every tensor of the weight
-    files in ``folder`` (``files``: which; default every ``*.safetensors`` but prune-cli's
-    activation file), read ``64 MiB`` at a time with ``pread``."""
-    from prune_cli.checkpoint_files import check_safetensors
-    from prune_cli.weights import ACTIVATION_FILE
+    files in ``folder`` (``files``: which; default the weight files a load reads, as
+    :func:`~prune_cli.checkpoint_files.weight_files` picks them), read ``64 MiB`` at a time with ``pread``."""
+    from prune_cli.checkpoint_files import check_safetensors, weight_files
 
     folder = Path(folder)
-    paths = [folder / f for f in files] if files is not None else sorted(
-        p for p in folder.glob("*.safetensors") if p.name != ACTIVATION_FILE)
+    paths = [folder / f for f in files] if files is not None else weight_files(folder).files
     out = {}
     for path in paths:
         header = check_safetensors(path)

@@ -66,6 +66,15 @@ class WeightSource:
         """The tensors ``names`` as CPU tensors (stored dtype; GGUF: dequantised float32)."""
         raise NotImplementedError
 
+    def stored_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape tensor ``name`` has in the checkpoint, known without reading its bytes (a
+        header), or ``None`` when the source cannot tell before reading it."""
+        return None
+
+    def file_of(self, name: str) -> str:
+        """The file holding tensor ``name`` (for messages)."""
+        return self.description
+
     def close(self) -> None:
         """Release open files (also done when the source is garbage collected)."""
 
@@ -87,18 +96,19 @@ class SafetensorsWeights(WeightSource):
 
     def __init__(self, folder: str | Path):
         super().__init__()
-        from prune_cli.checkpoint_files import check_safetensors
+        from prune_cli.checkpoint_files import read_weight_headers
 
         self.folder = Path(folder)
         self.description = str(self.folder)
-        files = sorted(p for p in self.folder.glob("*.safetensors") if p.name != ACTIVATION_FILE)
-        if not files:
+        # the files transformers would read (the index, or model.safetensors alone), each checked
+        # (truncated / corrupt: CheckpointError naming the file), no tensor in two of them
+        chosen, headers = read_weight_headers(self.folder)
+        if not chosen.files:
             raise CheckpointError(f"no .safetensors weight files in {self.folder}")
         counts: dict[str, int] = {}
         self._headers: dict[str, dict] = {}
         self._data_start: dict[Path, int] = {}
-        for path in files:
-            header = check_safetensors(path)  # truncated / corrupt: CheckpointError naming the file
+        for path, header in headers.items():
             self._headers[path.name] = header
             with path.open("rb") as handle:
                 self._data_start[path] = 8 + int.from_bytes(handle.read(8), "little")
@@ -116,6 +126,12 @@ class SafetensorsWeights(WeightSource):
 
     def shape(self, name: str) -> list[int]:
         return list(self._headers[self._names[name].name][name]["shape"])
+
+    def stored_shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(self.shape(name))
+
+    def file_of(self, name: str) -> str:
+        return str(self._names[name])
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -161,12 +177,20 @@ class TorchBinWeights(WeightSource):
         super().__init__()
         self.folder = Path(folder)
         self.description = str(self.folder)
-        self._files = sorted(self.folder.glob("pytorch_model*.bin"))
+        from prune_cli.checkpoint_files import check_regular_file, weight_files
+
+        # pytorch_model.bin alone, else the shards its index names (as transformers reads them)
+        self._files = weight_files(self.folder, "bin").files
         if not self._files:
             raise CheckpointError(f"no pytorch_model*.bin weight files in {self.folder}")
         self._loaded: dict[Path, dict] = {}
         for path in self._files:
+            check_regular_file(path, "PyTorch weight file")
             for name in self._state(path):
+                if name in self._names:
+                    raise CheckpointError(
+                        f"tensor {name} is in both {self._names[name]} and {path}: which one is the model's is ambiguous",
+                        hint="remove the stray file (an old shard or a leftover copy) from the folder")
                 self._names[name] = path
 
     def _state(self, path: Path) -> dict:
@@ -184,6 +208,13 @@ class TorchBinWeights(WeightSource):
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {name: self._state(self._names[name])[name] for name in names}
+
+    def stored_shape(self, name: str) -> tuple[int, ...] | None:
+        tensor = self._state(self._names[name])[name]  # memory-mapped: its shape costs no read
+        return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+
+    def file_of(self, name: str) -> str:
+        return str(self._names[name])
 
 
 @dataclass(frozen=True)
