@@ -140,6 +140,33 @@ class Targets:
             return False
         return not any(re.search(p, name) for p in self.exclude)
 
+    def check_selections(self, names: list[str]) -> None:
+        """Every pattern must select: each ``include`` pattern must match one of ``names`` (the
+        Linears inside the decoder blocks), and each ``exclude`` pattern one of the Linears the
+        includes select. A pattern that matches nothing (a typo, another model's names) would
+        otherwise be ignored without a word: an exclude would prune what it meant to keep."""
+        for i, pattern in enumerate(self.include):
+            if not any(re.search(pattern, n) for n in names):
+                raise RecipeError(f"targets.include[{i}] {pattern!r} matches no Linear module in the decoder blocks",
+                                  hint=_names_hint(names))
+        included = [n for n in names if not self.include or any(re.search(p, n) for p in self.include)]
+        for i, pattern in enumerate(self.exclude):
+            if not any(re.search(pattern, n) for n in included):
+                where = "no Linear module in the decoder blocks" if not any(re.search(pattern, n) for n in names) \
+                    else "none of the Linear modules targets.include selects"
+                raise RecipeError(f"targets.exclude[{i}] {pattern!r} excludes nothing: it matches {where}",
+                                  hint=_names_hint(names))
+
+
+def _names_hint(names: list[str]) -> str:
+    """A hint with one full name and the Linear names inside a block (what the patterns are
+    searched in)."""
+    if not names:
+        return "the model has no Linear module in its decoder blocks"
+    local = dict.fromkeys(re.sub(r"^.*?\.\d+\.", "", n) for n in names)
+    shown = ", ".join(list(local)[:12]) + (", ..." if len(local) > 12 else "")
+    return f"patterns are regular expressions searched in full names such as {names[0]!r}; a block's Linears: {shown}"
+
 
 @dataclass(frozen=True)
 class ActivationConfig:
@@ -387,19 +414,33 @@ def _paths(value: Any, key: str) -> tuple[Path, ...]:
     return tuple(Path(v) for v in value)
 
 
+REGEX_PREFIX = "re:"  # an explicit "this is a regular expression" mark; every pattern already is one
+
+
 def _regexes(value: Any, key: str) -> tuple[str, ...]:
-    if isinstance(value, str):
+    """Regular expressions, searched in full Linear names. ``re:PATTERN`` is read as ``PATTERN``
+    (the patterns are regular expressions anyway; taken literally, the prefix would match no
+    name). An empty pattern (it would match every name) and a pattern listed twice are refused."""
+    single = isinstance(value, str)
+    if single:
         value = [value]
     if not isinstance(value, list):
         raise RecipeError(f"{key} must be a list of regular expressions, got {_kind(value)}")
+    out: list[str] = []
     for i, pattern in enumerate(value):
         if not isinstance(pattern, str):
             raise RecipeError(f"{key} must be a list of regular expressions, but item {i} is {_kind(pattern)}")
+        regex = pattern[len(REGEX_PREFIX):] if pattern.startswith(REGEX_PREFIX) else pattern
+        if not regex:
+            raise RecipeError(f"{key if single else f'{key}[{i}]'} is an empty pattern", hint="name Linears, e.g. 'mlp\\.down_proj'")
         try:
-            re.compile(pattern)
+            re.compile(regex)
         except re.error as exc:
             raise RecipeError(f"{key}: bad regular expression {pattern!r} ({exc})") from None
-    return tuple(value)
+        if regex in out:
+            raise RecipeError(f"{key} lists {pattern!r} twice (items {out.index(regex)} and {i})")
+        out.append(regex)
+    return tuple(out)
 
 
 def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
@@ -641,7 +682,7 @@ def _overrides(entries: Any, pattern: SparsityPattern) -> tuple[Override, ...]:
         match = entry.get("match")
         if match is not None:
             _str(match, f"overrides[{i}].match")
-            _regexes([match], f"overrides[{i}].match")
+            (match,) = _regexes(match, f"overrides[{i}].match")
         if not blocks and match is None:
             raise RecipeError(f"overrides[{i}] needs blocks or match")
         out.append(Override(float(sparsity), tuple(blocks), match))

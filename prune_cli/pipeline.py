@@ -167,7 +167,7 @@ def dry_run(request: CompressRequest) -> dict:
     if config.activation:
         from prune_cli.activation.calibrate import activation_targets
 
-        targets = activation_targets(model, config.targets.selects)
+        targets = activation_targets(model, config.targets)
         blocks = decoder_blocks(model)
         out["activation"] = config.activation.to_dict()
         out.setdefault("blocks", f"{blocks.path} x{len(blocks)}")
@@ -323,7 +323,7 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
         from prune_cli.activation.calibrate import activation_targets
 
         act_method = build_activation_method(config.activation.method, config.activation.options)
-        act_targets = activation_targets(model, config.targets.selects)
+        act_targets = activation_targets(model, config.targets)
         if getattr(act_method, "transform", False):
             from prune_cli.activation.transform import check_supported
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from prune_cli.config import RunConfig
+from prune_cli.config import Override, RunConfig
 from prune_cli.errors import RecipeError
 from prune_cli.methods import WeightMethod, build_method
 from prune_cli.model_io import Blocks, block_linears, decoder_blocks
@@ -60,6 +60,7 @@ def build_plan(model: nn.Module, config: RunConfig) -> Plan:
     """Select the target Linears inside the decoder blocks and check the pattern fits each."""
     blocks: Blocks = decoder_blocks(model)
     method = build_method(config.method, config.method_options)
+    config.targets.check_selections(linear_names(blocks))
     layers = []
     for index, block in enumerate(blocks.modules):
         routers = router_names(block)  # MoE routers stay dense
@@ -76,6 +77,35 @@ def build_plan(model: nn.Module, config: RunConfig) -> Plan:
     if not layers:
         raise RecipeError("the targets select no Linear module", hint="check targets.include / targets.exclude")
     plan = Plan(method, blocks.path, len(blocks), tuple(layers))
+    check_overrides(config.overrides, plan)
     from prune_cli.allocation import with_overrides
 
     return with_overrides(plan, config.overrides)
+
+
+def linear_names(blocks: Blocks) -> list[str]:
+    """The full names of every Linear inside the decoder blocks (what target patterns search)."""
+    return [f"{blocks.path}.{index}.{local}" for index, block in enumerate(blocks.modules) for local in block_linears(block)]
+
+
+def check_overrides(overrides: tuple[Override, ...], plan: Plan) -> None:
+    """Every override entry must select: its ``blocks`` must exist and, with its ``match``,
+    apply to at least one targeted Linear. An entry that selects nothing (block 40 of a
+    30-block model, a misspelt ``match``, a Linear the targets leave out) would otherwise be
+    dropped without a word, and those Linears pruned at the run's sparsity."""
+    for i, override in enumerate(overrides):
+        missing = [b for b in override.blocks if b >= plan.n_blocks]
+        if missing:
+            raise RecipeError(f"overrides[{i}].blocks: the model has no block {missing[0]} "
+                              f"(its {plan.n_blocks} blocks are 0-{plan.n_blocks - 1})")
+        if not any(override.applies(layer.block, layer.name) for layer in plan.layers):
+            hint = None if override.match is None else \
+                f"match is a regular expression searched in the targeted Linears' full names, such as {plan.layers[0].name!r}"
+            raise RecipeError(f"overrides[{i}] ({_describe(override)}) selects no targeted Linear module", hint=hint)
+
+
+def _describe(override: Override) -> str:
+    """``blocks [0, 1], match 'mlp'``: how an override entry selects."""
+    parts = ([f"blocks {list(override.blocks)}"] if override.blocks else []) + \
+        ([f"match {override.match!r}"] if override.match is not None else [])
+    return ", ".join(parts)

@@ -52,7 +52,15 @@ class Target:
 
 
 def activation_targets(model: nn.Module, selects) -> list[Target]:
+    """The Linears of the decoder blocks whose inputs get sparsified. ``selects``: the recipe's
+    :class:`~prune_cli.config.Targets` (each of its patterns must select a Linear) or any
+    ``full name -> bool``."""
     blocks = decoder_blocks(model)
+    if hasattr(selects, "check_selections"):
+        from prune_cli.plan import linear_names
+
+        selects.check_selections(linear_names(blocks))
+        selects = selects.selects
     out = []
     for index, block in enumerate(blocks.modules):
         for local, linear in block_linears(block).items():

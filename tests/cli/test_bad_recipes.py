@@ -60,3 +60,65 @@ def test_jsonl_text_that_is_not_a_string_names_file_line_and_type(tmp_path, tiny
     data = one_line_error(result, 2, f"{rows}:2: field 'text' is an integer", as_json=True)
     assert data["error"]["type"] == "BadInputError"
     assert fingerprint(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- every selection must select
+
+
+def _recipe(tmp_path, **body) -> "Path":
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, **body}))
+    return path
+
+
+NOTHING = {
+    "exclude matching no Linear": (
+        {"targets": {"exclude": ["down_projj"]}}, "targets.exclude[0] 'down_projj' excludes nothing"),
+    "exclude outside the includes": (
+        {"targets": {"include": [r"mlp\."], "exclude": ["q_proj"]}}, "targets.exclude[0] 'q_proj' excludes nothing"),
+    "one include of two matching nothing": (
+        {"targets": {"include": ["mlp", "atention"]}}, "targets.include[1] 'atention' matches no Linear"),
+    "override block that does not exist": (
+        {"overrides": [{"blocks": [0, 7], "sparsity": 0.3}]}, "overrides[0].blocks: the model has no block 7"),
+    "override match selecting nothing": (
+        {"overrides": [{"blocks": [0], "sparsity": 0.3}, {"match": r"mlp\.dwn_proj", "sparsity": 0.4}]},
+        "overrides[1] (match 'mlp\\\\.dwn_proj') selects no targeted Linear"),
+    "override of an excluded Linear": (
+        {"targets": {"exclude": ["down_proj"]}, "overrides": [{"blocks": [1], "match": "down_proj", "sparsity": 0.4}]},
+        "overrides[0] (blocks [1], match 'down_proj') selects no targeted Linear"),
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("case", list(NOTHING))
+def test_a_selection_that_selects_nothing_is_refused(tmp_path, tiny_llama_dir, case, dry_run):
+    body, needle = NOTHING[case]
+    recipe = _recipe(tmp_path, method="wanda", sparsity=0.5, **body)
+    data = one_line_error(_compress(tmp_path, tiny_llama_dir, "-r", recipe, as_json=True, dry_run=dry_run), 2, needle,
+                          as_json=True)
+    assert data["error"]["type"] == "RecipeError"
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_activation_targets_that_select_nothing_are_refused(tmp_path, tiny_llama_dir, dry_run):
+    recipe = _recipe(tmp_path, method="teal", sparsity=0.5, targets={"include": ["mlp"], "exclude": ["o_proj"]})
+    one_line_error(_compress(tmp_path, tiny_llama_dir, "-r", recipe, dry_run=dry_run), 2,
+                   "targets.exclude[0] 'o_proj' excludes nothing")
+
+
+def test_re_prefix_marks_a_regular_expression(tmp_path, tiny_llama_dir):
+    """``re:`` is read as the regular expression after it (patterns are regular expressions),
+    never as the literal text ``re:...`` (which would match no name)."""
+    plans = []
+    for prefix in ("", "re:"):
+        recipe = _recipe(tmp_path, method="wanda", sparsity=0.5,
+                         targets={"include": [prefix + r"mlp\."], "exclude": [prefix + "down_proj$"]},
+                         overrides=[{"match": prefix + "up_proj$", "sparsity": 0.3}])
+        result = _compress(tmp_path, tiny_llama_dir, "-r", recipe, as_json=True, dry_run=True)
+        assert result.exit_code == 0, result.output
+        plans.append(json.loads(result.stdout)["layers"])
+    assert plans[0] == plans[1]
+    assert {(layer["module"].split(".", 3)[-1], layer["sparsity"]) for layer in plans[0]} == {
+        ("mlp.gate_proj", 0.5), ("mlp.up_proj", 0.3)}

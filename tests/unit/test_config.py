@@ -265,3 +265,31 @@ def test_wrong_types_are_named(value, message):
     recipe = {"version": 1, "method": "wanda", "sparsity": 0.5, **value}
     with pytest.raises(RecipeError, match=re.escape(message)):
         resolve(recipe, {})
+
+
+def test_target_patterns_re_prefix_empty_and_duplicates():
+    base = {"method": "wanda", "sparsity": 0.5}
+    config = resolve(None, {**base, "targets": {"include": [r"re:mlp\."], "exclude": ["re:down"]},
+                            "overrides": [{"match": "re:up_proj$", "sparsity": 0.3}]})
+    assert config.targets.include == (r"mlp\.",) and config.targets.exclude == ("down",)
+    assert config.overrides[0].match == "up_proj$"
+    with pytest.raises(RecipeError, match=r"targets.exclude\[1\] is an empty pattern"):
+        resolve(None, {**base, "targets": {"exclude": ["q_proj", "re:"]}})
+    with pytest.raises(RecipeError, match="overrides\\[0\\].match is an empty pattern"):
+        resolve(None, {**base, "overrides": [{"match": "", "sparsity": 0.3}]})
+    with pytest.raises(RecipeError, match=r"targets.include lists 're:mlp' twice \(items 0 and 1\)"):
+        resolve(None, {**base, "targets": {"include": ["mlp", "re:mlp"]}})
+
+
+def test_every_target_pattern_must_select():
+    from prune_cli.config import Targets
+
+    names = [f"model.layers.{b}.{n}" for b in range(2) for n in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
+    Targets(include=(r"mlp\.",), exclude=("down",)).check_selections(names)
+    with pytest.raises(RecipeError, match=r"targets.include\[1\] 'k_proj' matches no Linear") as info:
+        Targets(include=("q_proj", "k_proj")).check_selections(names)
+    assert "self_attn.q_proj, mlp.up_proj, mlp.down_proj" in info.value.hint
+    with pytest.raises(RecipeError, match=r"targets.exclude\[0\] 'q_proj' excludes nothing: it matches none of"):
+        Targets(include=("mlp",), exclude=("q_proj",)).check_selections(names)
+    with pytest.raises(RecipeError, match=r"targets.exclude\[0\] 'gate' excludes nothing: it matches no Linear"):
+        Targets(exclude=("gate",)).check_selections(names)
