@@ -329,6 +329,26 @@ def _resumable(folder: Path) -> dict | None:
     return state if state and (state.get("blocks_done") or state.get("finished")) else None
 
 
+def resumable_staging(output: Path) -> Path | None:
+    """The staging folder that a run to ``output`` with ``--resume`` would adopt (as
+    :func:`clean_leftovers` finds it: a run that ended, with resume state; the newest), found
+    without changing anything (for ``--dry-run``); None when there is none."""
+    partial, _, _ = _names(output)
+    try:
+        entries = [e for e in output.parent.iterdir() if e.name.startswith(partial)]
+    except OSError:
+        return None
+    found = []
+    for folder in entries:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        owner = Owner.read(folder / OWNER_FILE)
+        if owner is not None and not owner.alive() and _resumable(folder) is not None:
+            found.append(folder)
+    found.sort(key=lambda f: (f / WORK_FOLDER / "resume" / "state.json").stat().st_mtime, reverse=True)
+    return found[0] if found else None
+
+
 def describe_progress(state: dict) -> str:
     walks = len(state.get("finished") or {})
     return f"{state.get('blocks_done', 0)} blocks done over {walks} finished walk(s), saved {state.get('written', '?')}"

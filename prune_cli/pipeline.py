@@ -150,16 +150,40 @@ def _window_lengths(config: RunConfig) -> dict[str, int]:
 
 def dry_run(request: CompressRequest) -> dict:
     """The plan without loading weights (structure built on the meta device), after the checks
-    a real run would make first: window lengths against the model's context, and --output
-    (exists without --overwrite, not ours to replace, locked by a live run, not writable)."""
+    a real run makes before its first block: the device and backend, window lengths against the
+    model's context, the launcher's limits, --output (exists without --overwrite, not ours to
+    replace, locked by a live run, not writable), the model's structure (prunable, WINA's
+    transform), the calibration and evaluation texts and their windows, the task requests, and
+    with ``--resume`` that the interrupted run's state matches this command
+    (:func:`_check_resumable`)."""
     source = resolve_source(request.model)
     offline = offline_requested(request.offline)
     config = request.config
-    check_context(load_config(source, offline), _window_lengths(config))
+    device = resolve_device(config.device)
+    from prune_cli.gpu.backend import resolve_backend
+
+    backend, _ = resolve_backend(config.backend, device)
+    hf_config = load_config(source, offline)
+    check_context(hf_config, _window_lengths(config))
+    if distributed.requested():
+        _check_data_parallel(request, hf_config)
     if request.output is not None:
         preflight(output_path(request.output), request.overwrite)
     model = meta_model(source, request.config.dtype, offline)
     check_prunable(model, config.targets.include, config.activation is not None)
+    if config.activation is not None:
+        from prune_cli.activation import build_activation_method
+
+        if getattr(build_activation_method(config.activation.method, config.activation.options), "transform", False):
+            from prune_cli.activation.transform import check_supported
+
+            check_supported(model)
+    if not _check_resumable(request, source, device, backend):
+        from prune_cli.model_io import load_tokenizer
+
+        tokens = _tokens(config, load_tokenizer(source, offline), hf_config, offline)
+        if tokens.tasks is not None:
+            tokens.tasks.suite.close()
     out: dict = {"model": source.describe(), "method": config.method, "method_options": config.method_options, "layers": []}
     if config.method:
         plan = build_plan(model, config)
@@ -178,6 +202,33 @@ def dry_run(request: CompressRequest) -> dict:
             for t in targets
         ]
     return out
+
+
+def _check_resumable(request: CompressRequest, source: ModelSource, device, backend) -> bool:
+    """With ``--resume`` and an interrupted run's state to continue (the staging folder the run
+    would adopt, :func:`~prune_cli.output.resumable_staging`), check that state against this
+    command's fingerprint as the run does (:class:`~prune_cli.resume.ResumeState`): the model is
+    opened (its head, not its blocks) and the windows made, since the fingerprint holds the
+    dtypes and the token ids. Returns whether it checked (the windows were then made)."""
+    from prune_cli.output import resumable_staging
+    from prune_cli.resume import FORMAT_VERSION
+
+    if not request.resume or request.output is None or distributed.requested():
+        return False
+    staging = resumable_staging(output_path(request.output))
+    if staging is None:
+        return False
+    job = _load(request, source, device, None)
+    try:
+        fingerprint = run_fingerprint(source, request.config, job, device, backend)
+    finally:
+        if job.tasks is not None:
+            job.tasks.suite.close()
+    saved = ResumeState.saved_progress(staging) or {}
+    if saved.get("format_version") != FORMAT_VERSION or saved.get("fingerprint") != fingerprint:
+        ResumeState(staging, fingerprint).load()  # raises ResumeMismatchError, saying what differs
+    log.info("--resume would continue the interrupted run in %s", staging.name)
+    return True
 
 
 def _ppl_dict(dense: Perplexity | None, compressed: Perplexity | None) -> dict:
@@ -328,12 +379,34 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
             from prune_cli.activation.transform import check_supported
 
             check_supported(model)  # fail before any walk, not after
+    t = _tokens(config, opened.tokenizer, opened.config, offline)
+    return _Job(opened, saved, plan, act_method, act_targets, t.cal_text, t.cal_windows, t.val_windows, t.eval_text,
+                t.eval_windows, t.bos, t.tasks)
+
+
+@dataclass
+class _Tokens:
+    """What a run reads besides the weights: the texts, their token windows, the BOS token every
+    window starts with, and lm-eval's requests (a ``TaskRun``; None without tasks)."""
+
+    cal_text: Text
+    cal_windows: torch.Tensor
+    val_windows: torch.Tensor | None
+    eval_text: Text | None
+    eval_windows: torch.Tensor | None
+    bos: int | None
+    tasks: object = None
+
+
+def _tokens(config: RunConfig, tokenizer, model_config, offline: bool) -> _Tokens:
+    """Read the calibration and evaluation texts and make the token windows and the task
+    requests (with the tokenizer alone: a real run and ``--dry-run`` refuse the same texts)."""
     cal = config.calibration
-    cal_text = calibration_text(cal, offline, opened.tokenizer)
-    bos = resolve_bos(opened.tokenizer, config.bos)
+    cal_text = calibration_text(cal, offline, tokenizer)
+    bos = resolve_bos(tokenizer, config.bos)
     if bos is not None:
         log.info("every window starts with the BOS token (id %d), as this tokenizer does by default", bos)
-    cal_ids = tokenize(opened.tokenizer, cal_text.text)
+    cal_ids = tokenize(tokenizer, cal_text.text)
     cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed, bos)
     val_windows = None
     if config.owl is not None and (config.owl.m is None or config.owl.lam is None):
@@ -342,14 +415,13 @@ def _load(request: CompressRequest, source: ModelSource, device, target) -> _Job
     eval_text = eval_windows = None
     if ev.enabled:
         eval_text = evaluation_text(ev)
-        eval_windows = evaluation_windows(tokenize(opened.tokenizer, eval_text.text), ev.windows, ev.seqlen, bos)
+        eval_windows = evaluation_windows(tokenize(tokenizer, eval_text.text), ev.windows, ev.seqlen, bos)
     tasks = None
     if ev.enabled and ev.task_settings() is not None:
         from prune_cli.tasks import TaskRun
 
-        tasks = TaskRun(ev.task_settings(), opened.tokenizer, opened.config, bos)  # lm-eval's requests, before any walk
-    return _Job(opened, saved, plan, act_method, act_targets, cal_text, cal_windows, val_windows, eval_text, eval_windows,
-                bos, tasks)
+        tasks = TaskRun(ev.task_settings(), tokenizer, model_config, bos)  # lm-eval's requests, before any walk
+    return _Tokens(cal_text, cal_windows, val_windows, eval_text, eval_windows, bos, tasks)
 
 
 class _Progress:

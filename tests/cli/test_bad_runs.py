@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from prune_cli.output import OWNER_FILE
 from tests.cli.test_bad_input import FAST, fingerprint, one_line_error, run
 
 ACTIVATION_FILE = "activation_sparsity.safetensors"
@@ -81,3 +82,77 @@ def test_an_activation_file_without_a_threshold_is_named(teal_checkpoint, tmp_pa
     tensors.pop("model.layers.0.mlp.up_proj.threshold")
     save_file(tensors, str(target / ACTIVATION_FILE))
     one_line_error(run("eval", target, *EVAL), 2, "no model.layers.0.mlp.up_proj.threshold")
+
+
+# ----------------------------------------------------------------------------- 2. --dry-run refuses what the run refuses
+
+
+def _stopped_run(monkeypatch, tiny_llama_dir, out: Path, calib: Path) -> None:
+    """A run to ``out`` stopped (as by Ctrl-C) after its first block: its resume state is kept."""
+    from prune_cli import stopping
+    from prune_cli.driver import BlockDriver
+    from prune_cli.errors import InterruptedRun
+
+    real = BlockDriver.block
+
+    def block(self, index):
+        stopping.request(InterruptedRun("SIGINT", 130))
+        return real(self, index)
+
+    with monkeypatch.context() as m:
+        m.setattr(BlockDriver, "block", block)
+        result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "--calib-text", calib,
+                     "-o", out, "--checkpoint-interval", "0")
+    assert result.exit_code == 130, result.output
+    assert "resume state is kept" in result.stderr
+
+
+def test_dry_run_with_resume_refuses_a_changed_calibration_file(tmp_path, tiny_llama_dir, monkeypatch):
+    """The dry run makes the run's resume check: a calibration file changed since the
+    interrupted run is refused by both, and an unchanged one passes both."""
+    from prune_cli.calibrators.sources import bundled_text
+
+    calib = tmp_path / "calib.txt"
+    text = bundled_text("calibration").text[:20000]
+    calib.write_text(text)
+    out = tmp_path / "out"
+    _stopped_run(monkeypatch, tiny_llama_dir, out, calib)
+    args = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "--calib-text", calib, "-o", out,
+            "--resume"]
+    same = run(*args, "--dry-run", "--json")
+    assert same.exit_code == 0, same.output
+    calib.write_text(text[::-1])
+    before = fingerprint(tmp_path)
+    one_line_error(run(*args, "--dry-run"), 2, "cannot resume")
+    assert fingerprint(tmp_path) == before
+    one_line_error(run(*args), 2, "cannot resume")
+    kept = {k: v for k, v in fingerprint(tmp_path).items() if not k.endswith(OWNER_FILE)}  # the run marks it stopped again
+    assert kept == {k: v for k, v in before.items() if not k.endswith(OWNER_FILE)}  # the resume state is kept
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("calib-missing", "text file not found"),
+    ("calib-binary", "binary file"),
+    ("too-few-tokens", "calibration text has"),
+    ("eval-missing", "text file not found"),
+    ("device-cuda", "CUDA is not available"),
+    pytest.param("unknown-task", "nosuchtask", marks=pytest.mark.slow),  # lm-eval's task index, twice
+])
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, tiny_llama_dir, monkeypatch, case, needle):
+    """Each of these inputs is refused by the run before its first block; the dry run refuses
+    it too (it used to print the plan and exit 0)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = {
+        "calib-missing": ["--calib-text", tmp_path / "nope.txt"],
+        "calib-binary": ["--calib-text", "/bin/ls"],
+        "too-few-tokens": ["--calib-samples", "100000", "--seqlen", "512"],
+        "eval-missing": ["--eval-text", tmp_path / "nope.txt"],
+        "device-cuda": ["--device", "cuda"],
+        "unknown-task": ["--eval-tasks", "nosuchtask"],
+    }[case]
+    args = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *extra, "-o", tmp_path / "out"]
+    for dry in (["--dry-run"], []):
+        one_line_error(run(*args, *dry), 2, needle)
+    assert not (tmp_path / "out").exists()
