@@ -25,6 +25,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from prune_cli.progress_log import PlainProgress, clock_time
+
 app = typer.Typer(
     name="prune-cli",
     help="Training-free compression of causal language models: prune, evaluate, export.",
@@ -78,12 +80,12 @@ stdout = Console()
 
 
 class _PlainLogFormat(logging.Formatter):
-    """One line per record for logs that are not a terminal (CI): ``[prune-cli] message``, with
-    the level for warnings and errors; never wrapped."""
+    """One line per record for logs that are not a terminal (CI): ``[prune-cli] HH:MM:SS
+    message``, with the level for warnings and errors; never wrapped."""
 
     def format(self, record: logging.LogRecord) -> str:
         level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"[prune-cli] {level}{_one_line(record.getMessage())}"
+        return f"[prune-cli] {clock_time(record.created)} {level}{_one_line(record.getMessage())}"
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -317,6 +319,7 @@ class RichEvents:
         )
         self.tasks: dict[str, int] = {}
         self.started: dict[str, float] = {}
+        self.plain = PlainProgress(self._write_plain)  # CI logs: timestamped, rate-limited, with ETA
 
     def __enter__(self):
         self.progress.start()
@@ -325,31 +328,34 @@ class RichEvents:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def _line(self, text: str) -> None:
-        if not self.live and not self.quiet:
-            stderr.print(f"[prune-cli] {text}", highlight=False, markup=False)
+    @property
+    def _plain_lines(self) -> bool:
+        return not self.live and not self.quiet
+
+    def _write_plain(self, text: str) -> None:
+        stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def stage(self, name: str, total: int | None = None) -> None:
         import time
 
         self.started[name] = time.perf_counter()
         self.tasks[name] = self.progress.add_task(self.LABELS.get(name, name), total=total, detail="")
-        self._line(f"{self.LABELS.get(name, name)} ...")
+        if self._plain_lines:
+            self.plain.start(name, self.LABELS.get(name, name), total)
 
     def advance(self, name: str, steps: int = 1, detail: str = "") -> None:
         if name in self.tasks:
             self.progress.update(self.tasks[name], advance=steps, detail=detail)
-            if detail:
-                self._line(f"{self.LABELS.get(name, name)}: {detail}")
+            if self._plain_lines:
+                self.plain.advance(name, steps, detail)
 
     def done(self, name: str) -> None:
-        import time
-
         if name in self.tasks:
             task_id = self.tasks[name]
             total = next(t.total for t in self.progress.tasks if t.id == task_id) or 1
             self.progress.update(task_id, completed=total, total=total)
-            self._line(f"{self.LABELS.get(name, name)} done in {time.perf_counter() - self.started[name]:.1f}s")
+            if self._plain_lines:
+                self.plain.finish(name)
 
 
 def _fmt(value) -> str:
