@@ -157,22 +157,34 @@ def _cli_boundary(debug: bool, as_json: bool):
 
 def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
     """Turn an exception at the CLI boundary into its exit code and one line."""
-    from prune_cli.errors import InterruptedRun, PruneCliError
+    from prune_cli.errors import InterruptedRun
 
     if isinstance(exc, KeyboardInterrupt):
         _interrupted(exc if isinstance(exc, InterruptedRun) else InterruptedRun(), as_json)
-    if isinstance(exc, typer.BadParameter):
-        _emit_error("UsageError", _one_line(exc.format_message()), "see --help", 2, as_json)
-        raise typer.Exit(2)
-    if debug:
+    if debug and not isinstance(exc, typer.BadParameter):
         raise exc
+    kind, message, hint, code, label = _error_fields(exc)
+    _emit_error(kind, message, hint, code, as_json, label=label)
+    raise typer.Exit(code)
+
+
+def _error_fields(exc: BaseException) -> tuple[str, str, str | None, int, str]:
+    """``(type, message, hint, exit code, label)`` of an exception at the CLI boundary: a usage
+    error or a :class:`PruneCliError` as itself, Ctrl-C / SIGTERM as what stopped the run,
+    anything else an internal error (exit code 1)."""
+    from prune_cli.errors import InterruptedRun, PruneCliError
+
+    if isinstance(exc, KeyboardInterrupt):
+        exc = exc if isinstance(exc, InterruptedRun) else InterruptedRun()
+        message, hint = _interrupt_message(exc)
+        return "Interrupted", message, hint, exc.exit_code, "stopped"
+    if isinstance(exc, typer.BadParameter):
+        return "UsageError", _one_line(exc.format_message()), "see --help", 2, "error"
     if isinstance(exc, PruneCliError):
-        _emit_error(type(exc).__name__, str(exc), exc.hint, exc.exit_code, as_json)
-        raise typer.Exit(exc.exit_code)
+        return type(exc).__name__, str(exc), exc.hint, exc.exit_code, "error"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    _emit_error(type(exc).__name__, f"{type(exc).__name__}: {first}", "rerun with --debug for the traceback, and please report it",
-                1, as_json, label="internal error")
-    raise typer.Exit(1)
+    return (type(exc).__name__, f"{type(exc).__name__}: {first}", "rerun with --debug for the traceback, and please report it",
+            1, "internal error")
 
 
 def _parse_tasks(text: str | None) -> tuple[str, ...]:
@@ -236,6 +248,13 @@ def _exit_on_failed_gates(report: dict) -> None:
 
 def _interrupted(exc, as_json: bool) -> None:
     """One line saying what stopped the run and what is on disk now."""
+    message, hint = _interrupt_message(exc)
+    _emit_error("Interrupted", message, hint, exc.exit_code, as_json, label="stopped")
+    raise typer.Exit(exc.exit_code)
+
+
+def _interrupt_message(exc) -> tuple[str, str | None]:
+    """What stopped the run and what is on disk now; and a hint."""
     state = getattr(exc, "output_state", None)
     on_disk = {
         "absent": "its staging folder was removed; nothing was written to --output",
@@ -247,8 +266,7 @@ def _interrupted(exc, as_json: bool) -> None:
         where = "after the current block" if getattr(exc, "at_block_boundary", False) else "at once"
         on_disk = (f"stopped {where}; the resume state is kept in {getattr(exc, 'staging', '?')} and --output is "
                    f"unchanged; continue with: {_resume_command()}")
-    _emit_error("Interrupted", f"interrupted by {exc.signal_name}: {on_disk}", hint, exc.exit_code, as_json, label="stopped")
-    raise typer.Exit(exc.exit_code)
+    return f"interrupted by {exc.signal_name}: {on_disk}", hint
 
 
 _ARGV: list[str] | None = None  # this process's prune-cli arguments (set by main)
@@ -649,7 +667,7 @@ def sweep_command(
     _setup_logging(verbose)
     with _cli_boundary(debug, as_json):
         from prune_cli.config import load_recipe
-        from prune_cli.sweep import parse_list, plan_summary, plot, points, run_sweep
+        from prune_cli.sweep import parse_list, plot, points, run_sweep
 
         try:
             values = [float(x) for x in parse_list(sparsities)]
@@ -664,22 +682,47 @@ def sweep_command(
             "device": device, "dtype": dtype,
         }
         recipe_data = load_recipe(recipe) if recipe else None
-        with _signals_as_interrupts(), RichEvents() as events:
-            report = run_sweep(model, recipe_data, base, grid, offline=offline, keep=keep_checkpoints, overwrite=overwrite,
-                               baseline_cache=baseline_cache, events=events, max_memory=max_memory)
+        try:
+            with _signals_as_interrupts(), RichEvents() as events:
+                report = run_sweep(model, recipe_data, base, grid, offline=offline, keep=keep_checkpoints,
+                                   overwrite=overwrite, baseline_cache=baseline_cache, events=events, max_memory=max_memory)
+        except BaseException as exc:  # noqa: BLE001 - the points that finished are printed, then the error
+            if getattr(exc, "sweep_report", None) is None:
+                raise
+            _sweep_stopped(exc.sweep_report, exc, as_json, debug)
         if plot_path is not None:
             report["plot"] = str(plot(report, plot_path))
-        if as_json:
-            _emit_json(report)
-            return
-        table = Table(title=f"prune-cli sweep: {report['model']} (dense perplexity {_fmt(report['dense']['ppl'])})")
-        for col in ("method", "sparsity / pattern", "achieved", "perplexity", "ratio", "seconds"):
-            table.add_column(col, justify="left" if col == "method" else "right")
-        for row in plan_summary(report):
-            table.add_row(*[_fmt(v) for v in row])
-        stdout.print(table)
-        if report.get("plot"):
-            stdout.print(f"plot: {report['plot']}", highlight=False)
+        _print_sweep(report, as_json)
+
+
+def _print_sweep(report: dict, as_json: bool) -> None:
+    """The sweep report: one JSON object, or the table of its points."""
+    from prune_cli.sweep import plan_summary
+
+    if as_json:
+        _emit_json(report)
+        return
+    table = Table(title=f"prune-cli sweep: {report['model']} (dense perplexity {_fmt(report['dense']['ppl'])})")
+    for col in ("method", "sparsity / pattern", "achieved", "perplexity", "ratio", "seconds"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in plan_summary(report):
+        table.add_row(*[_fmt(v) for v in row])
+    stdout.print(table)
+    if report.get("points_planned"):
+        stdout.print(f"stopped after {len(report['runs'])} of {report['points_planned']} points", highlight=False)
+    if report.get("plot"):
+        stdout.print(f"plot: {report['plot']}", highlight=False)
+
+
+def _sweep_stopped(partial: dict, exc: BaseException, as_json: bool, debug: bool) -> None:
+    """A sweep point failed (or the sweep was stopped) after others finished: their results on
+    stdout (under ``--json`` the one JSON object, with the error and exit code in it), then the
+    error's one line on stderr and its exit code."""
+    kind, message, hint, code, _ = _error_fields(exc)
+    if as_json:
+        partial = {**partial, "error": {"type": kind, "message": message, "hint": hint}, "exit_code": code}
+    _print_sweep(partial, as_json)
+    _fail(exc, debug, as_json=False)
 
 
 @app.command("verify")

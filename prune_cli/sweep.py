@@ -43,9 +43,9 @@ def points(methods: list[str], sparsities: list[float], patterns: list[str]) -> 
     for s in sparsities:
         if not 0 < s < 1:
             raise RecipeError(f"sweep sparsities must be in (0, 1), got {s}")
-    grid = [{"method": m, "sparsity": s, "pattern": "unstructured"} for m in methods for s in sparsities]
+    grid = [{"method": m, "sparsity": s, "pattern": "unstructured"} for m in methods for s in dict.fromkeys(sparsities)]
     grid += [{"method": m, "sparsity": None, "pattern": p} for m in methods for p in patterns]
-    return grid
+    return grid  # 0.5 and 0.50 are one point (one checkpoint folder)
 
 
 def _label(point: dict) -> str:
@@ -55,7 +55,12 @@ def _label(point: dict) -> str:
 def run_sweep(model: str | None, recipe: dict | None, base_overrides: dict, grid: list[dict], *, offline: bool = False,
               keep: Path | None = None, overwrite: bool = False, baseline_cache: bool = True, events=None,
               max_memory: str | None = None) -> dict:
-    """Run every point of ``grid`` (see the module docstring); the sweep report."""
+    """Run every point of ``grid`` (see the module docstring); the sweep report.
+
+    Every point's recipe and, with ``keep``, every point's checkpoint folder are checked before
+    the first run (:func:`check_targets`). When a point fails (or the sweep is interrupted) after
+    others finished, the exception carries the report of the finished points as
+    ``exc.sweep_report``, so that their results are printed, not lost."""
     from prune_cli import baseline
     from prune_cli.config import resolve
     from prune_cli.pipeline import CompressRequest, compress
@@ -64,11 +69,13 @@ def run_sweep(model: str | None, recipe: dict | None, base_overrides: dict, grid
     for point in grid:  # every point validated before the first run
         overrides = {**base_overrides, "method": point["method"], "sparsity": point["sparsity"], "pattern": point["pattern"]}
         configs.append(resolve(recipe, overrides))
+    check_plans(model, configs, offline)
     if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
+        check_targets([keep / _label(point) for point in grid], overwrite)
     scratch = None if baseline_cache and baseline.enabled() else Path(tempfile.mkdtemp(prefix="prune-cli-sweep-"))
     runs: list[dict] = []
     dense: dict = {}
+    last: dict | None = None
     started = time.perf_counter()
     try:
         import contextlib
@@ -78,31 +85,77 @@ def run_sweep(model: str | None, recipe: dict | None, base_overrides: dict, grid
                 log.info("sweep: %s", _label(point))
                 output = keep / _label(point) if keep is not None else None
                 request = CompressRequest(config, model, output, overwrite, offline, max_memory=max_memory)
-                report = compress(request, events)
-                runs.append({
-                    **point,
-                    "sparsity": report["sparsity"],
-                    "target_sparsity": report["target_sparsity"],
-                    "ppl": report["ppl"].get("compressed"),
-                    "ppl_ratio": report["ppl"].get("ratio"),
-                    "tasks": (report.get("tasks") or {}).get("compressed"),
-                    "dense_cached": (report.get("evaluation") or {}).get("dense_cached"),
-                    "seconds": report["timings"].get("total"),
-                    "output": report.get("output"),
-                })
-                dense = {"ppl": report["ppl"].get("dense"), "tasks": (report.get("tasks") or {}).get("dense")}
+                last = compress(request, events)
+                runs.append(_run_row(point, last))
+                dense = {"ppl": last["ppl"].get("dense"), "tasks": (last.get("tasks") or {}).get("dense")}
+    except BaseException as exc:
+        if last is not None and hasattr(exc, "__dict__"):
+            exc.sweep_report = {**_report(configs[0], last, dense, runs, started), "points_planned": len(grid)}
+        raise
     finally:
         if scratch is not None:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
-    first = configs[0]
+    return _report(configs[0], last, dense, runs, started)
+
+
+def check_plans(model: str | None, configs: list, offline: bool) -> None:
+    """Every point's plan built on the model's structure (meta device, no weights), before the
+    first point runs: a pattern that does not fit a layer (``3:7`` on a width of 64) is refused
+    at once instead of after the points before it ran."""
+    from prune_cli.model_io import check_prunable, meta_model, offline_requested, resolve_source
+    from prune_cli.plan import build_plan
+
+    skeleton = meta_model(resolve_source(model), configs[0].dtype, offline_requested(offline))
+    for config in configs:
+        check_prunable(skeleton, config.targets.include, config.activation is not None)
+        if config.method:
+            build_plan(skeleton, config)
+
+
+def check_targets(outputs: list[Path], overwrite: bool) -> None:
+    """Every point's ``--keep-checkpoints`` folder as each point's run would check it
+    (:func:`~prune_cli.output.preflight`: exists without ``--overwrite``, not prune-cli's to
+    replace, locked, not writable), all before the first point runs: a folder found to exist
+    only at the fifth point used to cost the four before it."""
+    from prune_cli.errors import BadInputError, OutputExistsError
+    from prune_cli.output import check_output, output_path, preflight
+
+    try:
+        for check in (check_output, preflight):  # the folder rules of all first: they write nothing
+            for output in outputs:
+                check(output_path(output), overwrite)
+    except BadInputError as exc:
+        hint = "choose another --keep-checkpoints folder"
+        if isinstance(exc, OutputExistsError) and not overwrite:
+            hint = "pass --overwrite to replace a checkpoint prune-cli wrote, or " + hint
+        raise type(exc)(f"--keep-checkpoints: {exc.message}", hint=hint) from None
+
+
+def _run_row(point: dict, report: dict) -> dict:
+    """One finished point of the sweep report, from its compress report."""
+    return {
+        **point,
+        "sparsity": report["sparsity"],
+        "target_sparsity": report["target_sparsity"],
+        "ppl": report["ppl"].get("compressed"),
+        "ppl_ratio": report["ppl"].get("ratio"),
+        "tasks": (report.get("tasks") or {}).get("compressed"),
+        "dense_cached": (report.get("evaluation") or {}).get("dense_cached"),
+        "seconds": report["timings"].get("total"),
+        "output": report.get("output"),
+    }
+
+
+def _report(first, last: dict, dense: dict, runs: list[dict], started: float) -> dict:
+    """The sweep report over the finished ``runs`` (``last``: the compress report of the last)."""
     return {
         "format": FORMAT,
         "format_version": 1,
-        "model": report["model"],
-        "calibration": report["calibration"],
-        "evaluation": {k: v for k, v in (report.get("evaluation") or {}).items() if k not in ("dense", "compressed", "dense_cached")},
+        "model": last["model"],
+        "calibration": last["calibration"],
+        "evaluation": {k: v for k, v in (last.get("evaluation") or {}).items() if k not in ("dense", "compressed", "dense_cached")},
         "recipe": {**first.to_recipe(), "method": None, "sparsity": None, "pattern": None},
         "dense": dense,
         "runs": runs,

@@ -156,3 +156,80 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path, tiny_llama_dir, monkeypa
     for dry in (["--dry-run"], []):
         one_line_error(run(*args, *dry), 2, needle)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 3. a sweep never loses finished points
+
+
+SWEEP = ["--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1", "--eval-seqlen", "16", "--device", "cpu",
+         "--no-baseline-cache"]
+
+
+def _no_runs(monkeypatch):
+    import prune_cli.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: pytest.fail("a point ran before every point was checked"))
+
+
+@pytest.mark.parametrize("case,needle", [("existing-folder", "wanda-0.6"), ("keep-is-a-file", "is not a folder"),
+                                         ("pattern-does-not-fit", "3:7 does not divide")])
+def test_sweep_checks_every_point_before_the_first_runs(tmp_path, tiny_llama_dir, monkeypatch, case, needle):
+    """A point's checkpoint folder that exists, a --keep-checkpoints that is a file, a pattern
+    that fits no layer: refused before any point runs (they were found after the points before
+    them had run, and those were lost)."""
+    keep = tmp_path / "keep"
+    (keep / "wanda-0.6").mkdir(parents=True)
+    (keep / "wanda-0.6" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    grid = {"existing-folder": ["--sparsities", "0.3,0.6", "--keep-checkpoints", keep],
+            "keep-is-a-file": ["--sparsities", "0.3", "--keep-checkpoints", tmp_path / "file"],
+            "pattern-does-not-fit": ["--sparsities", "0.3", "--patterns", "3:7"]}[case]
+    _no_runs(monkeypatch)
+    before = fingerprint(tmp_path)
+    one_line_error(run("sweep", tiny_llama_dir, "--methods", "wanda", *grid, *SWEEP), 2, needle)
+    assert fingerprint(tmp_path) == before
+
+
+def _second_point_fails(monkeypatch, exc: BaseException) -> None:
+    import prune_cli.pipeline as pipeline
+
+    real, calls = pipeline.compress, []
+
+    def compress(request, events=None):
+        calls.append(request)
+        if len(calls) == 2:
+            raise exc
+        return real(request, events)
+
+    monkeypatch.setattr(pipeline, "compress", compress)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+@pytest.mark.parametrize("error,code,needle", [
+    (OSError(5, "Input/output error"), 1, "Input/output error"),
+    ("not-enough-text", 2, "calibration text is too short"),
+    ("interrupt", 130, "interrupted by SIGINT"),
+], ids=["internal", "bad-input", "ctrl-c"])
+def test_a_failed_point_still_prints_the_finished_ones(tmp_path, tiny_llama_dir, monkeypatch, as_json, error, code, needle):
+    """The second of three points fails: the first point's results are printed (table, or the
+    one JSON object with the error and exit code in it), the error is said once on stderr, the
+    first point's checkpoint stays."""
+    from prune_cli.errors import InterruptedRun, NotEnoughTextError
+
+    exc = {"not-enough-text": NotEnoughTextError("calibration text is too short"),
+           "interrupt": InterruptedRun("SIGINT", 130)}.get(error, error)
+    _second_point_fails(monkeypatch, exc)
+    keep = tmp_path / "keep"
+    result = run("sweep", tiny_llama_dir, "--methods", "wanda", "--sparsities", "0.3,0.5,0.7", *SWEEP,
+                 "--keep-checkpoints", keep, *(["--json"] if as_json else []))
+    assert result.exit_code == code, result.output
+    errors = [l for l in result.stderr.splitlines() if l.startswith(("error:", "internal error:", "stopped:"))]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+    if as_json:
+        report = json.loads(result.stdout)
+        assert [r["target_sparsity"] for r in report["runs"]] == [0.3] and report["points_planned"] == 3
+        assert report["exit_code"] == code and needle in report["error"]["message"]
+    else:
+        assert "wanda" in result.stdout and "0.3" in result.stdout and "stopped after 1 of 3 points" in result.stdout
+    assert sorted(p.name for p in keep.iterdir()) == ["wanda-0.3"]
+    assert json.loads((keep / "wanda-0.3" / "sparsity.json").read_text())["target_sparsity"] == 0.3
