@@ -6,8 +6,9 @@ What is cached is the dense evaluation's result (perplexity sums) and the dense 
 ``$PRUNE_CLI_CACHE/baselines/<key>.json`` (default ``~/.cache/prune-cli``). The key is the sha256
 of everything the dense numbers depend on:
 
-* the model: its source and every weight/config file's digest
-  (:func:`~prune_cli.checkpoint_files.file_digest`: size, first and last MiB);
+* the model: its source and the digest of ``config.json`` and of every weight file a load reads
+  (:func:`~prune_cli.checkpoint_files.file_digest`: device, inode, size, modification and
+  change times, and a sha256 of the whole content for files up to 1 GiB);
 * the exact token ids of the evaluation windows and of the task requests, and the task settings;
 * the compute dtype, the device type, and the versions of prune-cli, torch, transformers and
   lm-eval.

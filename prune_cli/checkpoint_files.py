@@ -195,6 +195,9 @@ def _index_shards(index: Path) -> dict[str, str]:
     return weight_map
 
 
+_SAID: set = set()  # (folder, ignored files) already logged in this process
+
+
 @dataclass
 class WeightFiles:
     """The weight files of a model folder that are read, chosen as transformers chooses them
@@ -228,10 +231,20 @@ def weight_files(folder: str | Path, kind: str = "safetensors") -> WeightFiles:
     else:
         chosen, index = present, None
     ignored = [p for p in present if p not in chosen]
-    if ignored:
+    if ignored and (folder, tuple(ignored)) not in _SAID:
+        _SAID.add((folder, tuple(ignored)))
         log.info("reading the weights of %s from %s, as transformers does; ignoring %s", folder,
                  index.name if index else ", ".join(p.name for p in chosen), ", ".join(p.name for p in ignored))
     return WeightFiles(chosen, index, ignored)
+
+
+def model_weight_files(folder: str | Path) -> WeightFiles:
+    """The weight files a load of ``folder`` reads: its safetensors when it has any (or their
+    index), else its ``pytorch_model*.bin`` (transformers prefers safetensors the same way)."""
+    folder = Path(folder)
+    if any(p.name != ACTIVATION_FILE for p in folder.glob("*.safetensors")) or list(folder.glob(f"*{INDEX_SUFFIX}")):
+        return weight_files(folder)
+    return weight_files(folder, "bin")
 
 
 def read_weight_headers(folder: str | Path) -> tuple[WeightFiles, dict[Path, dict]]:
@@ -311,18 +324,59 @@ def check_checkpoint_folder(folder: str | Path, report: dict | None = None) -> N
         check_safetensors(activation)
 
 
-def file_digest(path: str | Path, edge: int = 1 << 20) -> str:
-    """First 16 hex digits of the sha256 of a file's size, first and last MiB: tells a changed or
-    other file from the same one (copied elsewhere, too) without reading gigabytes. Keys the
-    GGUF cache and the resume fingerprint's model files."""
+# Files up to this size are hashed whole (sha256, 8 MiB at a time): at hashlib's ~1 GB/s on one
+# core that costs at most about a second, less than parsing the model's config and tokenizer,
+# and nothing next to a run that reads every weight at least once. Larger files are keyed by
+# their identity alone (see file_digest).
+FULL_HASH_BYTES = 1 << 30
+_HASH_CHUNK = 8 << 20
+_DIGESTS: dict[tuple, str] = {}  # (path, identity) -> digest, for this process
+
+
+def file_identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    """``(device, inode, size, mtime_ns, ctime_ns)`` of a file's ``stat``."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def file_digest(path: str | Path) -> str:
+    """First 16 hex digits of a sha256 that changes whenever the file at ``path`` changes: it
+    keys the dense-baseline cache, the resume fingerprint's model files and the dequantised
+    GGUF cache, which must never hand back results computed from other bytes.
+
+    What goes in, and why:
+
+    * always the file's identity (:func:`file_identity`): device, inode, size, and the
+      modification and status-change times in nanoseconds. Every write to a file moves its
+      mtime and ctime; a file replaced by another (a new download, ``rsync``, ``cp`` over it
+      into a new file) has a new inode; ``touch -d`` / ``cp -p`` can set the mtime back, but
+      nothing short of changing the clock sets the ctime back. A copy elsewhere, a ``chmod``
+      or a new hard link give another digest too: a cache miss (a resume refused, naming the
+      file), never a stale hit;
+    * and, for a file of at most :data:`FULL_HASH_BYTES` (config, tokenizer, index, the weights
+      of small models), a sha256 of its whole content: timestamps move in clock ticks (a few
+      ms; whole seconds on FAT, some network file systems), so a small file rewritten within
+      one tick of the state a cache saw could keep its identity; a multi-GB file cannot be
+      rewritten that fast, and hashing it whole would cost seconds to minutes on every run.
+
+    (It used to hash the size and the first and last MiB, so a same-size edit in the middle of
+    a file kept its digest and every cache above served stale results.) Computed once per
+    process per file identity. Raises :class:`CheckpointError` for a missing or non-regular
+    file (a named pipe would block the read forever)."""
     import hashlib
 
     path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(edge))
-        if size > edge:
-            handle.seek(max(edge, size - edge))
-            digest.update(handle.read(edge))
-    return digest.hexdigest()[:16]
+    info = check_regular_file(path)
+    identity = file_identity(info)
+    key = (str(path.absolute()), identity)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256(json.dumps(identity).encode())
+    if info.st_size <= FULL_HASH_BYTES:
+        try:
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]

@@ -9,8 +9,11 @@ loader builds; GGUF's dequantised values need float32's mantissa), with ``config
 
     $PRUNE_CLI_CACHE (default: $XDG_CACHE_HOME/prune-cli, else ~/.cache/prune-cli) /gguf/<name>-<digest>/
 
-keyed by the file's size and a digest of its first and last MiB; every later run reads that
-folder (``pread``, one tensor at a time). ``PRUNE_CLI_GGUF_CACHE=0`` turns the cache off. A cache
+keyed by :func:`~prune_cli.checkpoint_files.file_digest` of the GGUF file (its identity: device,
+inode, size, modification and change times; and a sha256 of its content up to 1 GiB), so a file
+changed in any byte, or replaced, gets a folder of its own; every later run reads that folder
+(``pread``, one tensor at a time; its headers checked first, a damaged cache is rebuilt, and its
+use said in the log). ``PRUNE_CLI_GGUF_CACHE=0`` turns the cache off. A cache
 that would leave less than its own size free on the disk is not written (said in the log). The
 model stays a GGUF source for everything else: its report, its resume fingerprint, and its save
 dtype (``auto``: bfloat16).
@@ -48,10 +51,48 @@ def folder_for(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{file_digest(gguf)}"
 
 
+_SAID: set[Path] = set()  # cache folders whose use was logged in this process
+
+
+def _damage(folder: Path) -> str | None:
+    """What is wrong with a cache folder whose done-marker is there (``None``: nothing): the
+    marker, ``config.json`` and the weight files' headers are checked (not the tensors' bytes,
+    so it costs milliseconds). Only damage from outside (a disk error, a hand edit) can do this:
+    the folder is renamed into place complete."""
+    import json
+
+    from prune_cli.checkpoint_files import check_weight_files
+    from prune_cli.errors import CheckpointError
+
+    try:
+        marker = json.loads((folder / DONE).read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if not isinstance(marker, dict) or not isinstance(config, dict):
+        return f"{DONE} or config.json is not a JSON object"
+    try:
+        check_weight_files(folder)
+    except CheckpointError as exc:
+        return exc.message
+    return None
+
+
 def cached(gguf: Path) -> Path | None:
-    """The cache folder of ``gguf`` if it is complete, else None."""
+    """The cache folder of ``gguf`` if it is complete and intact, else None (a damaged one is
+    said in the log and rebuilt by :func:`build`). Its first use in a process is logged."""
     folder = folder_for(gguf)
-    return folder if (folder / DONE).is_file() else None
+    if not (folder / DONE).is_file():
+        return None
+    if folder not in _SAID:
+        damage = _damage(folder)
+        if damage is not None:
+            log.warning("the dequantised-weights cache %s is damaged (%s): it is rebuilt from %s", folder, damage, gguf.name)
+            return None
+        _SAID.add(folder)
+        log.info("reading the dequantised weights of %s from the cache %s (keyed by the file's identity and content)",
+                 gguf.name, folder)
+    return folder
 
 
 def build(gguf: Path, config, tokenizer) -> Path | None:
@@ -65,7 +106,7 @@ def build(gguf: Path, config, tokenizer) -> Path | None:
     if not enabled():
         return None
     folder = folder_for(gguf)
-    if (folder / DONE).is_file():
+    if cached(gguf) is not None:
         return folder
     model = empty_model(config, torch.float32)
     weights = GGUFWeights(gguf, model)
@@ -97,6 +138,8 @@ def build(gguf: Path, config, tokenizer) -> Path | None:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / DONE).write_text(json.dumps({"gguf": str(gguf), "bytes": size}) + "\n")
+        if folder.exists():  # a damaged cache (cached() said so): ours to replace
+            shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -790,16 +790,21 @@ def _plan_memory(request: CompressRequest, job: "_Job", target) -> bool | None:
 
 
 def _model_files(source: ModelSource) -> dict[str, str]:
-    """Digest of each of the model's weight and config files (:func:`file_digest`); ``{}`` for
-    a hub id (its files are not known without the network)."""
-    from prune_cli.checkpoint_files import file_digest
+    """Digest (:func:`file_digest`: identity, and content when small) of each file the model is
+    read from: its ``config.json`` and the weight files a load reads (the index and its shards,
+    or ``model.safetensors`` alone, as :func:`model_weight_files` picks them), or its GGUF file;
+    ``{}`` for a hub id (its files are not known without the network)."""
+    from prune_cli.checkpoint_files import file_digest, model_weight_files
     from prune_cli.model_io import local_folder
 
     folder = local_folder(source, offline=True) if source.kind != "hub" else None
     if folder is None:
         return {}
-    names = [source.gguf_file] if source.gguf_file else sorted(
-        p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    if source.gguf_file:
+        names = [source.gguf_file]
+    else:
+        chosen = model_weight_files(Path(folder))
+        names = sorted({"config.json", *(p.name for p in chosen.files), *([chosen.index.name] if chosen.index else [])})
     return {name: file_digest(Path(folder) / name) for name in names}
 
 

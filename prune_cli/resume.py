@@ -66,6 +66,17 @@ def differences(old: dict, new: dict, limit: int = 3) -> list[str]:
     return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def changed_model_files(old: dict, new: dict) -> list[str]:
+    """The model files (by path) whose digest differs between two run fingerprints, or that one
+    of them lacks; ``[]`` when the model's files are the same (or it is another model)."""
+    a, b = old.get("model") or {}, new.get("model") or {}
+    if {k: v for k, v in a.items() if k != "files"} != {k: v for k, v in b.items() if k != "files"}:
+        return []  # another model altogether: said as a difference of the fingerprints
+    before, now = a.get("files") or {}, b.get("files") or {}
+    folder = Path(b.get("location") or ".")
+    return [str(folder / name) for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+
+
 class _Tensors:
     """Splits tensors out of nested state data (into ``{"__tensor__": key}`` markers) and back."""
 
@@ -156,6 +167,13 @@ class ResumeState:
         if data is None:
             return False
         if data.get("format_version") != FORMAT_VERSION or data.get("fingerprint") != self.fingerprint:
+            changed = changed_model_files(data.get("fingerprint") or {}, self.fingerprint)
+            if changed:
+                raise ResumeMismatchError(
+                    f"cannot resume: {', '.join(changed)} changed since the interrupted run started "
+                    "(its size, time stamps or content differ); the blocks done so far were computed from the old file",
+                    hint="pass --no-resume to start over on the model as it is now",
+                )
             diff = differences(data.get("fingerprint") or {}, self.fingerprint)
             raise ResumeMismatchError(
                 "cannot resume: the interrupted run used another " + "; ".join(diff),
@@ -171,6 +189,10 @@ class ResumeState:
         self.blocks_done = int(data.get("blocks_done", 0))
         self.resumed_from = {"walk": (self.current or {}).get("walk", len(self.finished)),
                              "position": (self.current or {}).get("position", 0), "blocks_done": self.blocks_done}
+        files = (self.fingerprint.get("model") or {}).get("files") or {}
+        log.info("adopting the resume state written %s (%d blocks done): model files unchanged (%s), same recipe, "
+                 "tokens and versions", data.get("written", "?"), self.blocks_done,
+                 ", ".join(f"{name} {digest}" for name, digest in sorted(files.items())) or "not local")
         return True
 
     def finished_states(self, walk: int) -> list | None:

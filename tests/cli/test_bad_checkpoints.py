@@ -83,3 +83,90 @@ def test_an_index_pointing_outside_the_folder_is_refused(tmp_path):
     index["weight_map"] = {k: (f"../{shard}" if v == shard else v) for k, v in index["weight_map"].items()}
     path.write_text(json.dumps(index))
     one_line_error(run("eval", folder, *EVAL), 2, f"names the shard '../{shard}'")
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """A tiny Llama whose model.safetensors is over 2 MiB (a wide MLP), so that its middle lies
+    outside its first and last MiB."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.intermediate_size = 2048
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide") / "wide"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert (folder / "model.safetensors").stat().st_size > 3 << 20
+    return folder
+
+
+def edit_in_the_middle(path: Path) -> None:
+    """Change 4 bytes in the middle of ``path`` (a float32 weight's value), same size, and set its
+    modification time back to what it was (as ``cp -p`` or ``touch -d`` can)."""
+    import os
+    import time
+
+    before = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick, as any real edit is
+    with path.open("r+b") as handle:
+        middle = before.st_size // 2 // 4 * 4
+        handle.seek(middle)
+        value = handle.read(4)
+        handle.seek(middle)
+        handle.write(bytes(b ^ 0x01 for b in value[:3]) + value[3:])  # a small change in the mantissa
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+
+
+def test_a_same_size_edit_in_the_middle_misses_the_baseline_cache(tmp_path, wide_llama_dir, monkeypatch):
+    monkeypatch.setenv("PRUNE_CLI_BASELINE_CACHE", "1")
+    monkeypatch.setenv("PRUNE_CLI_CACHE", str(tmp_path / "cache"))
+    model = _copy(wide_llama_dir, tmp_path / "model")
+    args = ["compress", model, "--method", "magnitude", "--sparsity", "0.5", "--calib-samples", "2", "--seqlen", "16",
+            *EVAL, "--json"]
+    first = run(*args, "-o", tmp_path / "a")
+    again = run(*args, "-o", tmp_path / "b")
+    assert first.exit_code == 0 and again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["evaluation"]["dense_cached"] is True
+    assert "dense baseline from the cache" in again.stderr  # said in the log
+    edit_in_the_middle(model / "model.safetensors")
+    edited = run(*args, "-o", tmp_path / "c")
+    assert edited.exit_code == 0, edited.output
+    assert json.loads(edited.stdout)["evaluation"]["dense_cached"] is False
+    assert "dense baseline from the cache" not in edited.stderr
+
+
+def test_resume_is_refused_when_a_model_file_changed_since_the_stop(tmp_path, wide_llama_dir, monkeypatch):
+    from tests.cli.test_resume import stop_at_block
+
+    model = _copy(wide_llama_dir, tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["compress", model, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", out]
+    with monkeypatch.context() as m:
+        stop_at_block(m, 1)
+        assert run(*args).exit_code == 130
+    edit_in_the_middle(model / "model.safetensors")
+    state = [p for p in tmp_path.glob(".out.partial-*/.work/resume/*")]
+    before = {p: p.read_bytes() for p in state}
+    refused = run(*args, "--resume", "--json")
+    one_line_error(refused, 2, f"{model / 'model.safetensors'} changed since the interrupted run", as_json=True)
+    assert state and {p: p.read_bytes() for p in state} == before  # the resume state is kept as it was
+
+
+def test_an_unchanged_model_resumes_and_says_so(tmp_path, tiny_llama_dir, monkeypatch):
+    from tests.cli.test_resume import stop_at_block
+
+    out = tmp_path / "out"
+    args = ["compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", out]
+    with monkeypatch.context() as m:
+        stop_at_block(m, 1)
+        assert run(*args).exit_code == 130
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "adopting the resume state" in resumed.stderr and "model files unchanged" in resumed.stderr

@@ -3,6 +3,7 @@ internal error and never a silently dense evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
@@ -267,3 +268,88 @@ def test_file_names_agree_with_the_runtime():
 
     assert checkpoint_files.ACTIVATION_FILE == runtime.ACTIVATION_FILE
     assert checkpoint_files.REPORT_FILE == runtime.REPORT_FILE
+
+
+# ----------------------------------------------------------------------------- file_digest
+
+
+def _big_file(path: Path, size: int = 3 << 20) -> Path:
+    path.write_bytes(bytes(range(256)) * (size // 256))
+    return path
+
+
+def _edit_middle_keep_mtime(path: Path) -> None:
+    import os
+    import time
+
+    before = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick, as any real edit is
+    with path.open("r+b") as handle:
+        handle.seek(before.st_size // 2)
+        handle.write(b"\xff\xfe")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("full_hash", [True, False])
+def test_file_digest_changes_on_a_same_size_edit_in_the_middle(tmp_path, monkeypatch, full_hash):
+    from prune_cli import checkpoint_files
+
+    if not full_hash:  # a file beyond the whole-content limit: its identity (ctime) gives it away
+        monkeypatch.setattr(checkpoint_files, "FULL_HASH_BYTES", 0)
+    path = _big_file(tmp_path / "w.safetensors")
+    old = checkpoint_files.file_digest(path)
+    assert checkpoint_files.file_digest(path) == old
+    _edit_middle_keep_mtime(path)
+    assert checkpoint_files.file_digest(path) != old
+
+
+def test_file_digest_changes_when_the_file_is_replaced_by_another(tmp_path, monkeypatch):
+    import os
+
+    from prune_cli import checkpoint_files
+
+    monkeypatch.setattr(checkpoint_files, "FULL_HASH_BYTES", 0)
+    path = _big_file(tmp_path / "w.safetensors")
+    old = checkpoint_files.file_digest(path)
+    info = path.stat()
+    other = tmp_path / "new.safetensors"
+    other.write_bytes(path.read_bytes()[::-1])
+    os.utime(other, ns=(info.st_atime_ns, info.st_mtime_ns))
+    other.replace(path)  # same name, size and mtime: another inode
+    assert checkpoint_files.file_digest(path) != old
+
+
+def test_the_gguf_cache_folder_changes_when_the_gguf_file_changes_in_the_middle(tmp_path):
+    from prune_cli import gguf_cache
+
+    gguf = _big_file(tmp_path / "model.gguf")
+    old = gguf_cache.folder_for(gguf)
+    _edit_middle_keep_mtime(gguf)
+    assert gguf_cache.folder_for(gguf) != old
+
+
+def test_file_digest_of_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    from prune_cli.checkpoint_files import file_digest
+
+    os.mkfifo(tmp_path / "model.safetensors")
+    with within_seconds(10), pytest.raises(CheckpointError, match=r"model\.safetensors is a named pipe \(FIFO\)"):
+        file_digest(tmp_path / "model.safetensors")
+
+
+@contextlib.contextmanager
+def within_seconds(seconds: int):
+    """Fail (instead of hanging the test run) when the body blocks longer than ``seconds``."""
+    import signal
+
+    def timeout(signum, frame):
+        raise TimeoutError(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
