@@ -75,6 +75,7 @@ def verify_checkpoint(folder: str | Path) -> dict:
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{report_path} is not valid JSON") from None
+    check_report(report, report_path)
     check_checkpoint_folder(folder, report)  # weight files whole, declared components present
     _check_activation_file(folder)
     problems: list[str] = []
@@ -102,6 +103,45 @@ def verify_checkpoint(folder: str | Path) -> dict:
                               hint="the checkpoint was changed after prune-cli wrote it, or the report belongs to another one")
     return {"checkpoint": str(folder), "tensors_checked": len(digests) if recorded is not None else 0,
             "layers_checked": len(layers), "hashes_recorded": recorded is not None}
+
+
+def check_report(report, path: Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the key unless ``report`` is a
+    prune-cli sparsity report this version reads, with the fields verify checks against in
+    their types: a list, another tool's ``sparsity.json``, a newer schema version or ``{}``
+    used to crash or to "verify" with nothing checked. Reports of older prune-cli versions
+    (no ``schema_version``, no ``tensors_sha256``) pass."""
+    from prune_cli.output import REPORT_FORMAT
+    from prune_cli.report import REPORT_SCHEMA_VERSION
+
+    hint = "verify checks the sparsity.json prune-cli compress wrote next to the weights"
+    if not isinstance(report, dict):
+        raise CheckpointError(f"{path} is not a JSON object but a {type(report).__name__}", hint=hint)
+    if report.get("format") != REPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a prune-cli sparsity report (format {report.get('format')!r})", hint=hint)
+    version = report.get("schema_version", REPORT_SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > REPORT_SCHEMA_VERSION:
+        raise CheckpointError(f"{path} has schema_version {version!r}; this prune-cli reads up to {REPORT_SCHEMA_VERSION}",
+                              hint="verify it with the prune-cli version that wrote it (see its versions.prune_cli)")
+    fields = {
+        "files": (list, lambda e: isinstance(e, dict) and isinstance(e.get("name"), str)
+                  and isinstance(e.get("bytes"), int) and not isinstance(e.get("bytes"), bool)),
+        "layers": (list, lambda e: isinstance(e, dict) and isinstance(e.get("name"), str)
+                   and isinstance(e.get("achieved_sparsity"), (int, float)) and not isinstance(e.get("achieved_sparsity"), bool)),
+        "tensors_sha256": (dict, None),
+    }
+    for key, (kind, entry_ok) in fields.items():
+        value = report.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind):
+            raise CheckpointError(f"{path}: {key} is a {type(value).__name__}, not a {kind.__name__}", hint=hint)
+        if entry_ok is not None:
+            bad = next((i for i, e in enumerate(value) if not entry_ok(e)), None)
+            if bad is not None:
+                raise CheckpointError(f"{path}: {key}[{bad}] is not a valid entry ({json.dumps(value[bad])[:80]})", hint=hint)
+        elif not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise CheckpointError(f"{path}: {key} must map tensor names to hashes", hint=hint)
 
 
 def _check_activation_file(folder: Path) -> None:

@@ -233,3 +233,34 @@ def test_a_failed_point_still_prints_the_finished_ones(tmp_path, tiny_llama_dir,
         assert "wanda" in result.stdout and "0.3" in result.stdout and "stopped after 1 of 3 points" in result.stdout
     assert sorted(p.name for p in keep.iterdir()) == ["wanda-0.3"]
     assert json.loads((keep / "wanda-0.3" / "sparsity.json").read_text())["target_sparsity"] == 0.3
+
+
+# ----------------------------------------------------------------------------- 4. internal errors that were user errors
+
+
+@pytest.fixture(scope="module")
+def wanda_checkpoint(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("wanda") / "out"
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.report_edited
+@pytest.mark.parametrize("edit,needle", [
+    (lambda r: [1, 2], "is not a JSON object but a list"),
+    (lambda r: {}, "is not a prune-cli sparsity report (format None)"),
+    (lambda r: {**r, "format": "someone-else/report"}, "is not a prune-cli sparsity report"),
+    (lambda r: {**r, "schema_version": 99}, "has schema_version 99; this prune-cli reads up to 1"),
+    (lambda r: {**r, "layers": [{"name": 3}]}, "layers[0] is not a valid entry"),
+    (lambda r: {**r, "files": {"model.safetensors": 1}}, "files is a dict, not a list"),
+], ids=["list", "empty", "other-format", "newer-schema", "bad-layer", "files-as-dict"])
+def test_verify_refuses_a_report_it_cannot_check(wanda_checkpoint, tmp_path, edit, needle):
+    """A report that is not prune-cli's (a list crashed verify with exit 1; ``{}`` or another
+    tool's report "verified" with nothing checked) is exit 2 naming the file."""
+    target = tmp_path / "copy"
+    shutil.copytree(wanda_checkpoint, target)
+    report = json.loads((target / "sparsity.json").read_text())
+    (target / "sparsity.json").write_text(json.dumps(edit(report)))
+    data = one_line_error(run("verify", target, "--json"), 2, needle, as_json=True)
+    assert "sparsity.json" in data["error"]["message"]
