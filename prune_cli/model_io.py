@@ -471,8 +471,34 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+# config.json keys that point transformers at code files of the model's repository (loaded with
+# trust_remote_code): prune-cli never runs such code and does not export those files
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def drop_remote_code(config) -> list[str]:
+    """Remove from ``config`` the keys naming remote code files (:data:`REMOTE_CODE_KEYS`); returns
+    the ones removed. An export keeping ``auto_map`` without the ``.py`` files it names would
+    fail to load with ``trust_remote_code=True``, or silently run other code where such files
+    are found; the model prune-cli wrote is the transformers class its ``architectures`` names."""
+    removed = []
+    for key in REMOTE_CODE_KEYS:
+        if getattr(config, key, None) is not None:
+            try:
+                delattr(config, key)
+            except AttributeError:
+                setattr(config, key, None)
+            removed.append(key)
+    if removed:
+        log.info("dropped %s from the exported config.json: prune-cli runs no remote code and exports no code files "
+                 "(the checkpoint loads as %s)", " and ".join(removed), getattr(config, "architectures", None))
+    return removed
+
+
 def prepare_for_save(model: nn.Module) -> None:
-    """Drop GGUF quantizer state so ``save_pretrained`` writes plain dense safetensors."""
+    """Drop GGUF quantizer state so ``save_pretrained`` writes plain dense safetensors, and the
+    config's references to remote code (:func:`drop_remote_code`)."""
+    drop_remote_code(model.config)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

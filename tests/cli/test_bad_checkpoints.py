@@ -170,3 +170,25 @@ def test_an_unchanged_model_resumes_and_says_so(tmp_path, tiny_llama_dir, monkey
     resumed = run(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "adopting the resume state" in resumed.stderr and "model files unchanged" in resumed.stderr
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_an_export_drops_auto_map_and_custom_pipelines(tmp_path, tiny_llama_dir):
+    """prune-cli never runs remote code nor exports code files: references to them are dropped."""
+    model = _copy(tiny_llama_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    config["custom_pipelines"] = {"text-generation": {"impl": "pipeline_custom.Pipe"}}
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = run("compress", model, "--method", "magnitude", "--sparsity", "0.5", *FAST, "-o", out)
+    assert result.exit_code == 0, result.output
+    exported = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in exported and "custom_pipelines" not in exported
+    assert exported["architectures"] == ["LlamaForCausalLM"]
+    assert "dropped auto_map and custom_pipelines" in result.stderr
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # loads without remote code
