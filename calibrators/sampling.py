@@ -1,6 +1,7 @@
 """Token windows for calibration (random, reproducible) and evaluation (consecutive).
 
-The text is tokenized once as one stream. Calibration draws ``n`` distinct, non-overlapping
+The text is tokenized once as one stream (a text longer than ``sources.WHOLE_TEXT_CHARS``
+characters: piece by piece, only its beginning, as far as the windows need; see :func:`tokenize`). Calibration draws ``n`` distinct, non-overlapping
 slots of ``seqlen`` tokens in an order fixed by a ``torch.Generator`` seeded with ``seed``,
 so no token is used twice and too little text is an error, never a silent shrink.
 
@@ -56,12 +57,53 @@ def resolve_bos(tokenizer, mode: str = "auto") -> int | None:
     return int(tokenizer.bos_token_id) if adds_bos(tokenizer) else None
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
+# A streamed text (calibrators.sources.StreamedText, longer than WHOLE_TEXT_CHARS) is tokenised
+# piece by piece until the windows have room: SLACK times the tokens they use, and at least
+# MIN_STREAMED_TOKENS, so that the seeded draw still picks among many more slots than it takes.
+SLACK = 4
+MIN_STREAMED_TOKENS = 2**19
+
+
+def tokenize(tokenizer, text, max_tokens: int | None = None) -> torch.Tensor:
+    """The text's token ids as one 1-D LongTensor (no special tokens added).
+
+    ``text``: a string or a :class:`~prune_cli.calibrators.sources.Text`, tokenised whole; or a
+    :class:`~prune_cli.calibrators.sources.StreamedText`, tokenised a piece at a time, and only
+    until ``max_tokens`` ids are there (all of it when ``None``): its memory depends on the
+    windows asked for, not on the size of the file."""
+    if not getattr(text, "streamed", False):
+        return _ids(tokenizer, text if isinstance(text, str) else text.text)
+    parts, count = [], 0
+    for piece in text.pieces():
+        parts.append(_ids(tokenizer, piece))
+        count += parts[-1].numel()
+        if max_tokens is not None and count >= max_tokens:
+            break
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _ids(tokenizer, text: str) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def window_tokens(n: int, seqlen: int, bos: int | None = None) -> int:
+    """Text tokens ``n`` windows of ``seqlen`` use (``seqlen - 1`` each with a BOS)."""
+    return n * max(seqlen - (bos is not None), 1)
+
+
+def calibration_ids(tokenizer, text, n: int, seqlen: int, bos: int | None = None) -> torch.Tensor:
+    """The token ids to draw ``n`` calibration (and validation) windows from: the whole text,
+    or of a streamed text the first ``max(SLACK * needed, MIN_STREAMED_TOKENS)`` tokens."""
+    return tokenize(tokenizer, text, max(SLACK * window_tokens(n, seqlen, bos), MIN_STREAMED_TOKENS))
+
+
+def evaluation_ids(tokenizer, text, n: int, seqlen: int, bos: int | None = None) -> torch.Tensor:
+    """The token ids of ``n`` consecutive evaluation windows and more: the whole text, or of a
+    streamed text just its first windows' worth (the windows are its first tokens)."""
+    return tokenize(tokenizer, text, window_tokens(n, seqlen, bos))
 
 
 def _check_enough(ids: torch.Tensor, n: int, seqlen: int, what: str, flag_hint: str, bos: int | None) -> int:

@@ -20,11 +20,12 @@ from prune_cli import distributed
 from prune_cli.activation.modules import SparsityTally
 from prune_cli.allocation import allocate_owl, with_overrides
 from prune_cli.calibrators.sampling import (
+    calibration_ids,
     calibration_windows,
+    evaluation_ids,
     evaluation_windows,
     fingerprint,
     resolve_bos,
-    tokenize,
     validation_windows,
 )
 from prune_cli.calibrators.sources import Text, bundled_text, text_from_dataset, text_from_files
@@ -406,16 +407,18 @@ def _tokens(config: RunConfig, tokenizer, model_config, offline: bool) -> _Token
     bos = resolve_bos(tokenizer, config.bos)
     if bos is not None:
         log.info("every window starts with the BOS token (id %d), as this tokenizer does by default", bos)
-    cal_ids = tokenize(tokenizer, cal_text.text)
+    validating = config.owl is not None and (config.owl.m is None or config.owl.lam is None)
+    n_val = config.owl.validation_windows if validating else 0
+    cal_ids = calibration_ids(tokenizer, cal_text, cal.samples + n_val, cal.seqlen, bos)
     cal_windows = calibration_windows(cal_ids, cal.samples, cal.seqlen, cal.seed, bos)
     val_windows = None
-    if config.owl is not None and (config.owl.m is None or config.owl.lam is None):
+    if validating:
         val_windows = validation_windows(cal_ids, cal.samples, config.owl.validation_windows, cal.seqlen, cal.seed, bos)
     ev = config.evaluation
     eval_text = eval_windows = None
     if ev.enabled:
         eval_text = evaluation_text(ev)
-        eval_windows = evaluation_windows(tokenize(tokenizer, eval_text.text), ev.windows, ev.seqlen, bos)
+        eval_windows = evaluation_windows(evaluation_ids(tokenizer, eval_text, ev.windows, ev.seqlen, bos), ev.windows, ev.seqlen, bos)
     tasks = None
     if ev.enabled and ev.task_settings() is not None:
         from prune_cli.tasks import TaskRun
@@ -952,7 +955,7 @@ def evaluate_checkpoint(
         text = windows = None
         if perplexity:
             text = evaluation_text(ev)
-            windows = evaluation_windows(tokenize(opened.tokenizer, text.text), ev.windows, ev.seqlen, bos)
+            windows = evaluation_windows(evaluation_ids(opened.tokenizer, text, ev.windows, ev.seqlen, bos), ev.windows, ev.seqlen, bos)
         tasks = None
         if ev.task_settings() is not None:
             from dataclasses import replace as _replace

@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,159 @@ def test_jsonl_text_field_must_be_a_string(tmp_path, value, kind):
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
     with pytest.raises(BadInputError, match=f"rows.jsonl:2: field 'text' is {kind}, not text"):
         text_from_files([path])
+
+
+# --- long texts: read in blocks, tokenised a piece at a time, only as far as the windows need ------
+
+
+@pytest.fixture()
+def small_limits(monkeypatch):
+    """Thresholds of a few kilobytes, so that small files take the streamed path."""
+    from prune_cli.calibrators import sources
+
+    monkeypatch.setattr(sources, "WHOLE_TEXT_CHARS", 5_000)
+    monkeypatch.setattr(sources, "READ_CHARS", 4_097)  # odd: a "\r\n" falls across two blocks
+    monkeypatch.setattr(sources, "PIECE_CHARS", 3_000)
+    return sources
+
+
+def _prose(chars: int) -> str:
+    text = bundled_text("calibration").text
+    return (text * (chars // len(text) + 1))[:chars]
+
+
+class _Recording:
+    """A tokenizer that records the length of every text it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_long_text_stays_on_disk_and_reads_back_exactly(tmp_path, small_limits, caplog):
+    from prune_cli.calibrators.sources import StreamedText, Text
+
+    txt, rows = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    txt.write_bytes(_prose(20_000).replace("\n", "\r\n").encode() + b"\r\ncaf\xe9\r")
+    rows.write_text("\n".join(json.dumps({"text": p}) for p in _prose(9_000).split("\n\n")) + "\n\n")
+    streamed = text_from_files([txt, rows])
+    small_limits.WHOLE_TEXT_CHARS = 10**9
+    with caplog.at_level("WARNING", logger="prune_cli.calibrators.sources"):
+        whole = text_from_files([txt, rows])
+    assert isinstance(streamed, StreamedText) and isinstance(whole, Text)
+    assert streamed.text == whole.text and streamed.sha256 == whole.sha256 and streamed.chars == len(whole.text)
+    assert "\r" not in whole.text and whole.text.count("\ufffd") == 1
+
+
+def test_pieces_join_to_the_text_and_cut_between_words():
+    from prune_cli.calibrators.sources import split_pieces
+
+    text = _prose(50_000)
+    pieces = list(split_pieces([text[i : i + 777] for i in range(0, len(text), 777)], 4_000))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 4_000
+    assert all(p[-1].isalnum() and n.startswith(" ") for p, n in zip(pieces, pieces[1:]))
+    one_word = list(split_pieces(["x" * 10_001], 4_000))  # no whitespace at all: cut anyway
+    assert list(map(len, one_word)) == [4_000, 4_000, 2_001]
+
+
+def test_piecewise_tokens_equal_whole_text_tokens_for_byte_level_bpe():
+    """Cut between two words, the pieces of a text tokenise to the same ids as the whole text
+    (the tiny test tokenizer is a byte-level BPE, like GPT-2's, Llama 3's and SmolLM2's)."""
+    from prune_cli.calibrators.sources import split_pieces
+    from tests.tiny_models import tiny_tokenizer
+
+    tokenizer, text = tiny_tokenizer(), bundled_text("calibration").text
+    pieces = list(split_pieces([text], 5_000))
+    assert len(pieces) > 20
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sum((tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces), []) == whole
+
+
+def test_a_long_text_is_tokenised_in_bounded_pieces_only_as_far_as_needed(tmp_path, small_limits, monkeypatch):
+    from prune_cli.calibrators import sampling
+    from tests.tiny_models import tiny_tokenizer
+
+    monkeypatch.setattr(sampling, "MIN_STREAMED_TOKENS", 1_000)
+    path = tmp_path / "long.txt"
+    path.write_text(_prose(400_000).replace("\n", " "))  # one long line
+    tokenizer = _Recording(tiny_tokenizer())
+    ids = sampling.calibration_ids(tokenizer, text_from_files([path]), 8, 32, None)
+    assert max(tokenizer.lengths) <= 3_000  # PIECE_CHARS
+    assert sum(tokenizer.lengths) < 20_000  # 4 x 8 x 32 tokens' worth, not the 400 000 characters
+    assert ids.numel() >= sampling.SLACK * 8 * 32
+    windows = calibration_windows(ids, 8, 32, seed=0)
+    assert windows.shape == (8, 32) and windows.unique(dim=0).shape[0] == 8
+    tokenizer.lengths.clear()
+    ev = sampling.evaluation_ids(tokenizer, text_from_files([path]), 2, 16, None)
+    assert ev.numel() >= 32 and len(tokenizer.lengths) == 1  # the first piece holds the two windows
+
+
+def test_a_short_text_is_tokenised_whole_as_before(tmp_path):
+    """Under WHOLE_TEXT_CHARS nothing changed: one tokenizer call on the whole text, the same
+    ids (so the same windows, fingerprints and resume states as before)."""
+    from prune_cli.calibrators import sampling
+    from tests.tiny_models import tiny_tokenizer
+
+    path = tmp_path / "a.txt"
+    path.write_text(_prose(100_000))
+    tokenizer = _Recording(tiny_tokenizer())
+    ids = sampling.calibration_ids(tokenizer, text_from_files([path]), 4, 64, None)
+    assert tokenizer.lengths == [100_000]
+    assert ids.tolist() == tiny_tokenizer()(path.read_text(), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_calibration_file(tmp_path):
+    """A 30 MB --calib-text (one 10 MB line among paragraphs) costs about what a 100 kB one does:
+    read in blocks and tokenised only as far as 2 windows of 64 tokens need. (Tokenised whole,
+    as it was, 30 MB took several GB.)"""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from prune_cli.calibrators.sampling import calibration_ids, calibration_windows\n"
+        "from prune_cli.calibrators.sources import text_from_files\n"
+        "from tests.tiny_models import tiny_tokenizer\n"
+        "tokenizer = tiny_tokenizer()\n"
+        "ids = calibration_ids(tokenizer, text_from_files([sys.argv[1]]), 2, 64)\n"
+        "print(calibration_windows(ids, 2, 64, 0).shape[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_text(_prose(100_000))
+    paragraphs = _prose(10_000_000)
+    with big.open("w") as f:
+        f.write(paragraphs)
+        f.write("\n\n" + paragraphs.replace("\n", " ") + "\n\n")  # one 10 MB line
+        f.write(paragraphs)
+    assert big.stat().st_size > 29_000_000
+    root = Path(__file__).resolve().parents[2]
+    peaks = {}
+    for path in (small, big):
+        out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[0] == "2"
+        peaks[path.name] = int(out[1]) * 1024  # ru_maxrss: kilobytes on Linux
+    assert peaks["big.txt"] - peaks["small.txt"] < 400 * 2**20, peaks
+
+
+def test_dataset_column_must_hold_text(tmp_path):
+    pytest.importorskip("datasets")
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"label": i, "content": f"line {i}"}) for i in range(3)))
+    with pytest.raises(BadInputError, match="column 'label' holds int64 values, not text"):
+        text_from_dataset(str(path), column="label")
+
+
+def test_dataset_read_in_batches_like_the_whole_column(tmp_path, small_limits):
+    from prune_cli.calibrators.sources import StreamedText
+
+    pytest.importorskip("datasets")
+    path = tmp_path / "d.jsonl"
+    rows = [p for p in _prose(30_000).split("\n\n")] + [None, ""]
+    path.write_text("\n".join(json.dumps({"content": r}) for r in rows))
+    t = text_from_dataset(str(path), column="content")
+    assert isinstance(t, StreamedText) and t.text == "\n\n".join(r for r in rows if r)
