@@ -233,15 +233,16 @@ def _print_tasks_table(tasks: dict) -> None:
     stdout.print(table)
 
 
-def _exit_on_failed_gates(report: dict) -> None:
+def _exit_on_failed_gates(report: dict, checkpoint: Path | None = None) -> None:
     """Exit 3 with one line per failed gate on stderr (the report, with its ``gates`` results,
-    is already written and printed)."""
+    is already written and printed); ``checkpoint``: where it was written (the report holds only
+    the folder's name)."""
     from prune_cli.gates import GATE_FAILED_EXIT, describe, failed
 
     bad = failed(report.get("gates"))
     if bad:
         for result in bad:
-            stderr.print(f"gate failed: {describe(result)}; the checkpoint was written to {report.get('output')}",
+            stderr.print(f"gate failed: {describe(result)}; the checkpoint was written to {checkpoint or report.get('output')}",
                          markup=False, highlight=False)
         raise typer.Exit(GATE_FAILED_EXIT)
 
@@ -384,7 +385,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _print_compress_table(report: dict) -> None:
+def _print_compress_table(report: dict, checkpoint: Path | None = None) -> None:
     table = Table(title=f"prune-cli: {report['method']} {report['pattern']} on {report['model']}")
     table.add_column("")
     table.add_column("dense", justify="right")
@@ -400,7 +401,7 @@ def _print_compress_table(report: dict) -> None:
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
     stdout.print(f"timings: {timings}", highlight=False)
     if report.get("output"):
-        stdout.print(f"checkpoint: {report['output']}", highlight=False)
+        stdout.print(f"checkpoint: {checkpoint or report['output']}", highlight=False)
 
 
 def _print_plan(plan: dict) -> None:
@@ -571,11 +572,14 @@ def compress(
             return
         with _signals_as_interrupts(), RichEvents() as events:
             report = run_compress(request, events)
+        from prune_cli.output import output_path
+
+        written = output_path(request.output) if report.get("output") else None  # the report names the folder only
         if as_json:
             _emit_json(report)  # every rank's, under torchrun (they hold the same masks)
         elif _launcher_rank() == 0:
-            _print_compress_table(report)
-        _exit_on_failed_gates(report)
+            _print_compress_table(report, written)
+        _exit_on_failed_gates(report, written)
 
 
 @app.command("eval")

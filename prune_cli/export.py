@@ -257,8 +257,11 @@ class CheckpointWriter:
 
         report["tensors_sha256"] = tensor_digests(self.folder, [f for f in files if f.endswith(".safetensors")])
         from prune_cli.model_card import recorded_source, source_facts, write_model_card
+        from prune_cli.portable import make_portable
 
-        facts = source_facts(recorded_source(report))
+        source = recorded_source(report)
+        facts = source_facts(source)
+        make_portable(report, source, facts)  # no path of this machine in the files written
         write_model_card(self.folder, report, facts)
         fix_modes(self.folder)
         report["files"] = file_list(self.folder)

