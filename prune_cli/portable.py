@@ -20,14 +20,32 @@ report is written (and so before ``compress --json`` prints it):
 Nothing that reads a report needs the paths: ``eval`` reads the method, pattern, perplexity and
 dtype, ``verify`` the files and hashes, the resume state and the dense-baseline cache keep their
 own fingerprints (with the real paths) outside the export.
+
+:func:`drop_loading_leftovers` removes what transformers records of how the source was loaded
+from the files it saves: ``local_files_only`` / ``is_local`` in ``tokenizer_config.json`` (a
+reader of the pushed folder would be told to stay offline), a GGUF source's
+``_model_name_or_path`` (its ``general.name``) in ``config.json``, and any absolute path.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 from prune_cli.model_card import SourceFacts
 from prune_cli.model_io import ModelSource
+
+log = logging.getLogger(__name__)
+
+# keys that say how a model or tokenizer was loaded, not what it is
+CONFIG_LEFTOVERS = frozenset({"_name_or_path", "_model_name_or_path", "name_or_path", "gguf_file", "_commit_hash"})
+TOKENIZER_LEFTOVERS = frozenset({
+    "local_files_only", "is_local", "_is_local", "name_or_path", "_commit_hash", "gguf_file", "cache_dir",
+    "force_download", "proxies", "token", "use_auth_token", "revision", "subfolder", "trust_remote_code",
+    "_from_auto", "special_tokens_map_file", "tokenizer_file",
+})
 
 
 def portable_model(source: ModelSource, facts: SourceFacts) -> str:
@@ -93,3 +111,32 @@ def make_portable(report: dict, source: ModelSource, facts: SourceFacts) -> dict
     if report.get("tasks") and "include_path" in report["tasks"]:
         report["tasks"]["include_path"] = _names(report["tasks"]["include_path"])
     return report
+
+
+def _drop_keys(data: dict, keys: frozenset) -> list[str]:
+    """Remove ``keys`` and every entry whose value is an absolute path from ``data``; returns
+    the keys removed."""
+    dropped = [k for k, v in data.items() if k in keys or (isinstance(v, str) and os.path.isabs(v))]
+    for key in dropped:
+        del data[key]
+    return dropped
+
+
+def drop_loading_leftovers(folder: Path) -> list[str]:
+    """Rewrite ``config.json`` and ``tokenizer_config.json`` in ``folder`` without the keys of
+    :data:`CONFIG_LEFTOVERS` / :data:`TOKENIZER_LEFTOVERS` or absolute paths, in the layout
+    transformers writes them (sorted keys, two-space indent); returns ``file:key`` of each key
+    removed."""
+    removed = []
+    for name, keys, ascii_only in (("config.json", CONFIG_LEFTOVERS, True), ("tokenizer_config.json", TOKENIZER_LEFTOVERS, False)):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        dropped = _drop_keys(data, keys)
+        if dropped:
+            path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=ascii_only) + "\n", encoding="utf-8")
+            removed += [f"{name}:{key}" for key in dropped]
+    if removed:
+        log.debug("left out of the export: %s", ", ".join(removed))
+    return removed

@@ -215,3 +215,36 @@ def test_portable_text_sources(tmp_path):
     assert portable_text_source("dataset:wikitext:wikitext-2-raw-v1:test:text") == "dataset:wikitext:wikitext-2-raw-v1:test:text"
     assert portable_text_source("bundled:pydoc-topics-py3.11:calibration") == "bundled:pydoc-topics-py3.11:calibration"
     assert (portable_dataset(str(data)), portable_dataset("org/name"), portable_dataset(None)) == ("set.jsonl", "org/name", None)
+
+
+# --- no local-loading leftovers -------------------------------------------------------------------
+
+
+def test_no_loading_leftovers(exported, source_dir):
+    from transformers import AutoTokenizer
+
+    from prune_cli.portable import CONFIG_LEFTOVERS, TOKENIZER_LEFTOVERS
+
+    out, _ = exported
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert not set(tokenizer_config) & TOKENIZER_LEFTOVERS, tokenizer_config
+    assert not set(json.loads((out / "config.json").read_text())) & CONFIG_LEFTOVERS
+    text = "def main():\n    return 42"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(source_dir)(text)["input_ids"]
+
+
+def test_gguf_config_leftovers_are_dropped(tmp_path):
+    """A config loaded from a GGUF file carries its general.name as ``_model_name_or_path``
+    (transformers' GGUF mapping); the export drops it and keeps everything else."""
+    from transformers import LlamaConfig
+
+    from prune_cli.portable import drop_loading_leftovers
+
+    LlamaConfig(_model_name_or_path="Smollm2 135M 8k Lc100K Mix1 Ep2", vocab_size=99).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"is_local": True, "local_files_only": True, "tokenizer_file": "/home/me/tok.json", "model_max_length": 8192}))
+    removed = drop_loading_leftovers(tmp_path)
+    assert sorted(removed) == ["config.json:_model_name_or_path", "tokenizer_config.json:is_local",
+                               "tokenizer_config.json:local_files_only", "tokenizer_config.json:tokenizer_file"]
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"model_max_length": 8192}
+    assert LlamaConfig.from_pretrained(tmp_path).vocab_size == 99
