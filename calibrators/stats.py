@@ -84,6 +84,9 @@ class InputStats:
     derived: dict = field(default_factory=dict, repr=False)
     # Where the consumers live (e.g. ``model.layers.3``), to name them fully in messages.
     block: str = ""
+    # The reorderings of these channels that the checkpoint can absorb (set by the pruning stage
+    # from :class:`prune_cli.permutation.Fold`'s ``groups``; None: the channel order is fixed).
+    channel_groups: torch.Tensor | None = field(default=None, repr=False, compare=False)
     # True once check_finite() found every statistic finite; update() clears it.
     _finite: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -137,6 +140,21 @@ class InputStats:
             list(self.consumers),
             block=self.block,
         )
+
+    def permuted(self, perm: torch.Tensor) -> "InputStats":
+        """The same statistics with the channels in the order ``perm`` (channel ``c`` of the
+        result is channel ``perm[c]`` here); derived quantities are not carried over."""
+        def take(t: torch.Tensor | None, both: bool = False) -> torch.Tensor | None:
+            if t is None:
+                return None
+            p = perm.to(t.device)
+            return t[p][:, p] if both else t[p]
+
+        out = InputStats(self.in_features, self.wanted, self.count, take(self.sum), take(self.sum_sq),
+                         take(self.xtx, both=True), self.xtx_tokens, list(self.consumers),
+                         tokens_per_window=self.tokens_per_window, block=self.block)
+        out._finite = self._finite
+        return out
 
     def consumer_names(self) -> list[str]:
         """The consumers' names, prefixed by :attr:`block` when it is known."""

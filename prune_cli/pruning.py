@@ -6,6 +6,7 @@ and SparseGPT's reference code)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -18,8 +19,11 @@ from prune_cli.methods.magnitude import Magnitude
 from prune_cli.model_io import block_linears
 from prune_cli.moe import ExpertRecord, MoeOptions, complete_expert_stats, routed_experts
 from prune_cli.patterns import NM, Unstructured
+from prune_cli.permutation import block_folds, fold_into_producers, layout_for, text_config
 from prune_cli.plan import LayerPlan, Plan
 from prune_cli.report import LayerRecord, tensor_sha256
+
+log = logging.getLogger(__name__)
 
 
 def check_mask(mask: torch.Tensor, pattern, name: str) -> None:
@@ -34,6 +38,16 @@ def check_mask(mask: torch.Tensor, pattern, name: str) -> None:
         expected = pattern.sparsity * mask.numel()
         if abs(pruned - expected) > out_features + 1:
             raise RuntimeError(f"{name}: pruned {pruned} weights, expected about {expected:.0f}")
+
+
+def _may_permute(lp: LayerPlan) -> bool:
+    return lp.method.permutes_inputs and isinstance(lp.pattern, NM)
+
+
+def _permuted(diagnostics: dict | None) -> bool:
+    """Whether a layer's diagnostics say its input channels were permuted (also under DSnoT's ``base``)."""
+    diagnostics = diagnostics or {}
+    return bool(diagnostics.get("inputs_permuted") or (diagnostics.get("base") or {}).get("inputs_permuted"))
 
 
 @dataclass
@@ -79,6 +93,23 @@ class PruneStage(Stage):
     def begin(self, driver: BlockDriver) -> None:
         self.driver = driver
         self.batches = driver.capture(self.windows, self.batch_size)
+        self.model_config = text_config(driver.model)
+        if any(_may_permute(lp) for lp in self.plan.layers) and layout_for(self.model_config) is None:
+            log.info("input-channel permutation not folded for model type %s (layout not verified): "
+                     "N:M groups are chosen in the stored channel order",
+                     getattr(self.model_config, "model_type", "unknown"))
+
+    def _offer_permutations(self, layer_plans: list[LayerPlan], linears: dict, stats: dict) -> dict:
+        """The block's folds (:mod:`prune_cli.permutation`) for the N:M Linears whose method may
+        reorder input channels; their (unshared) input statistics get the fold's channel groups."""
+        wanted = {lp.local_name for lp in layer_plans if _may_permute(lp)}
+        if not wanted:
+            return {}
+        folds = {c: f for c, f in block_folds(linears, self.model_config).items() if c in wanted}
+        for consumer, fold in folds.items():
+            if consumer in stats and len(stats[consumer].consumers) <= 1:
+                stats[consumer].channel_groups = fold.groups
+        return folds
 
     @torch.no_grad()
     def on_block(self, index: int, block: nn.Module) -> None:
@@ -94,8 +125,10 @@ class PruneStage(Stage):
                 self.experts.extend(experts)
                 layer_plans = [replace(lp, method=Magnitude()) if lp.local_name in by_magnitude else lp
                                for lp in layer_plans]
+            folds = self._offer_permutations(layer_plans, linears, stats)
             results = _prune_block(layer_plans, linears, stats, self.backend)
             del stats
+            fold_into_producers(folds, results, linears)  # producers' rows follow permuted inputs
             for lp in layer_plans:
                 linear = linears[lp.local_name]
                 result = results.pop(lp.local_name)
@@ -104,7 +137,8 @@ class PruneStage(Stage):
                 zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
                 self.records.append(
                     LayerRecord(lp.name, (lp.out_features, lp.in_features), lp.method.name, lp.pattern.describe(),
-                                lp.pattern.target_sparsity, zeros, tensor_sha256(result.mask), tensor_sha256(linear.weight))
+                                lp.pattern.target_sparsity, zeros, tensor_sha256(result.mask), tensor_sha256(linear.weight),
+                                result.info)
                 )
         if self.finalize is not None:
             self.finalize(block)
@@ -113,11 +147,15 @@ class PruneStage(Stage):
 
     def finish(self, driver: BlockDriver) -> None:
         self.batches = []
+        permuted = [r.name for r in self.records if _permuted(r.diagnostics)]
+        if permuted:
+            log.info("input channels permuted in %d Linears (rows of their producers reordered to match; "
+                     "each layer's report diagnostics say which): %s ... %s", len(permuted), permuted[0], permuted[-1])
 
     def state_dict(self) -> dict:
         return {"hidden": [b.held() for b in self.batches],
                 "records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity,
-                             r.mask_sha256, r.weight_sha256] for r in self.records],
+                             r.mask_sha256, r.weight_sha256, r.diagnostics] for r in self.records],
                 "experts": [[e.name, e.routed_tokens, e.calibration] for e in self.experts]}
 
     def load_state_dict(self, state: dict) -> None:

@@ -34,6 +34,8 @@ class LayerRecord:
     achieved_sparsity: float  # fraction of exact zeros in the stored weight
     mask_sha256: str | None = None  # of the keep mask's bytes (row-major bool), first 16 hex digits
     weight_sha256: str | None = None  # of the pruned weight's bytes in the compute dtype
+    # The method's own diagnostics for this layer (``PruneResult.info``; JSON-ready), or None.
+    diagnostics: dict | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -46,6 +48,8 @@ class LayerRecord:
         }
         if self.mask_sha256 is not None:
             out.update(mask_sha256=self.mask_sha256, weight_sha256=self.weight_sha256)
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics
         return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod, select
 from prune_cli.methods.dsnot import DSnoT
 from prune_cli.methods.magnitude import Magnitude
+from prune_cli.methods.ria import RIA
 from prune_cli.methods.sparsegpt import SparseGPT
 from prune_cli.methods.wanda import Wanda
 from prune_cli.registry import Registry
@@ -15,6 +16,7 @@ WEIGHT_METHODS.register(Magnitude.name, Magnitude)
 WEIGHT_METHODS.register(Wanda.name, Wanda)
 WEIGHT_METHODS.register(SparseGPT.name, SparseGPT)
 WEIGHT_METHODS.register(DSnoT.name, DSnoT)
+WEIGHT_METHODS.register(RIA.name, RIA)
 
 
 def build_method(name: str, options: dict | None = None) -> WeightMethod:

@@ -44,6 +44,14 @@ Job = tuple[torch.Tensor, "InputStats | None", SparsityPattern]
 class PruneResult:
     weight: torch.Tensor  # (out, in), the dtype of the input weight, zeros where ~mask
     mask: torch.Tensor  # (out, in) bool, True = kept
+    # The method's own per-layer diagnostics (JSON-ready: str keys, numbers, strings); the
+    # pruning stage records them as the layer's ``diagnostics`` in the report. None: nothing.
+    info: dict | None = None
+    # The order of the input channels ``weight`` and ``mask`` are in (``perm[c]`` = the original
+    # input channel now at ``c``), when the method permuted them (RIA under N:M, only where the
+    # input's statistics carry ``channel_groups``); the pruning stage reorders the producers'
+    # rows to match (:func:`prune_cli.permutation.fold_into_producers`). None: original order.
+    input_permutation: torch.Tensor | None = None
 
 
 def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") -> torch.Tensor:
@@ -90,6 +98,9 @@ class WeightMethod(ABC):
 
     name: ClassVar[str]
     required_stats: ClassVar[frozenset[Stat]] = frozenset()
+    # Whether the method may reorder a Linear's input channels (``PruneResult.input_permutation``)
+    # when its input statistics say which reorderings fold into the checkpoint (``channel_groups``).
+    permutes_inputs: ClassVar[bool] = False
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "WeightMethod":

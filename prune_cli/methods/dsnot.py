@@ -70,7 +70,7 @@ from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, 
 from prune_cli.patterns import NM, SparsityPattern
 
 MODES = ("guarded", "reference")
-BASES = ("magnitude", "wanda", "sparsegpt")
+BASES = ("magnitude", "wanda", "sparsegpt", "ria")
 
 
 def _ordered(
@@ -85,6 +85,11 @@ def _ordered(
     k = max(1, min(limit, values.shape[1]))
     order = torch.topk(keyed, k, dim=1, largest=descending, sorted=True).indices
     return order, eligible.sum(dim=1)
+
+
+def _base_info(result: PruneResult) -> dict | None:
+    """The base method's diagnostics, reported under ``base`` (None when it has none)."""
+    return None if result.info is None else {"base": result.info}
 
 
 def _at(order: torch.Tensor, pointer: torch.Tensor) -> torch.Tensor:
@@ -139,6 +144,10 @@ class DSnoT(WeightMethod):
             wanted.add(Stat.GRAM if self.guard_gram == "full" else Stat.GRAM_SAMPLE)
         return frozenset(wanted)
 
+    @property
+    def permutes_inputs(self) -> bool:  # type: ignore[override]
+        return self.base_method().permutes_inputs
+
     def for_layer(self, local_name: str) -> WeightMethod:
         if self.skip is not None and re.search(self.skip, local_name):
             return self.base_method()
@@ -160,6 +169,7 @@ class DSnoT(WeightMethod):
             raise RuntimeError("dsnot needs input statistics")
         base = self.base_method()
         results = [base.prune(weight, stats, pattern, backend) for weight, stats, pattern in jobs]
+        jobs = [_in_base_order(job, result) for job, result in zip(jobs, results)]
         if self.max_cycles == 0:
             return results
         batches: dict[tuple, list[int]] = {}
@@ -175,7 +185,8 @@ class DSnoT(WeightMethod):
             if self._walks_lists_in_order(m, check_sign, kernel):
                 self._swap_in_list_order(parts)
                 for i, part in zip(members, parts):
-                    results[i] = PruneResult(part.What.to(jobs[i][0].dtype), part.keep)
+                    results[i] = PruneResult(part.What.to(jobs[i][0].dtype), part.keep, _base_info(results[i]),
+                                             results[i].input_permutation)
                 continue
             rows = _Rows.stack(parts, self.mode == "guarded")
             state = _SwapState(self, rows, check_sign)
@@ -189,7 +200,8 @@ class DSnoT(WeightMethod):
                     else:
                         self._swap_unstructured(state, lists)
             for i, (weight_hat, keep) in zip(members, rows.split()):
-                results[i] = PruneResult(weight_hat.to(jobs[i][0].dtype), keep)
+                results[i] = PruneResult(weight_hat.to(jobs[i][0].dtype), keep, _base_info(results[i]),
+                                         results[i].input_permutation)
         return results
 
     @staticmethod
@@ -362,6 +374,17 @@ class DSnoT(WeightMethod):
             state.advance_grow(grow_up, live)
             used[row_ids[live], idx_prune[live]] = True
             used[row_ids[take], idx_grow[take]] = True  # a regrown weight is never pruned again
+
+
+def _in_base_order(job: Job, result: PruneResult) -> Job:
+    """The job with its input channels in the order the base chose (a RIA base may permute them
+    under N:M, :attr:`PruneResult.input_permutation`): the swaps then run on the base's groups,
+    and the result keeps the base's permutation for the pruning stage to fold."""
+    perm = result.input_permutation
+    if perm is None:
+        return job
+    weight, stats, pattern = job
+    return weight[:, perm], stats.permuted(perm), pattern
 
 
 class _Part:
