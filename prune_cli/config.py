@@ -500,9 +500,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
                               hint=did_you_mean(str(merged[key]), list(DTYPE_NAMES)))
     if not isinstance(ev["enabled"], bool):
         raise RecipeError("evaluation.enabled must be true or false")
-    if cal["chat_template"] and not cal["text"]:
-        raise RecipeError("calibration.chat_template applies to .jsonl calibration files",
-                          hint="give --calib-text FILE.jsonl with rows holding a messages list")
+    _check_calibration_source(cal)
     gates = _gates(merged["gates"])
     if gates.active and not ev["enabled"]:
         raise RecipeError("a quality gate needs the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
@@ -559,6 +557,24 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         name=merged["name"],
         description=merged["description"],
     )
+
+
+def _check_calibration_source(cal: dict) -> None:
+    """``calibration.split``, ``column`` and ``chat_template`` select within a dataset or
+    ``.jsonl`` files: given (other than their defaults) where the calibration text has none,
+    they would be ignored without a word, so they are refused."""
+    paths = _paths(cal["text"], "calibration.text")
+    jsonl = any(p.suffix == ".jsonl" for p in paths)
+    source = "plain text files (no .jsonl)" if paths else "the bundled text"
+    if cal["chat_template"] and not jsonl:
+        raise RecipeError("calibration.chat_template applies to .jsonl calibration files",
+                          hint="give --calib-text FILE.jsonl with rows holding a messages list")
+    if cal["split"] != DEFAULTS["calibration"]["split"] and not cal["dataset"]:
+        raise RecipeError(f"calibration.split {cal['split']!r} selects a split of a dataset, but the calibration text is {source}",
+                          hint="drop --calib-split, or calibrate on --calib-dataset NAME")
+    if cal["column"] != DEFAULTS["calibration"]["column"] and not cal["dataset"] and not jsonl:
+        raise RecipeError(f"calibration.column {cal['column']!r} names a field of .jsonl rows or a dataset column, "
+                          f"but the calibration text is {source}", hint="drop --calib-column, or give --calib-text FILE.jsonl")
 
 
 def _gates(section: dict) -> Gates:

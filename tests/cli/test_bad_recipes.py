@@ -122,3 +122,29 @@ def test_re_prefix_marks_a_regular_expression(tmp_path, tiny_llama_dir):
     assert plans[0] == plans[1]
     assert {(layer["module"].split(".", 3)[-1], layer["sparsity"]) for layer in plans[0]} == {
         ("mlp.gate_proj", 0.5), ("mlp.up_proj", 0.3)}
+
+
+# ----------------------------------------------------------------------------- options that would select nothing
+
+
+@pytest.mark.parametrize("case", ["column-with-txt", "column-with-bundled", "split-without-dataset", "chat-with-txt"])
+def test_calibration_selectors_without_anything_to_select_are_refused(tmp_path, tiny_llama_dir, case):
+    """--calib-column, --calib-split and --calib-chat-template pick within .jsonl rows or a
+    dataset; where the calibration text has neither they were ignored without a word."""
+    txt = tmp_path / "a.txt"
+    txt.write_text("some words " * 200)
+    args, needle = {
+        "column-with-txt": (["--calib-text", txt, "--calib-column", "body"], "calibration.column 'body'"),
+        "column-with-bundled": (["--calib-column", "body"], "calibration.column 'body'"),
+        "split-without-dataset": (["--calib-split", "test"], "calibration.split 'test'"),
+        "chat-with-txt": (["--calib-text", txt, "--calib-chat-template"], "calibration.chat_template"),
+    }[case]
+    for dry_run in (False, True):
+        one_line_error(_compress(tmp_path, tiny_llama_dir, *WANDA, *args, dry_run=dry_run), 2, needle)
+
+
+def test_jsonl_text_with_a_lone_surrogate_is_refused(tmp_path, tiny_llama_dir):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": "word " * 40 + ("\ud800" if i == 3 else "")}) for i in range(6)))
+    one_line_error(_compress(tmp_path, tiny_llama_dir, *WANDA, "--calib-text", rows), 2,
+                   f"{rows}:4: field 'text' is not valid text (a lone surrogate")
