@@ -1,6 +1,7 @@
 """Pruning time of each weight method on the bundled model, in one process on a quiet machine:
 ``calibrate_and_prune`` (capturing inputs, statistics, pruning, propagation) per method, and
-each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%).
+each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%), and RIA's relative
+to Wanda's at the same pattern (goal: at most 1.3x, with the 2:4 channel permutation).
 
     python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...] [--exclude reference]
         [--repeats 3] [--default-malloc]
@@ -34,6 +35,9 @@ RUNS = [
     ("dsnot(wanda, guarded)", {"method": "dsnot", "method_options": {"base": "wanda"}}, "wanda"),
     ("sparsegpt", {"method": "sparsegpt"}, None),
     ("dsnot(sparsegpt, guarded)", {"method": "dsnot", "method_options": {"base": "sparsegpt"}}, "sparsegpt"),
+    ("ria", {"method": "ria"}, "wanda"),
+    ("wanda 2:4", {"method": "wanda", "pattern": "2:4", "sparsity": None}, None),
+    ("ria 2:4 (permuted)", {"method": "ria", "pattern": "2:4", "sparsity": None}, "wanda 2:4"),
 ]
 
 
@@ -59,7 +63,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name, overrides, base in selected:
             model.load_state_dict(dense)
-            plan = build_plan(model, resolve(None, {**overrides, "sparsity": args.sparsity}))
+            plan = build_plan(model, resolve(None, {"sparsity": args.sparsity, **overrides}))
             start = time.perf_counter()
             calibrate_and_prune(model, plan, cal, 8, torch.device("cpu"))
             seconds[name].append(time.perf_counter() - start)

@@ -41,9 +41,11 @@ def runs() -> list[tuple[str, str, dict]]:
         out += [
             ("wanda", level, {"method": "wanda", **pat}),
             ("sparsegpt", level, {"method": "sparsegpt", **pat}),
+            ("ria", level, {"method": "ria", **pat}),
             ("dsnot-reference(wanda, as released: attention only)", level, {"method": "dsnot", "method_options": {"base": "wanda", **REF_RELEASED}, **pat}),
             ("dsnot-guarded(wanda)", level, {"method": "dsnot", "method_options": {"base": "wanda"}, **pat}),
         ]
+    out.append(("ria (no permutation)", "2:4", {"method": "ria", "pattern": "2:4", "method_options": {"permute": False}}))
     for level, s in (("60%", 0.6), ("70%", 0.7)):
         out += [
             ("owl(wanda, M=5, lambda=0.08)", level, {"method": "wanda", "sparsity": s, "layerwise": {"method": "owl", "m": 5, "lambda": 0.08}}),
