@@ -182,9 +182,32 @@ def _error_fields(exc: BaseException) -> tuple[str, str, str | None, int, str]:
         return "UsageError", _one_line(exc.format_message()), "see --help", 2, "error"
     if isinstance(exc, PruneCliError):
         return type(exc).__name__, str(exc), exc.hint, exc.exit_code, "error"
+    user = _user_os_error(exc)
+    if user is not None:
+        return (type(exc).__name__, *user, 2, "error")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return (type(exc).__name__, f"{type(exc).__name__}: {first}", "rerun with --debug for the traceback, and please report it",
             1, "internal error")
+
+
+def _user_os_error(exc: BaseException) -> tuple[str, str] | None:
+    """``(message, hint)`` for an operating-system error that is the user's to fix wherever it
+    comes from (exit code 2): a path with a name longer than the file system allows (any path
+    argument), a full disk or quota; None for any other error."""
+    import errno
+
+    from prune_cli.output import os_errno
+
+    number = os_errno(exc)
+    if number == errno.ENAMETOOLONG:
+        name = getattr(exc, "filename", None)
+        return (f"file name too long: {name}" if name else "a file name is too long for the file system",
+                "each name in a path may have at most 255 bytes on most file systems")
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        name = getattr(exc, "filename", None)
+        return (f"no space left on the device{f' writing {name}' if name else ''}: {os.strerror(number)}",
+                "free some space and run it again")
+    return None
 
 
 def _parse_tasks(text: str | None) -> tuple[str, ...]:

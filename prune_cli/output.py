@@ -196,8 +196,49 @@ def check_replaceable(output: Path) -> None:
         )
 
 
+# what prune-cli adds to --output's name for the folders it writes beside it: the staging folder
+# ".NAME.partial-" + 8 random characters (tempfile.mkdtemp) is the longest
+_BESIDE_BYTES = len(".") + len(".partial-") + 8
+
+
+def check_name_lengths(output: Path) -> None:
+    """Refuse an ``--output`` whose name cannot be made on its file system: a name longer than
+    the file system's limit per name (255 bytes on most), or one so long that the staging folder
+    beside it (``.NAME.partial-XXXXXXXX``) would be, or a path beyond the path limit. (The
+    operating system says "File name too long" only at the first write, and for the staging
+    folder that reads as if the parent were not writable.)"""
+    ancestor = output.parent
+    while True:  # the nearest existing folder (a too-long name does not exist: stat says so)
+        try:
+            if ancestor.exists():
+                break
+        except OSError:
+            pass
+        ancestor = ancestor.parent
+    try:
+        name_max, path_max = os.pathconf(ancestor, "PC_NAME_MAX"), os.pathconf(ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    hint = "choose a shorter --output"
+    for part in output.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise OutputNotWritableError(f"--output name too long: {part[:32]}... is {size} bytes, the file system allows "
+                                         f"{name_max} per name", hint=hint)
+    size = len(os.fsencode(output.name)) + _BESIDE_BYTES
+    if size > name_max:
+        raise OutputNotWritableError(
+            f"--output name too long: {output.name[:32]}... is {size - _BESIDE_BYTES} bytes, and prune-cli writes "
+            f".NAME.partial-XXXXXXXX beside it ({size} bytes; the file system allows {name_max} per name)",
+            hint=f"choose an --output name of at most {name_max - _BESIDE_BYTES} bytes")
+    if len(os.fsencode(str(output))) + _BESIDE_BYTES >= path_max:
+        raise OutputNotWritableError(f"--output path too long: {len(os.fsencode(str(output)))} bytes, the file system "
+                                     f"allows {path_max} per path (less what prune-cli adds)", hint=hint)
+
+
 def check_output(output: Path, overwrite: bool) -> None:
     """What needs no writing: ``output`` may be created, or replaced with ``overwrite``."""
+    check_name_lengths(output)
     if output.exists() or output.is_symlink():
         if not output.is_dir():
             raise OutputExistsError(f"output exists and is not a folder: {output}", hint="choose another --output")
@@ -215,6 +256,41 @@ def _not_writable(folder: Path, output: Path, exc: OSError) -> OutputNotWritable
     return OutputNotWritableError(
         f"cannot write in {folder} (for --output {output}): {exc.strerror or exc}", hint="choose a writable --output"
     )
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc``: an ``OSError``'s, or the ``(os error N)`` that
+    safetensors' writer puts in its message (it raises its own error type)."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":
+        import re
+
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_named(folder: Path, output: Path | None = None):
+    """A full disk or quota (ENOSPC, EDQUOT) while a run writes is an
+    :class:`OutputNotWritableError` (exit 2) saying there is no space left on ``folder`` (the
+    folder of the file, when the error names it), not an internal error."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only a full disk is translated
+        if os_errno(exc) not in _FULL:
+            raise
+        filename = getattr(exc, "filename", None)
+        where = Path(filename).parent if filename else folder
+        what = f" while writing --output {output} (nothing was written to it)" if output is not None else ""
+        raise OutputNotWritableError(
+            f"no space left on {where}{what}: {os.strerror(os_errno(exc))}",
+            hint="free some space, or choose an --output (and TMPDIR) on a file system with room",
+        ) from None
 
 
 def preflight(output: Path, overwrite: bool) -> None:

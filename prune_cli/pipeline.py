@@ -48,7 +48,7 @@ from prune_cli.model_io import (
     resolve_source,
 )
 from prune_cli.model_io import save_dtype as model_save_dtype
-from prune_cli.output import REPORT_FILE, OutputTarget, output_path, preflight
+from prune_cli.output import REPORT_FILE, OutputTarget, disk_full_named, output_path, preflight
 from prune_cli.plan import Plan, build_plan
 from prune_cli.pruning import CalibrationResult, PruneStage, calibrate_and_prune, check_mask  # noqa: F401 - re-exported
 from prune_cli.report import (EVAL_SCHEMA_VERSION, REPORT_SCHEMA_VERSION, LayerRecord, Timings, masks_digest,
@@ -262,10 +262,14 @@ def compress(request: CompressRequest, events: Events | None = None) -> dict:
     if request.output is None or distributed.rank() != 0:
         if distributed.active():
             _claimed_on_rank_0(None)
-        return _compress(request, source, device, backend, backend_note, None, events)
+        import tempfile
+
+        with disk_full_named(Path(tempfile.gettempdir())):  # the work folder (spilled activations)
+            return _compress(request, source, device, backend, backend_note, None, events)
     with _claim(request) as target:
         try:
-            return _compress(request, source, device, backend, backend_note, target, events)
+            with disk_full_named(target.output.parent, target.output):  # the staging folder is there
+                return _compress(request, source, device, backend, backend_note, target, events)
         except BaseException as exc:
             # an interrupted run's state is kept for --resume; so is one adopted from another run
             if target.adopted or (isinstance(exc, InterruptedRun) and target.staging is not None

@@ -264,3 +264,68 @@ def test_verify_refuses_a_report_it_cannot_check(wanda_checkpoint, tmp_path, edi
     (target / "sparsity.json").write_text(json.dumps(edit(report)))
     data = one_line_error(run("verify", target, "--json"), 2, needle, as_json=True)
     assert "sparsity.json" in data["error"]["message"]
+
+
+def _full_disk(monkeypatch, where: str) -> None:
+    """The file system fills up at the first write of ``where``: the checkpoint's shards
+    (``os.pwrite`` raises OSError ENOSPC) or the spilled calibration activations (safetensors'
+    writer raises its own error carrying the OS error number)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    if where == "shards":
+        from prune_cli.shards import StreamingCheckpoint
+
+        def write(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(StreamingCheckpoint, "write", write)
+    else:
+        from prune_cli.calibrators.spill import FileTensor
+
+        def spill(cls, *a, **k):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(FileTensor, "write", classmethod(spill))
+
+
+@pytest.mark.parametrize("where", ["shards", "spill"])
+def test_a_full_disk_during_calibration_is_named(tmp_path, tiny_llama_dir, monkeypatch, where):
+    """A disk that fills up while the blocks are written (or activations spilled) is exit 2
+    naming the folder, not an internal error; the staging folder is removed."""
+    _full_disk(monkeypatch, where)
+    out = tmp_path / "out"
+    spill = ["--max-memory", "1KB"] if where == "spill" else []
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, *spill, "-o", out, "--json")
+    data = one_line_error(result, 2, f"no space left on {tmp_path}", as_json=True)
+    assert data["error"]["type"] == "OutputNotWritableError"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("length,needle", [(300, "is 300 bytes, the file system allows"),
+                                           (240, "prune-cli writes .NAME.partial-XXXXXXXX beside it")],
+                         ids=["name-over-the-limit", "staging-name-over-the-limit"])
+def test_an_output_name_too_long_is_said_so(tmp_path, tiny_llama_dir, monkeypatch, dry, length, needle):
+    """An --output name the file system cannot hold (or whose staging folder it cannot) is exit
+    2 saying the name is too long, run and dry run alike, before any work (it was an internal
+    error, or a misleading 'cannot write in' the parent)."""
+    import prune_cli.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    before = fingerprint(tmp_path)
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", tmp_path / ("o" * length),
+                 *(["--dry-run"] if dry else []))
+    one_line_error(result, 2, "--output name too long")
+    assert needle in result.stderr
+    assert fingerprint(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [["verify", "{p}"], ["eval", "{p}", *EVAL],
+                                     ["compress", "{m}", "--method", "wanda", "--sparsity", "0.5", "--calib-text", "{p}",
+                                      "--dry-run"]], ids=["verify", "eval", "calib-text"])
+def test_an_input_path_with_a_name_too_long_is_exit_2(tmp_path, tiny_llama_dir, command):
+    path = tmp_path / ("n" * 300)
+    args = [a.format(p=path, m=tiny_llama_dir) for a in command]
+    one_line_error(run(*args), 2, "file name too long")
