@@ -350,6 +350,10 @@ def open_model(source: ModelSource, dtype: str, device: torch.device, offline: b
         stored = weights.stored_dtype
         compute, note = compute_dtype(dtype, stored, device)
         skeleton = probe if compute == torch.float32 else empty_model(config, compute)
+    from prune_cli.weights import check_stored_shapes
+
+    # every header's shape against the model's, before a tensor is read (a 70 GB declared tensor)
+    check_stored_shapes(skeleton, weights, getattr(skeleton, "base_model_prefix", "") or "")
     tokenizer = load_tokenizer(source, offline)
     decoder_blocks(skeleton)  # fail early on unsupported layouts
     driver = BlockDriver(skeleton, device, weights, compute, placement=placement)

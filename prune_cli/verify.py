@@ -77,6 +77,7 @@ def verify_checkpoint(folder: str | Path) -> dict:
         raise CheckpointError(f"{report_path} is not valid JSON") from None
     check_report(report, report_path)
     check_checkpoint_folder(folder, report)  # weight files whole, declared components present
+    _check_declared_shapes(folder)  # before any tensor is read or hashed
     _check_activation_file(folder)
     problems: list[str] = []
     for entry in report.get("files") or []:
@@ -158,6 +159,23 @@ def _check_activation_file(folder: Path) -> None:
     with safe_open(str(path), framework="pt") as handle:
         for name in sorted(handle.keys()):
             check_activation_buffers({name: handle.get_tensor(name)}, path)
+
+
+def _check_declared_shapes(folder: Path) -> None:
+    """Every weight's shape as the headers declare it against the model its config.json builds
+    (:func:`~prune_cli.weights.check_stored_shapes`), before a byte of a tensor is read: a header
+    declaring a 70 GB tensor would otherwise be hashed, then read, in full."""
+    from prune_cli.model_io import ModelSource, load_config
+    from prune_cli.weights import RenamedWeights, SafetensorsWeights, check_stored_shapes, checkpoint_renames, empty_model
+
+    skeleton = empty_model(load_config(ModelSource("folder", str(folder)), offline=True), torch.float32)
+    weights = SafetensorsWeights(folder)
+    try:
+        renames = checkpoint_renames(skeleton, weights.names())
+        check_stored_shapes(skeleton, RenamedWeights(weights, renames) if renames else weights,
+                            getattr(skeleton, "base_model_prefix", "") or "")
+    finally:
+        weights.close()
 
 
 def stored_weight_name(model, layer: str) -> tuple[str, int | None]:

@@ -271,6 +271,29 @@ class RenamedWeights(WeightSource):
     def layout(self) -> dict[str, "str | MergedTensor"]:
         return {name: stored for name, stored in self._names.items() if stored != name}
 
+    def stored_shape(self, name: str) -> tuple[int, ...] | None:
+        entry = self._names[name]
+        if not isinstance(entry, MergedTensor):
+            return self.inner.stored_shape(entry)
+        stacks = []
+        for part in entry.parts:
+            shapes = {self.inner.stored_shape(n) for n in part}
+            if None in shapes:
+                return None
+            if len(shapes) != 1:  # experts of different shapes cannot be stacked
+                raise CheckpointError(f"{self.inner.file_of(part[0])}: the experts {part[0]} ... {part[-1]} have "
+                                      f"different shapes ({sorted(shapes)})", hint="the checkpoint does not match its config.json")
+            stacks.append((len(part), *shapes.pop()))
+        if entry.concat_dim is None:
+            return stacks[0]
+        out = list(stacks[0])
+        out[entry.concat_dim] = sum(stack[entry.concat_dim] for stack in stacks)
+        return tuple(out)
+
+    def file_of(self, name: str) -> str:
+        entry = self._names[name]
+        return self.inner.file_of(entry if isinstance(entry, str) else entry.parts[0][0])
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
         wanted = []
@@ -549,6 +572,41 @@ def materialize(
     return list(wanted)
 
 
+def check_stored_shapes(model: nn.Module, source: WeightSource, base_prefix: str = "") -> int:
+    """Before any tensor's bytes are read: every tensor ``model`` (built from its config, on the
+    meta device) will read from ``source`` is there, with the shape the model expects (a
+    Conv1D weight transposed), as the checkpoint's headers declare it. A header is a promise
+    about bytes not yet read: one declaring a 70 GB tensor (with consistent offsets) would
+    otherwise be read into memory first, and only then found not to fit. Returns how many
+    shapes were checked (a source that cannot tell a shape before reading it, GGUF, is checked
+    from its metadata instead). Raises :class:`CheckpointError` naming the file, the tensor,
+    the expected and the declared shape."""
+    from prune_cli.conv1d import stored_shape
+
+    tied = tied_names(model)
+    checked = 0
+    for name in state_names(model):
+        current = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
+        if name in tied or current is None or current.device.type != "meta":
+            continue
+        found = source_name(source, name, base_prefix)
+        if found is None:
+            raise CheckpointError(f"{source.description} has no tensor {name}",
+                                  hint="the checkpoint does not match its config.json")
+        declared = source.stored_shape(found)
+        if declared is None:
+            continue
+        expected = stored_shape(model, name, tuple(current.shape))
+        if tuple(declared) != tuple(expected):
+            raise CheckpointError(
+                f"{source.file_of(found)}: tensor {found} is declared {list(declared)}, the model (its config.json) "
+                f"expects {list(expected)}",
+                hint="the checkpoint does not match its config.json, or its header is damaged",
+            )
+        checked += 1
+    return checked
+
+
 def _is_param(module: nn.Module, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
     return leaf in (module.get_submodule(owner) if owner else module)._parameters
@@ -585,6 +643,12 @@ class LayeredWeights(WeightSource):
 
     def layout(self) -> dict[str, "str | MergedTensor"]:
         return self.base.layout()
+
+    def stored_shape(self, name: str) -> tuple[int, ...] | None:
+        return self._names[name].stored_shape(name)
+
+    def file_of(self, name: str) -> str:
+        return self._names[name].file_of(name)
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.cli.test_bad_input import fingerprint, one_line_error, run
+from tests.cli.test_bad_input import checkpoint, fingerprint, one_line_error, run  # noqa: F401 - a fixture
 
 EVAL = ["--eval-windows", "2", "--eval-seqlen", "16", "--device", "cpu"]
 FAST = ["--calib-samples", "2", "--seqlen", "16", "--no-eval", "--device", "cpu"]
@@ -192,3 +192,54 @@ def test_an_export_drops_auto_map_and_custom_pipelines(tmp_path, tiny_llama_dir)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # loads without remote code
+
+
+# ----------------------------------------------------------------------------- headers checked before reading
+
+
+def _with_declared_shape(folder: Path, name: str, shape: list[int]) -> int:
+    """Rewrite ``folder``'s model.safetensors so that tensor ``name`` is declared ``shape`` (float32,
+    placed last, offsets consistent) and the file is as long as the header says: a sparse file
+    (``truncate``), so a 70 GB declaration costs no disk. Returns the declared bytes."""
+    import os
+    import struct
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors[name]
+    header, blobs, offset = {}, [], 0
+    for key, tensor in tensors.items():
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    declared = 4 * int(torch.tensor(shape).prod())
+    header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + declared]}
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    os.truncate(path, 8 + len(head) + offset + declared)
+    return declared
+
+
+@pytest.mark.parametrize("command", ["eval", "compress"])
+def test_a_header_declaring_a_70_gb_tensor_is_refused_before_reading(tmp_path, tiny_llama_dir, command):
+    folder = _copy(tiny_llama_dir, tmp_path / "model")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert _with_declared_shape(folder, name, [64, 280_000_000]) > 70e9
+    args = ["eval", folder, *EVAL] if command == "eval" else \
+        ["compress", folder, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", tmp_path / "out"]
+    before = fingerprint(tmp_path)
+    result = run(*args, "--json")
+    data = one_line_error(result, 2, f"tensor {name} is declared [64, 280000000]", as_json=True)
+    assert "expects [64, 128]" in data["error"]["message"] and "model.safetensors" in data["error"]["message"]
+    assert fingerprint(tmp_path) == before
+
+
+def test_verify_refuses_a_header_declaring_another_shape_before_reading(tmp_path, checkpoint):
+    import shutil as _shutil
+
+    folder = tmp_path / "ckpt"
+    _shutil.copytree(checkpoint, folder)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _with_declared_shape(folder, name, [64, 280_000_000])
+    one_line_error(run("verify", folder), 2, f"tensor {name} is declared [64, 280000000]")
