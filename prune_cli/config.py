@@ -386,6 +386,10 @@ def load_recipe(path: Path) -> dict:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping")
+    from prune_cli import llmcompressor_recipe
+
+    if llmcompressor_recipe.is_llmcompressor_recipe(data):  # NAME_stage: {..._modifiers: {...}}
+        data = llmcompressor_recipe.to_prune_cli(data, path)
     if data.get("version") != RECIPE_VERSION:
         raise RecipeError(
             f"{path}: unsupported recipe version {data.get('version')!r}",
