@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,6 +506,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     if not isinstance(ev["enabled"], bool):
         raise RecipeError("evaluation.enabled must be true or false")
     _check_calibration_source(cal)
+    _check_text_files(_paths(cal["text"], "calibration.text"), _paths(ev["text"], "evaluation.text"), ev["enabled"])
     gates = _gates(merged["gates"])
     if gates.active and not ev["enabled"]:
         raise RecipeError("a quality gate needs the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
@@ -579,6 +581,23 @@ def _check_calibration_source(cal: dict) -> None:
     if cal["column"] != DEFAULTS["calibration"]["column"] and not cal["dataset"] and not jsonl:
         raise RecipeError(f"calibration.column {cal['column']!r} names a field of .jsonl rows or a dataset column, "
                           f"but the calibration text is {source}", hint="drop --calib-column, or give --calib-text FILE.jsonl")
+
+
+def _check_text_files(calibration: tuple[Path, ...], evaluation: tuple[Path, ...], evaluating: bool) -> None:
+    """A text file listed twice (it would be read twice: its windows drawn from a doubled text),
+    or read for both calibration and evaluation (the perplexity would not be held out), is refused."""
+    for key, paths in (("calibration.text", calibration), ("evaluation.text", evaluation)):
+        seen: dict[str, Path] = {}
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise RecipeError(f"{key} lists {path} twice" + (f" (also as {seen[real]})" if seen[real] != path else ""))
+            seen[real] = path
+    both = {os.path.realpath(p) for p in calibration} & {os.path.realpath(p) for p in evaluation}
+    if both and evaluating:
+        shared = next(p for p in evaluation if os.path.realpath(p) in both)
+        raise RecipeError(f"{shared} is both calibration and evaluation text: the perplexity would not be held out",
+                          hint="give --eval-text a file the calibration does not read")
 
 
 def _gates(section: dict) -> Gates:

@@ -148,3 +148,16 @@ def test_jsonl_text_with_a_lone_surrogate_is_refused(tmp_path, tiny_llama_dir):
     rows.write_text("\n".join(json.dumps({"text": "word " * 40 + ("\ud800" if i == 3 else "")}) for i in range(6)))
     one_line_error(_compress(tmp_path, tiny_llama_dir, *WANDA, "--calib-text", rows), 2,
                    f"{rows}:4: field 'text' is not valid text (a lone surrogate")
+
+
+def test_a_text_file_read_twice_is_refused(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some words " * 400)
+    one_line_error(_compress(tmp_path, tiny_llama_dir, *WANDA, "--calib-text", "a.txt", "--calib-text", tmp_path / "a.txt"),
+                   2, f"calibration.text lists {tmp_path / 'a.txt'} twice (also as a.txt)")
+    before = fingerprint(tmp_path)
+    result = run("compress", tiny_llama_dir, *WANDA, "--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1",
+                 "--eval-seqlen", "16", "--device", "cpu", "--calib-text", "a.txt", "--eval-text", tmp_path / "a.txt",
+                 "-o", tmp_path / "out")
+    one_line_error(result, 2, "is both calibration and evaluation text")
+    assert fingerprint(tmp_path) == before
