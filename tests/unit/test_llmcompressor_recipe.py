@@ -163,6 +163,9 @@ def test_per_layer_list_refusals(args, needle):
 
 
 def test_targets_select_as_llm_compressor_selects():
+    assert target_regex("Linear", "k") is None and target_regex("Qwen2DecoderLayer", "k") is None
+    assert target_regex("model.layers.1", "k") == r"^model\.layers\.1(?:\.|$)"
+    assert target_regex("model.layers.1", "k", inside=False) == r"^model\.layers\.1$"
     assert selected(read(sparsity=0.5, targets=["Linear"])) == NAMES
     assert selected(read(sparsity=0.5, targets="__ALL_PRUNABLE__")) == NAMES
     assert selected(read(sparsity=0.5, targets=["LlamaDecoderLayer"])) == NAMES
