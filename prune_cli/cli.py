@@ -485,7 +485,7 @@ def compress(
     model: Optional[str] = typer.Argument(None, help="Hub id, local HF folder, .gguf file; omit for the bundled SmolLM2-135M."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (flags override it)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=cli_help("method")),
-    base: Optional[str] = typer.Option(None, "--base", help="Base method of dsnot: magnitude, wanda, sparsegpt or ria."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base method of dsnot: magnitude, wanda, sparsegpt, alps or ria."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE (repeatable), e.g. -O mode=reference."),
     layerwise: Optional[str] = typer.Option(None, "--layerwise", help=cli_help("layerwise.method")),
     owl_m: Optional[str] = typer.Option(None, "--owl-m", help=cli_help("layerwise.m"), callback=_auto_number, metavar="auto|<float>"),

@@ -68,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("version", 1, "Recipe format version.", "int", minimum=1),
     Setting("name", None, "Free text naming the recipe.", "str", optional=True),
     Setting("description", None, "Free text.", "str", optional=True),
-    Setting("method", None, "Method: magnitude, wanda, sparsegpt, dsnot, ria (weights); teal, wina, rsparse (activation sparsity).", "str", optional=True),
+    Setting("method", None, "Method: magnitude, wanda, sparsegpt, dsnot, alps, ria (weights); teal, wina, rsparse (activation sparsity).", "str", optional=True),
     Setting("method_options", {}, "The method's options (strict).", "mapping"),
     Setting("sparsity", None, "Fraction of weights removed, in [0, 1).", "number", optional=True),
     Setting("pattern", "unstructured", "unstructured, or N:M = N KEPT of every M (2:4, 4:8).", "str", optional=True),

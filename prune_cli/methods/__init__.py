@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from prune_cli.methods.alps import ALPS
 from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod, select
 from prune_cli.methods.dsnot import DSnoT
 from prune_cli.methods.magnitude import Magnitude
@@ -17,6 +18,7 @@ WEIGHT_METHODS.register(Wanda.name, Wanda)
 WEIGHT_METHODS.register(SparseGPT.name, SparseGPT)
 WEIGHT_METHODS.register(DSnoT.name, DSnoT)
 WEIGHT_METHODS.register(RIA.name, RIA)
+WEIGHT_METHODS.register(ALPS.name, ALPS)
 
 
 def build_method(name: str, options: dict | None = None) -> WeightMethod:

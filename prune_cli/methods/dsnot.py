@@ -70,7 +70,7 @@ from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, 
 from prune_cli.patterns import NM, SparsityPattern
 
 MODES = ("guarded", "reference")
-BASES = ("magnitude", "wanda", "sparsegpt", "ria")
+BASES = ("magnitude", "wanda", "sparsegpt", "alps", "ria")
 
 
 def _ordered(
