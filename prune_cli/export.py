@@ -257,9 +257,10 @@ class CheckpointWriter:
 
         report["tensors_sha256"] = tensor_digests(self.folder, [f for f in files if f.endswith(".safetensors")])
         from prune_cli.model_card import recorded_source, source_facts, write_model_card
-        from prune_cli.portable import drop_loading_leftovers, make_portable
+        from prune_cli.portable import drop_loading_leftovers, make_portable, write_legacy_rope
 
         drop_loading_leftovers(self.folder)
+        write_legacy_rope(self.folder)  # rope_theta & co. for readers of the transformers 4 layout
         source = recorded_source(report)
         facts = source_facts(source)
         make_portable(report, source, facts)  # no path of this machine in the files written

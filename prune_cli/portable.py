@@ -25,6 +25,14 @@ own fingerprints (with the real paths) outside the export.
 from the files it saves: ``local_files_only`` / ``is_local`` in ``tokenizer_config.json`` (a
 reader of the pushed folder would be told to stay offline), a GGUF source's
 ``_model_name_or_path`` (its ``general.name``) in ``config.json``, and any absolute path.
+
+:func:`write_legacy_rope` makes ``config.json`` read the same by transformers 5 and by older
+readers: transformers 5 keeps RoPE settings in ``rope_parameters``; transformers 4 (and tools that
+read ``config.json`` the way it does) read ``rope_theta``, ``partial_rotary_factor`` and
+``rope_scaling`` at the top level and fall back to defaults without them (a model with
+``rope_theta`` 100000 silently computed with 10000). The legacy fields are derived from
+``rope_parameters``; transformers 5 reads them back to the same ``rope_parameters`` (checked on
+the written file, else they are left out).
 """
 
 from __future__ import annotations
@@ -112,6 +120,13 @@ def make_portable(report: dict, source: ModelSource, facts: SourceFacts) -> dict
         report["tasks"]["include_path"] = _names(report["tasks"]["include_path"])
     return report
 
+# transformers 4's names of RoPE settings, where they are not rope_theta / partial_rotary_factor
+_LEGACY_NAMES = {"gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}}
+# per-layer-type rope_parameters: the top-level name of each layer type's theta, and the layer
+# type whose scaling transformers 4 read as rope_scaling
+_LEGACY_NESTED = {"gemma3_text": ({"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"}, "full_attention")}
+_NOT_SCALING = ("rope_theta", "partial_rotary_factor")
+
 
 def _drop_keys(data: dict, keys: frozenset) -> list[str]:
     """Remove ``keys`` and every entry whose value is an absolute path from ``data``; returns
@@ -140,3 +155,71 @@ def drop_loading_leftovers(folder: Path) -> list[str]:
     if removed:
         log.debug("left out of the export: %s", ", ".join(removed))
     return removed
+
+
+def _rope_scaling(parameters: dict) -> dict | None:
+    """transformers 4's ``rope_scaling`` for one ``rope_parameters`` dict: ``None`` for the
+    default type, else its entries but the theta and the partial rotary factor."""
+    if parameters.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in parameters.items() if k not in _NOT_SCALING}
+
+
+def legacy_rope_fields(config: dict) -> dict:
+    """The top-level RoPE fields a transformers 4 reader of ``config`` (a ``config.json`` as a
+    dict) needs to compute what transformers 5 computes from its ``rope_parameters``; keys the
+    config already has are left as they are. ``{}`` when it has no RoPE settings, or per-layer-type
+    settings of a model type not in :data:`_LEGACY_NESTED`."""
+    parameters = config.get("rope_parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        return {}
+    model_type = config.get("model_type")
+    out: dict = {}
+    if model_type in _LEGACY_NESTED:
+        thetas, scaled = _LEGACY_NESTED[model_type]
+        if not set(parameters) <= set(thetas) or any(_rope_scaling(parameters[k] or {}) for k in parameters if k != scaled):
+            log.info("config.json: no legacy RoPE fields for these %s rope_parameters", model_type)
+            return {}
+        out = {name: parameters[kind]["rope_theta"] for kind, name in thetas.items() if "rope_theta" in (parameters.get(kind) or {})}
+        scaling = _rope_scaling(parameters.get(scaled) or {})
+    elif all(isinstance(v, dict) for v in parameters.values()):
+        log.info("config.json: no legacy RoPE fields for per-layer-type rope_parameters of %s", model_type)
+        return {}
+    else:
+        names = _LEGACY_NAMES.get(model_type, {})
+        out = {names.get(key, key): parameters[key] for key in _NOT_SCALING if key in parameters}
+        scaling = _rope_scaling(parameters)
+    if scaling:
+        out["rope_scaling"] = scaling
+    return {k: v for k, v in out.items() if k not in config}
+
+
+def _rope_parameters(folder: Path):
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(folder), "rope_parameters", None)
+
+
+def write_legacy_rope(folder: Path) -> dict:
+    """Add :func:`legacy_rope_fields` to ``folder``'s ``config.json`` when transformers 5 reads
+    the file back to the same ``rope_parameters`` (else, or when it cannot read it, leave the
+    file as it was, said in the log); returns the fields added."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    original = path.read_text(encoding="utf-8")
+    config = json.loads(original)
+    legacy = legacy_rope_fields(config)
+    if not legacy:
+        return {}
+    try:
+        before = _rope_parameters(folder)
+        path.write_text(json.dumps({**config, **legacy}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        after = _rope_parameters(folder)
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot read back: keep it as written
+        after, before = None, exc
+    if after != before:
+        path.write_text(original, encoding="utf-8")
+        log.warning("config.json: legacy RoPE fields left out (transformers reads them back as %s, not %s)", after, before)
+        return {}
+    return legacy

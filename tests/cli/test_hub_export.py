@@ -248,3 +248,87 @@ def test_gguf_config_leftovers_are_dropped(tmp_path):
                                "tokenizer_config.json:local_files_only", "tokenizer_config.json:tokenizer_file"]
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"model_max_length": 8192}
     assert LlamaConfig.from_pretrained(tmp_path).vocab_size == 99
+
+
+# --- config.json: the same model for transformers 5 and for readers of the older layout ---------
+
+ROOT = Path(__file__).resolve().parents[2]
+MIN_PYTHON = ROOT / ".venv-min" / "bin" / "python"  # `make test-min`: the lowest transformers supported
+TOKENS = [(7 * i + 3) % 384 for i in range(48)]
+ROPE = {"rope_type": "llama3", "rope_theta": 100000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+# loads exports with plain transformers and saves their logits for TOKENS (run by another Python)
+LOGITS = """
+import json, sys
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+for folder, target in json.loads(sys.argv[1]):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([json.loads(sys.argv[2])])).logits
+    torch.save({"logits": logits, "transformers": transformers.__version__,
+                "rope_parameters": model.config.rope_parameters}, target)
+"""
+
+@pytest.fixture(scope="module")
+def rope_export(tmp_path_factory, tiny_llama_dir):
+    """An export of the tiny Llama with rope_theta 100000 and llama3 scaling (a transformers 4
+    reader without the legacy fields computes with rope_theta 10000 and no scaling)."""
+    source = tmp_path_factory.mktemp("rope") / "tiny-llama-rope"
+    shutil.copytree(tiny_llama_dir, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "rope_parameters": ROPE}, indent=2))
+    out = source.parent / "out"
+    result = run("compress", source, "--method", "magnitude", "--sparsity", "0.5", *SMALL, "--no-eval", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _logits(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS])).logits, model.config.rope_parameters
+
+
+def test_config_has_the_legacy_rope_fields(rope_export):
+    """What a reader of the transformers 4 layout reads (rope_theta, rope_scaling at the top
+    level; its defaults when absent) is the model transformers 5 reads from rope_parameters."""
+    from transformers import LlamaConfig
+
+    config = json.loads((rope_export / "config.json").read_text())
+    assert config["rope_parameters"] == ROPE
+    assert config.get("rope_theta", 10000.0) == 100000.0
+    assert config.get("rope_scaling") == {k: v for k, v in ROPE.items() if k != "rope_theta"}
+    legacy_only = LlamaConfig.from_dict({k: v for k, v in config.items() if k != "rope_parameters"})
+    assert legacy_only.rope_parameters == ROPE
+    assert LlamaConfig.from_pretrained(rope_export).rope_parameters == ROPE
+
+
+@pytest.mark.skipif(not MIN_PYTHON.is_file(), reason=f"no {MIN_PYTHON.parent.parent.name} (`make test-min` builds it): "
+                    "the lowest supported transformers is not installed")
+def test_lowest_supported_transformers_computes_the_same_logits(exported, rope_export, tmp_path):
+    """The lowest transformers this project supports loads each export (default RoPE, and
+    rope_theta 100000 with llama3 scaling) to the same RoPE settings and the same logits as the
+    current one, with no warning about them."""
+    import os
+    import subprocess
+
+    import torch
+
+    jobs = [(str(folder), str(tmp_path / f"{i}.pt")) for i, folder in enumerate([exported[0], rope_export])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "warning"}
+    done = subprocess.run([str(MIN_PYTHON), "-c", LOGITS, json.dumps(jobs), json.dumps(TOKENS)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "rope" not in done.stderr.lower(), done.stderr  # no warning about the RoPE fields
+    for folder, target in jobs:
+        theirs = torch.load(target)
+        ours, rope_parameters = _logits(Path(folder))
+        assert theirs["rope_parameters"] == rope_parameters, folder
+        difference = (theirs["logits"] - ours).abs().max()
+        assert torch.allclose(theirs["logits"], ours, rtol=1e-5, atol=1e-5), (theirs["transformers"], folder, difference)
