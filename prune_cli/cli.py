@@ -5,6 +5,11 @@ stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error, 3 a
 failed (the checkpoint and report are written; prune_cli.gates), 130 interrupted (Ctrl-C), 143
 stopped by SIGTERM. With ``--json`` an error is one JSON object on stdout too:
 ``{"error": {"type", "message", "hint"}, "exit_code": N}``.
+
+stdout that cannot take the results is the user's to fix (exit code 2, one stderr line): closed
+at start (``>&-``) it is refused before anything runs (a file opened later would get its
+descriptor); full, or a pipe whose reader left, when the results are printed, the line says where
+the written report is (the checkpoint stays).
 """
 
 from __future__ import annotations
@@ -75,8 +80,19 @@ def _root(
 ) -> None:
     """Training-free compression of causal language models: prune, evaluate, export."""
 
+class _ResultsConsole(Console):
+    """stdout's console: a pipe whose reader left is an error like any other write error
+    (:func:`_printing_results`), not rich's silent ``SystemExit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        import errno
+
+        self.quiet = True  # nothing more to write there
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 stderr = Console(stderr=True)
-stdout = Console()
+stdout = _ResultsConsole()
 
 
 class _PlainLogFormat(logging.Formatter):
@@ -459,6 +475,42 @@ def _parse_options(pairs: list[str]) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _printing_results(report_file: Path | None = None):
+    """Around the printing of a command's results on stdout: stdout that cannot take them (a
+    full device, a pipe whose reader left, an I/O error) is a :class:`StdoutError`, exit code 2
+    with one stderr line saying so and where the written report is (``report_file``), never an
+    internal error; what was written (a checkpoint) stays. stdout is then pointed at /dev/null,
+    so that nothing tries to write the rest again (the interpreter's exit flush included)."""
+    from prune_cli.errors import StdoutError
+
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        import errno
+
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        reason = "its reader closed the pipe" if exc.errno == errno.EPIPE else (exc.strerror or str(exc))
+        where = f"; the report is in {report_file}" if report_file is not None else ""
+        raise StdoutError(f"could not print the results on stdout ({reason}){where}",
+                          hint="send stdout to a file with room (> report.json), or run without the pipe") from None
+
+
+def _stdout_closed() -> bool:
+    """Whether this process was started with its stdout closed (``>&-``)."""
+    if sys.stdout is None:
+        return True
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return True
+    return False
+
+
 def _emit_json(data: dict) -> None:
     """One strict JSON object on stdout (NaN / inf written as null and flagged)."""
     from prune_cli.report import json_ready
@@ -591,17 +643,19 @@ def compress(
                                   resume, checkpoint_interval, max_memory, baseline_cache)
         if dry_run:
             plan = run_dry(request)
-            _emit_json(plan) if as_json else _print_plan(plan)
+            with _printing_results():
+                _emit_json(plan) if as_json else _print_plan(plan)
             return
         with _signals_as_interrupts(), RichEvents() as events:
             report = run_compress(request, events)
-        from prune_cli.output import output_path
+        from prune_cli.output import REPORT_FILE, output_path
 
         written = output_path(request.output) if report.get("output") else None  # the report names the folder only
-        if as_json:
-            _emit_json(report)  # every rank's, under torchrun (they hold the same masks)
-        elif _launcher_rank() == 0:
-            _print_compress_table(report, written)
+        with _printing_results(written / REPORT_FILE if written is not None else None):
+            if as_json:
+                _emit_json(report)  # every rank's, under torchrun (they hold the same masks)
+            elif _launcher_rank() == 0:
+                _print_compress_table(report, written)
         _exit_on_failed_gates(report, written)
 
 
@@ -647,17 +701,18 @@ def eval_command(
         with _signals_as_interrupts(), RichEvents() as events:
             report = evaluate_checkpoint(checkpoint, ev, device, dtype, offline, events, bos_mode=bos,
                                          perplexity=not no_ppl, task_batch_size=batch_size)
-        if as_json:
-            _emit_json(report)
-        else:
-            table = Table(title=f"prune-cli eval: {report['model']}")
-            table.add_column("perplexity", justify="right")
-            table.add_column("sparsity (block Linears)", justify="right")
-            table.add_column("tokens", justify="right")
-            table.add_row(_fmt(report["ppl"]), _fmt(report["sparsity"]), str(report["tokens"]))
-            stdout.print(table)
-            if report.get("tasks"):
-                _print_tasks_table(report["tasks"])
+        with _printing_results():
+            if as_json:
+                _emit_json(report)
+            else:
+                table = Table(title=f"prune-cli eval: {report['model']}")
+                table.add_column("perplexity", justify="right")
+                table.add_column("sparsity (block Linears)", justify="right")
+                table.add_column("tokens", justify="right")
+                table.add_row(_fmt(report["ppl"]), _fmt(report["sparsity"]), str(report["tokens"]))
+                stdout.print(table)
+                if report.get("tasks"):
+                    _print_tasks_table(report["tasks"])
 
 
 @app.command("sweep")
@@ -724,6 +779,11 @@ def sweep_command(
 
 def _print_sweep(report: dict, as_json: bool) -> None:
     """The sweep report: one JSON object, or the table of its points."""
+    with _printing_results():
+        _print_sweep_report(report, as_json)
+
+
+def _print_sweep_report(report: dict, as_json: bool) -> None:
     from prune_cli.sweep import plan_summary
 
     if as_json:
@@ -746,9 +806,12 @@ def _sweep_stopped(partial: dict, exc: BaseException, as_json: bool, debug: bool
     stdout (under ``--json`` the one JSON object, with the error and exit code in it), then the
     error's one line on stderr and its exit code."""
     kind, message, hint, code, _ = _error_fields(exc)
+    from prune_cli.errors import StdoutError
+
     if as_json:
         partial = {**partial, "error": {"type": kind, "message": message, "hint": hint}, "exit_code": code}
-    _print_sweep(partial, as_json)
+    with contextlib.suppress(StdoutError):  # the point's own error is the one to say
+        _print_sweep(partial, as_json)
     _fail(exc, debug, as_json=False)
 
 
@@ -767,12 +830,13 @@ def verify_command(
         from prune_cli.verify import verify_checkpoint
 
         summary = verify_checkpoint(checkpoint)
-        if as_json:
-            _emit_json({"ok": True, **summary})
-        else:
-            note = "" if summary["hashes_recorded"] else " (no tensor hashes recorded: an older prune-cli wrote it)"
-            stdout.print(f"{checkpoint}: ok, {summary['tensors_checked']} tensors and {summary['layers_checked']} "
-                         f"pruned layers match its report{note}", highlight=False)
+        with _printing_results():
+            if as_json:
+                _emit_json({"ok": True, **summary})
+            else:
+                note = "" if summary["hashes_recorded"] else " (no tensor hashes recorded: an older prune-cli wrote it)"
+                stdout.print(f"{checkpoint}: ok, {summary['tensors_checked']} tensors and {summary['layers_checked']} "
+                             f"pruned layers match its report{note}", highlight=False)
 
 
 def method_summary(cls) -> str:
@@ -823,6 +887,11 @@ def main(argv: list[str] | None = None) -> None:
     global _ARGV
     args = sys.argv[1:] if argv is None else list(argv)
     _ARGV = args
+    if _stdout_closed():  # nowhere for the results; and a file opened later would get its descriptor
+        if sys.stderr is not None:
+            sys.stderr.write("error: stdout is closed: prune-cli prints its results there (nothing was run)\n"
+                             "hint: send it to a file or to /dev/null (> report.json) instead of closing it (>&-)\n")
+        sys.exit(2)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="prune-cli", standalone_mode=False)

@@ -71,6 +71,10 @@ class OutputLockedError(BadInputError):
     """Another live run holds the lock on the same --output."""
 
 
+class StdoutError(BadInputError):
+    """stdout cannot take the results: closed, on a full device, or a pipe whose reader left."""
+
+
 class InterruptedRun(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; raised in the main thread so every ``finally`` runs."""
 

@@ -10,8 +10,11 @@ left on disk.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,3 +332,77 @@ def test_an_input_path_with_a_name_too_long_is_exit_2(tmp_path, tiny_llama_dir, 
     path = tmp_path / ("n" * 300)
     args = [a.format(p=path, m=tiny_llama_dir) for a in command]
     one_line_error(run(*args), 2, "file name too long")
+
+
+# ----------------------------------------------------------------------------- 4. stdout that cannot take the results
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# stdout on a full device, as /dev/full is: every write fails with ENOSPC until stdout is pointed
+# elsewhere (prune-cli then points it at /dev/null). The real /dev/full when this machine has it.
+FULL_STDOUT = """
+import errno, io, os, sys
+if not os.path.exists("/dev/full"):
+    class Full(io.RawIOBase):
+        def __init__(self):
+            self.full = os.fstat(1).st_ino
+        def writable(self):
+            return True
+        def fileno(self):
+            return 1
+        def write(self, data):
+            if os.fstat(1).st_ino == self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return os.write(1, data)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(Full()), encoding="utf-8")
+from prune_cli.cli import main
+main()
+"""
+
+
+def _cli(args, stdout=subprocess.PIPE, code: str = "from prune_cli.cli import main; main()", **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, **kw)
+
+
+def _one_stderr_error(err: str, needle: str) -> str:
+    assert "Traceback" not in err and "internal error" not in err and "Exception ignored" not in err, err
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err
+    return errors[0]
+
+
+def test_stdout_on_a_full_device_keeps_the_checkpoint_and_says_where_its_report_is(tmp_path, tiny_llama_dir):
+    """stdout on a full device after the checkpoint was written: the checkpoint stays, exit 2
+    (not an internal error), one line saying the results could not be printed and where the
+    report file is."""
+    out = tmp_path / "out"
+    stdout = open("/dev/full", "w") if Path("/dev/full").is_char_device() else subprocess.PIPE
+    proc = _cli(["compress", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5", *FAST, "-o", out, "--json"],
+                stdout=stdout, code=FULL_STDOUT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    line = _one_stderr_error(err, "could not print the results on stdout")
+    assert "No space left on device" in line and str(out / "sparsity.json") in line
+    assert json.loads((out / "sparsity.json").read_text())["method"] == "magnitude"
+
+
+def test_a_closed_stdout_is_refused_before_anything_runs(tmp_path, wanda_checkpoint):
+    """``prune-cli verify CKPT --json >&-``: exit 2 and one line, before any work (it was an
+    internal error after the work; the table was lost without a word)."""
+    for extra in (["--json"], []):
+        proc = _cli(["verify", wanda_checkpoint, *extra], stdout=None, preexec_fn=lambda: os.close(1))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err
+        _one_stderr_error(err, "stdout is closed")
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_a_pipe_whose_reader_left_is_one_line(wanda_checkpoint, as_json):
+    """``prune-cli verify CKPT | true``: exit 2 with one line (the table ended in rich's silent
+    exit 1, --json in an internal error)."""
+    proc = _cli(["verify", wanda_checkpoint, *(["--json"] if as_json else [])])
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 2, err
+    _one_stderr_error(err, "its reader closed the pipe")
