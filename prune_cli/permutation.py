@@ -39,6 +39,7 @@ pass per position of the group (see its docstring).
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +48,7 @@ from torch import nn
 from prune_cli.patterns import NM
 
 log = logging.getLogger(__name__)
+SMALL_PROBLEM = 1 << 20  # scores of a consumer below which its search runs on one CPU thread
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,8 @@ def kept_score(score: torch.Tensor, pattern: NM) -> float:
     """Sum over rows and groups of ``M`` consecutive columns of the ``N`` largest scores
     (float64): what an N:M mask chosen on ``score`` keeps."""
     rows, width = score.shape
-    groups = score.double().reshape(rows, width // pattern.m, pattern.m)
-    return float(groups.topk(pattern.n_keep, dim=2).values.sum())
+    groups = score.reshape(rows, width // pattern.m, pattern.m)
+    return float(groups.topk(pattern.n_keep, dim=2).values.sum(dtype=torch.float64))
 
 
 def reallocated(score: torch.Tensor, m: int) -> torch.Tensor:
@@ -281,7 +283,7 @@ def _assignment_pass(score: torch.Tensor, order: torch.Tensor, pattern: NM, slot
     return by_group.reshape(-1)
 
 
-def search_order(score: torch.Tensor, pattern: NM, max_groups: int = 512) -> tuple[torch.Tensor, dict]:
+def search_order(score: torch.Tensor, pattern: NM, max_groups: int = 128) -> tuple[torch.Tensor, dict]:
     """RIA's channel permutation for an N:M mask on ``score`` (``(rows, W)``, ``W % M == 0``):
     start from the channel reallocation (:func:`reallocated`) or the identity, whichever keeps
     more, then one assignment pass (:func:`_assignment_pass`) per position ``0..M-1``. Each pass
@@ -305,7 +307,7 @@ def search_order(score: torch.Tensor, pattern: NM, max_groups: int = 512) -> tup
     return best, {"identity": kept_identity, "reallocated": kept_reallocated, "final": kept_best}
 
 
-def consumer_permutation(score: torch.Tensor, groups: torch.Tensor, pattern: NM, max_groups: int = 512):
+def consumer_permutation(score: torch.Tensor, groups: torch.Tensor, pattern: NM, max_groups: int = 128):
     """The input permutation of a consumer Linear with RIA scores ``score`` (``(out, in)``)
     under a fold's ``groups``: per problem, the tied slices stacked as rows of one score matrix
     and :func:`search_order` on it. Returns ``(perm, kept)`` (kept scores summed over problems),
@@ -318,9 +320,15 @@ def consumer_permutation(score: torch.Tensor, groups: torch.Tensor, pattern: NM,
         return None
     sigmas = []
     kept = {"identity": 0.0, "reallocated": 0.0, "final": 0.0}
-    for p in range(P):
-        stacked = torch.cat([score[:, groups[p, r]] for r in range(R)], dim=0)  # (out * R, W)
-        sigma, part = search_order(stacked, pattern, max_groups)
-        sigmas.append(sigma)
-        kept = {k: kept[k] + part[k] for k in kept}
+    # a chain of small ops (a few hundred thousand scores per problem): one CPU thread avoids
+    # OpenMP stalls (measured ~10x slower with 2 threads on a shared CPU); large layers keep all
+    from prune_cli.methods.base import few_threads  # (methods import this module)
+
+    threads = few_threads(score.device) if score.numel() <= SMALL_PROBLEM else nullcontext()
+    with threads:
+        for p in range(P):
+            stacked = torch.cat([score[:, groups[p, r]] for r in range(R)], dim=0)  # (out * R, W)
+            sigma, part = search_order(stacked, pattern, max_groups)
+            sigmas.append(sigma)
+            kept = {k: kept[k] + part[k] for k in kept}
     return permutation_from_orders(groups, torch.stack(sigmas), score.shape[1]), kept

@@ -141,7 +141,7 @@ def test_an_assignment_pass_finds_the_best_reassignment_of_its_position(pattern,
     g = torch.Generator().manual_seed(slot)
     score = torch.rand(6, 16, generator=g)
     start = torch.randperm(16, generator=g)
-    found = _assignment_pass(score, start.clone(), pattern, slot, max_groups=512)
+    found = _assignment_pass(score, start.clone(), pattern, slot, max_groups=128)
     best = -1.0
     for assignment in itertools.permutations(range(4)):
         order = start.view(4, 4).clone()
@@ -153,7 +153,7 @@ def test_an_assignment_pass_finds_the_best_reassignment_of_its_position(pattern,
 
 @pytest.mark.parametrize("pattern", [NM(2, 4), NM(4, 8), NM(1, 4)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("max_groups", [512, 3])
+@pytest.mark.parametrize("max_groups", [128, 3])
 def test_the_permutation_never_lowers_the_kept_score(pattern, seed, max_groups):
     w, _, stats = layer(seed, in_f=96)
     score = build_method("ria").score(w, stats)
@@ -161,7 +161,7 @@ def test_the_permutation_never_lowers_the_kept_score(pattern, seed, max_groups):
     assert sorted(order.tolist()) == list(range(96))
     assert kept["final"] >= kept["identity"]
     assert kept_score(score[:, order], pattern) == pytest.approx(kept["final"], rel=1e-12)
-    if max_groups == 512:  # on random layers the search finds a real gain
+    if max_groups == 128:  # on random layers the search finds a real gain
         assert kept["final"] > kept["identity"] * 1.005
 
 
