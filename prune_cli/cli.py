@@ -177,8 +177,10 @@ def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
 
     if isinstance(exc, KeyboardInterrupt):
         _interrupted(exc if isinstance(exc, InterruptedRun) else InterruptedRun(), as_json)
-    if debug and not isinstance(exc, typer.BadParameter):
-        raise exc
+    if debug and not isinstance(exc, typer.BadParameter):  # the traceback, then the same line and exit code
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     kind, message, hint, code, label = _error_fields(exc)
     _emit_error(kind, message, hint, code, as_json, label=label)
     raise typer.Exit(code)
@@ -578,7 +580,7 @@ def compress(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without calibrating."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error before its line (same exit code)."),
 ) -> None:
     """Prune MODEL with a training-free method, evaluate it against the dense model, export it.
 

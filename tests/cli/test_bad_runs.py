@@ -406,3 +406,26 @@ def test_a_pipe_whose_reader_left_is_one_line(wanda_checkpoint, as_json):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 2, err
     _one_stderr_error(err, "its reader closed the pipe")
+
+
+# ----------------------------------------------------------------------------- 5. smaller
+
+
+@pytest.mark.parametrize("command", [
+    ["compress", "{m}", "--method", "wanda", "--sparsity", "0.5", "-o", "{t}", "--dry-run"],
+    ["eval", "{t}", "--device", "cpu"],
+    ["verify", "{t}"],
+    ["sweep", "{m}", "--methods", "wanda", "--sparsities", "1.5"],
+], ids=["compress", "eval", "verify", "sweep"])
+def test_debug_keeps_the_exit_code_and_adds_the_traceback(tmp_path, tiny_llama_dir, command):
+    """--debug turned every exit 2 into exit 1 (the bare traceback); now the traceback comes
+    first, then the same error line and exit code."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    args = [a.format(m=tiny_llama_dir, t=tmp_path) for a in command]
+    plain = run(*args)
+    assert plain.exit_code == 2, plain.output
+    line = [l for l in plain.stderr.splitlines() if l.startswith("error:")]
+    debug = run(*args, "--debug")
+    assert debug.exit_code == 2, debug.output
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert line and line[0] in debug.stderr.splitlines()
