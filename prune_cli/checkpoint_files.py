@@ -302,6 +302,39 @@ def check_weight_files(folder: str | Path) -> None:
         log.debug("checked %d safetensors weight file(s) in %s", len(headers), folder)
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_tokenizer_files(folder: str | Path) -> None:
+    """Check the tokenizer files of a model folder before transformers reads them: each JSON file
+    present is a regular file holding a UTF-8 JSON object, and ``tokenizer.json`` is one the
+    ``tokenizers`` library parses, with the ``added_tokens`` list transformers reads from it.
+    Damaged ones were a ``KeyError`` or a decoding error deep inside transformers (exit 1, or a
+    message naming neither the file nor the problem). Raises :class:`CheckpointError`."""
+    folder = Path(folder)
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        check_regular_file(path, "JSON file")
+        data = _read_json(path, "the tokenizer")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} is a JSON {type(data).__name__}, not an object", hint=DAMAGED_HINT)
+        if name != "tokenizer.json":
+            continue
+        if not isinstance(data.get("added_tokens"), list) or not isinstance(data.get("model"), dict):
+            missing = "added_tokens" if not isinstance(data.get("added_tokens"), list) else "model"
+            raise CheckpointError(f"{path} has no valid {missing!r} entry: not a complete tokenizers file", hint=DAMAGED_HINT)
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(json.dumps(data))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception subclasses
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can read: {first}",
+                                  hint=DAMAGED_HINT) from None
+
+
 def check_checkpoint_folder(folder: str | Path, report: dict | None = None) -> None:
     """Check a checkpoint folder before loading it: its weight files (:func:`check_weight_files`),
     that ``sparsity.json`` parses when present, and that every component the report declares is

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prune_cli.errors import ModelNotFoundError, UnsupportedArchitectureError
+from prune_cli.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,19 @@ def load_tokenizer(source: ModelSource, offline: bool = False):
     cache = _gguf_cache(source)
     if cache is not None:
         return AutoTokenizer.from_pretrained(cache)
+    if source.kind == "folder":  # damaged tokenizer files: one line naming the file
+        from prune_cli.checkpoint_files import check_tokenizer_files
+
+        check_tokenizer_files(source.location)
     try:
         return AutoTokenizer.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
     except (OSError, ValueError) as exc:
         raise _hub_error(source, offline, exc) from None
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a tokenizer file transformers misreads
+        if source.kind == "hub":
+            raise
+        raise CheckpointError(f"cannot load the tokenizer of {source.describe()}: {type(exc).__name__}: {exc}",
+                              hint="its tokenizer files are damaged or of an unknown kind") from None
 
 
 def _check_causal(config) -> None:

@@ -243,3 +243,42 @@ def test_verify_refuses_a_header_declaring_another_shape_before_reading(tmp_path
     name = "model.layers.0.self_attn.q_proj.weight"
     _with_declared_shape(folder, name, [64, 280_000_000])
     one_line_error(run("verify", folder), 2, f"tensor {name} is declared [64, 280000000]")
+
+
+# ----------------------------------------------------------------------------- damaged files: one line, exit 2
+
+
+def _tokenizer_without_added_tokens(folder: Path) -> None:
+    data = json.loads((folder / "tokenizer.json").read_text())
+    del data["added_tokens"]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+DAMAGED = {
+    # id: (damage the copied folder, needle)
+    "tokenizer-without-added-tokens": (_tokenizer_without_added_tokens, "tokenizer.json has no valid 'added_tokens'"),
+    "tokenizer-random-bytes": (lambda f: (f / "tokenizer.json").write_bytes(bytes(range(256)) * 8),
+                               "tokenizer.json is not valid JSON"),
+    "tokenizer-not-a-tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"model": {"type": "Nope"}, "added_tokens": []}'),
+                                  "tokenizer.json is not a tokenizer the tokenizers library can read"),
+    "fifo-weights": (lambda f: ((f / "model.safetensors").unlink(), __import__("os").mkfifo(f / "model.safetensors")),
+                     "model.safetensors is a named pipe (FIFO)"),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "compress"])
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny_llama_dir, case, command):
+    from tests.unit.test_checkpoint_files import within_seconds
+
+    damage, needle = DAMAGED[case]
+    folder = _copy(tiny_llama_dir, tmp_path / "model")
+    damage(folder)
+    args = ["eval", folder, *EVAL] if command == "eval" else \
+        ["compress", folder, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", tmp_path / "out"]
+    before = fingerprint(tmp_path)
+    with within_seconds(60):  # a FIFO must not block the run
+        result = run(*args, "--json")
+    data = one_line_error(result, 2, needle, as_json=True)
+    assert str(folder) in data["error"]["message"]
+    assert fingerprint(tmp_path) == before
