@@ -1,7 +1,8 @@
 """Pruning time of each weight method on the bundled model, in one process on a quiet machine:
 ``calibrate_and_prune`` (capturing inputs, statistics, pruning, propagation) per method, and
-each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%), and RIA's relative
-to Wanda's at the same pattern (goal: at most 1.3x, with the 2:4 channel permutation).
+each DSnoT variant's time relative to its base (goal: DSnoT adds at most 15%), RIA's relative
+to Wanda's at the same pattern (goal: at most 1.3x, with the 2:4 channel permutation), and ALPS's
+relative to SparseGPT's at the same pattern (goal: at most 2.5x).
 
     python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...] [--exclude reference]
         [--repeats 3] [--default-malloc]
@@ -38,6 +39,9 @@ RUNS = [
     ("ria", {"method": "ria"}, "wanda"),
     ("wanda 2:4", {"method": "wanda", "pattern": "2:4", "sparsity": None}, None),
     ("ria 2:4 (permuted)", {"method": "ria", "pattern": "2:4", "sparsity": None}, "wanda 2:4"),
+    ("alps", {"method": "alps"}, "sparsegpt"),
+    ("sparsegpt 2:4", {"method": "sparsegpt", "pattern": "2:4", "sparsity": None}, None),
+    ("alps 2:4", {"method": "alps", "pattern": "2:4", "sparsity": None}, "sparsegpt 2:4"),
 ]
 
 

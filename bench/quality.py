@@ -42,6 +42,7 @@ def runs() -> list[tuple[str, str, dict]]:
             ("wanda", level, {"method": "wanda", **pat}),
             ("sparsegpt", level, {"method": "sparsegpt", **pat}),
             ("ria", level, {"method": "ria", **pat}),
+            ("alps", level, {"method": "alps", **pat}),
             ("dsnot-reference(wanda, as released: attention only)", level, {"method": "dsnot", "method_options": {"base": "wanda", **REF_RELEASED}, **pat}),
             ("dsnot-guarded(wanda)", level, {"method": "dsnot", "method_options": {"base": "wanda"}, **pat}),
         ]
