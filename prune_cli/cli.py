@@ -253,9 +253,9 @@ def _print_tasks_table(tasks: dict) -> None:
     table = Table(title="lm-eval tasks" + (f" (limit {tasks['limit']})" if tasks.get("limit") else ""))
     table.add_column("task")
     table.add_column("metric")
-    which = [w for w in ("dense", "compressed") if tasks.get(w)]
+    which = [w for w in ("dense", "compressed", "results") if tasks.get(w)]  # "results": eval's one model
     for w in which:
-        table.add_column(w, justify="right")
+        table.add_column("score" if w == "results" else w, justify="right")
     if tasks.get("change"):
         table.add_column("change", justify="right")
     first = tasks[which[0]] if which else {}

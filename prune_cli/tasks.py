@@ -31,6 +31,7 @@ hub for their datasets unless they are in the local datasets cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -177,6 +178,24 @@ def _make_lm(answer):
     return _Answering
 
 
+@contextlib.contextmanager
+def _no_git_lookup():
+    """lm-eval records the git commit of the working folder in its results (``git describe``
+    in a subprocess), which prune-cli never reads: outside a git folder git prints ``fatal: not
+    a git repository`` on our stderr. The lookup is replaced by None for the call."""
+    import lm_eval.evaluator as evaluator
+
+    real = getattr(evaluator, "get_git_commit_hash", None)
+    if real is None:  # another lm-eval layout: nothing to replace
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = real
+
+
 class TaskSuite:
     """The requests of ``settings.tasks`` and, once answered, their lm-eval results (see the
     module docstring)."""
@@ -237,7 +256,7 @@ class TaskSuite:
         saved = {k: os.environ.get(k) for k in _QUIET_ENV}
         os.environ.update(_QUIET_ENV)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints; stdout is the report's
+            with contextlib.redirect_stdout(io.StringIO()), _no_git_lookup():  # lm-eval prints; stdout is the report's
                 return lm_eval.simple_evaluate(
                     model=lm, tasks=list(self.settings.tasks), num_fewshot=self.settings.num_fewshot,
                     limit=self.settings.limit, task_manager=self._manager(), log_samples=False,

@@ -429,3 +429,16 @@ def test_debug_keeps_the_exit_code_and_adds_the_traceback(tmp_path, tiny_llama_d
     assert debug.exit_code == 2, debug.output
     assert "Traceback (most recent call last)" in debug.stderr
     assert line and line[0] in debug.stderr.splitlines()
+
+
+def test_task_scoring_outside_a_git_folder_prints_no_git_error(tmp_path, tiny_llama_dir):
+    """lm-eval runs ``git describe`` for its results' git_hash; outside a git folder git's
+    ``fatal: not a git repository`` reached our stderr (twice)."""
+    proc = subprocess.run([sys.executable, "-c", "from prune_cli.cli import main; main()", "eval", str(tiny_llama_dir),
+                           "--tasks", "prune_cloze", "--task-limit", "2", "--no-ppl", "--device", "cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                               "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert "fatal" not in proc.stderr and "git" not in proc.stderr, proc.stderr
+    assert "prune_cloze" in proc.stdout and "acc_norm" in proc.stdout  # eval's task table had no rows
