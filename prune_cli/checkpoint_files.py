@@ -335,6 +335,71 @@ def check_tokenizer_files(folder: str | Path) -> None:
                                   hint=DAMAGED_HINT) from None
 
 
+def _gguf_value(reader, key: str):
+    """A GGUF metadata value (a scalar, a string or a list), or None when absent."""
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _positive_ints(path: Path, key: str, value, required: bool) -> list[int]:
+    """``value`` (an int, or a list of per-layer ints) as a list, each checked to be >= 1."""
+    if value is None:
+        if required:
+            raise CheckpointError(f"{path}: its metadata has no {key}", hint=DAMAGED_HINT)
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise CheckpointError(f"{path}: its metadata says {key} = {value!r}, it must be a positive whole number",
+                              hint=DAMAGED_HINT)
+    return values
+
+
+def check_gguf(path: str | Path) -> None:
+    """Check a GGUF file before transformers parses it into a config and a name map: that it is
+    a regular, readable GGUF file (a truncated one, or a corrupt key/value count, failed deep in
+    the reader with ``unpack_from`` or a NumPy error naming neither the file nor the problem),
+    and that its metadata agrees with its tensors: ``<arch>.block_count`` equals the number of
+    ``blk.N`` blocks it holds (3000 declared with 30 held hung transformers' name map for
+    minutes), ``embedding_length``, ``head_count`` (``head_count_kv``, ``feed_forward_length``,
+    ``context_length`` where present) are positive (0 ended in a ``ZeroDivisionError``), and
+    ``embedding_length`` is the width of ``token_embd.weight``. Parses the metadata once
+    (seconds for a large vocabulary). Raises :class:`CheckpointError` naming the file."""
+    import re
+
+    path = Path(path)
+    check_regular_file(path, "GGUF file")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - struct.error, ValueError, IndexError, MemoryError of a damaged file
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable GGUF file: truncated or corrupt ({why})",
+                              hint=DAMAGED_HINT) from None
+    arch = _gguf_value(reader, "general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"{path}: its metadata has no general.architecture", hint=DAMAGED_HINT)
+    blocks = _positive_ints(path, f"{arch}.block_count", _gguf_value(reader, f"{arch}.block_count"), True)[0]
+    held = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if held != set(range(blocks)):
+        holds = f"{len(held)} (blk.{min(held)} to blk.{max(held)})" if held else "none"
+        raise CheckpointError(f"{path}: its metadata says {arch}.block_count = {blocks}, its tensors hold blocks: {holds}",
+                              hint=DAMAGED_HINT)
+    width = _positive_ints(path, f"{arch}.embedding_length", _gguf_value(reader, f"{arch}.embedding_length"), True)[0]
+    heads = _positive_ints(path, f"{arch}.attention.head_count", _gguf_value(reader, f"{arch}.attention.head_count"), True)
+    for key in ("attention.head_count_kv", "feed_forward_length", "context_length"):
+        _positive_ints(path, f"{arch}.{key}", _gguf_value(reader, f"{arch}.{key}"), False)
+    if _gguf_value(reader, f"{arch}.attention.key_length") is None and any(width % h for h in heads):
+        raise CheckpointError(f"{path}: its metadata says {arch}.embedding_length = {width}, which "
+                              f"{arch}.attention.head_count = {heads[0]} does not divide", hint=DAMAGED_HINT)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is not None and int(embedding.shape[0]) != width:
+        raise CheckpointError(f"{path}: its metadata says {arch}.embedding_length = {width}, its token_embd.weight "
+                              f"is {int(embedding.shape[0])} wide", hint=DAMAGED_HINT)
+
+
 def check_checkpoint_folder(folder: str | Path, report: dict | None = None) -> None:
     """Check a checkpoint folder before loading it: its weight files (:func:`check_weight_files`),
     that ``sparsity.json`` parses when present, and that every component the report declares is

@@ -51,7 +51,7 @@ def folder_for(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{file_digest(gguf)}"
 
 
-_SAID: set[Path] = set()  # cache folders whose use was logged in this process
+_SAID: set[Path] = set()  # cache folders checked in this process
 
 
 def _damage(folder: Path) -> str | None:
@@ -79,8 +79,8 @@ def _damage(folder: Path) -> str | None:
 
 
 def cached(gguf: Path) -> Path | None:
-    """The cache folder of ``gguf`` if it is complete and intact, else None (a damaged one is
-    said in the log and rebuilt by :func:`build`). Its first use in a process is logged."""
+    """The cache folder of ``gguf`` if it is complete and intact (checked once per process), else
+    None (a damaged one is said in the log and rebuilt by :func:`build`)."""
     folder = folder_for(gguf)
     if not (folder / DONE).is_file():
         return None
@@ -90,8 +90,6 @@ def cached(gguf: Path) -> Path | None:
             log.warning("the dequantised-weights cache %s is damaged (%s): it is rebuilt from %s", folder, damage, gguf.name)
             return None
         _SAID.add(folder)
-        log.info("reading the dequantised weights of %s from the cache %s (keyed by the file's identity and content)",
-                 gguf.name, folder)
     return folder
 
 

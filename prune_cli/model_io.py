@@ -129,6 +129,10 @@ def load_config(source: ModelSource, offline: bool = False):
     key = (source, offline)
     if key not in _CONFIGS:
         cache = _gguf_cache(source)
+        if source.gguf_file and cache is None:  # its metadata checked against its tensors first
+            from prune_cli.checkpoint_files import check_gguf
+
+            check_gguf(Path(source.location) / source.gguf_file)
         try:
             _CONFIGS[key] = AutoConfig.from_pretrained(cache) if cache else \
                 AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
@@ -341,7 +345,12 @@ def open_model(source: ModelSource, dtype: str, device: torch.device, offline: b
         compute, note = compute_dtype(dtype, torch.float32, device)
         skeleton = empty_model(config, compute)
         gguf = Path(folder) / source.gguf_file
-        cache = _gguf_cache(source) or gguf_cache.build(gguf, config, load_tokenizer(source, offline))
+        cache = _gguf_cache(source)
+        if cache is not None:
+            log.info("reading the dequantised weights of %s from the cache %s (keyed by the file's identity and "
+                     "content)", gguf.name, cache)
+        else:
+            cache = gguf_cache.build(gguf, config, load_tokenizer(source, offline))
         weights = SafetensorsWeights(cache) if cache else open_weights(folder, source.gguf_file, skeleton)
         stored = None  # saves bfloat16 by default, cached or not
     else:

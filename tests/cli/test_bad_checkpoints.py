@@ -282,3 +282,84 @@ def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny_llama_dir, cas
     data = one_line_error(result, 2, needle, as_json=True)
     assert str(folder) in data["error"]["message"]
     assert fingerprint(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+
+def tiny_gguf(path: Path, block_count: int | None = None, width: int = 64, heads: int = 4, layers: int = 2) -> Path:
+    """A tiny Llama as a GGUF file (float32 tensors, a byte-level BPE tokenizer) written with the
+    ``gguf`` package's GGUFWriter; ``block_count``, ``width`` (embedding_length) and ``heads``
+    (head_count) are what its metadata says, whatever its tensors hold."""
+    from gguf import GGUFWriter
+
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama", layers)
+    tok = tiny_tokenizer()
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]; tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(layers if block_count is None else block_count)
+    w.add_context_length(1024); w.add_embedding_length(width); w.add_feed_forward_length(128)
+    w.add_head_count(heads); w.add_head_count_kv(2); w.add_layer_norm_rms_eps(1e-6); w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2"); w.add_token_list(tokens); w.add_token_types([1] * len(tokens)); w.add_token_merges(merges)
+    w.add_bos_token_id(1); w.add_eos_token_id(2)
+    sd = model.state_dict()
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    per = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(layers):
+        for hf, gg in per.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        w.add_tensor(gg, sd[hf].float().numpy())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
+def _set_kv_count(path: Path, count: int) -> None:
+    """Overwrite the header's key/value count (bytes 16-24: after magic, version, tensor count)."""
+    with path.open("r+b") as handle:
+        handle.seek(16)
+        handle.write(count.to_bytes(8, "little"))
+
+
+GGUF_CASES = {
+    # id: (tiny_gguf arguments, damage after writing, needle)
+    "block-count-3000-holds-2": ({"block_count": 3000}, None, "llama.block_count = 3000, its tensors hold blocks: 2"),
+    "head-count-0": ({"heads": 0}, None, "llama.attention.head_count = 0"),
+    "embedding-length-wrong": ({"width": 32}, None, "llama.embedding_length = 32, its token_embd.weight is 64 wide"),
+    "truncated-to-4-kb": ({}, lambda p: p.write_bytes(p.read_bytes()[:4096]), "truncated or corrupt"),
+    "corrupt-kv-count": ({}, lambda p: _set_kv_count(p, 1 << 40), "truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_metadata_is_checked_against_its_tensors_first(tmp_path, case):
+    from tests.unit.test_checkpoint_files import within_seconds
+
+    kwargs, damage, needle = GGUF_CASES[case]
+    gguf = tiny_gguf(tmp_path / "model.gguf", **kwargs)
+    if damage is not None:
+        damage(gguf)
+    before = fingerprint(tmp_path)
+    with within_seconds(60):  # 3000 declared blocks hung transformers' name map for minutes
+        result = run("eval", gguf, *EVAL, "--json")
+    data = one_line_error(result, 2, needle, as_json=True)
+    assert str(gguf) in data["error"]["message"]
+    assert fingerprint(tmp_path) == before
+
+
+def test_a_good_gguf_is_cached_and_its_cache_use_is_said(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_CLI_CACHE", str(tmp_path / "cache"))
+    gguf = tiny_gguf(tmp_path / "model.gguf")
+    first = run("eval", gguf, *EVAL, "--json")
+    assert first.exit_code == 0, first.output
+    assert "cached the dequantised weights" in first.stderr
+    again = run("eval", gguf, *EVAL, "--json")
+    assert again.exit_code == 0, again.output
+    assert "from the cache" in again.stderr
+    assert json.loads(again.stdout)["ppl"] == json.loads(first.stdout)["ppl"]
