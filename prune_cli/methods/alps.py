@@ -220,14 +220,21 @@ def refine_on_support(
     return B, taken
 
 
-def relative_error(weight: torch.Tensor, pruned: torch.Tensor, xtx: torch.Tensor) -> float:
-    """``||(W - What) X^T||^2 / ||W X^T||^2 = tr(d G d^T) / tr(W G W^T)`` in float64, on the
-    undamped Gram matrix ``G = X^T X`` (0 for a layer whose inputs are all zero)."""
-    G = xtx.to(device=weight.device, dtype=torch.float64)
-    W = weight.double()
-    d = W - pruned.double()
-    dense = float(((W @ G) * W).sum())
-    return float(((d @ G) * d).sum()) / dense if dense > 0 else 0.0
+def relative_error(weight: torch.Tensor, pruned: torch.Tensor, xtx: torch.Tensor, dense: float | None = None) -> float:
+    """``||(W - What) X^T||^2 / ||W X^T||^2 = tr(d G d^T) / tr(W G W^T)`` on the undamped Gram
+    matrix ``G = X^T X`` (products in float32, sums in float64; 0 for a layer whose inputs are all
+    zero). ``dense``: ``tr(W G W^T)`` when already known (:func:`dense_energy`)."""
+    G = xtx.to(device=weight.device, dtype=torch.float32)
+    d = weight.float() - pruned.float()
+    dense = dense_energy(weight, xtx) if dense is None else dense
+    return float(((d @ G) * d).double().sum()) / dense if dense > 0 else 0.0
+
+
+def dense_energy(weight: torch.Tensor, xtx: torch.Tensor) -> float:
+    """``||W X^T||^2 = tr(W G W^T)`` (float32 products, float64 sum)."""
+    G = xtx.to(device=weight.device, dtype=torch.float32)
+    W = weight.float()
+    return float(((W @ G) * W).double().sum())
 
 
 @dataclass(frozen=True)
@@ -309,14 +316,15 @@ class ALPS(WeightMethod):
             "rho": state.rho,
             "support_change": state.change,
             "pcg_steps": steps,
-            "objective_admm": relative_error(weight, (state.B * keep) / scale, stats.xtx),
-            "objective": relative_error(weight, pruned, stats.xtx),
         }
+        dense = dense_energy(weight, stats.xtx)
+        info["objective_admm"] = relative_error(weight, (state.B * keep) / scale, stats.xtx, dense)
+        info["objective"] = relative_error(weight, pruned, stats.xtx, dense)
         if self.compare_sparsegpt:
             from prune_cli.methods.sparsegpt import SparseGPT
 
             reference = SparseGPT(percdamp=self.percdamp).prune(weight, stats, pattern)
-            info["objective_sparsegpt"] = relative_error(weight, reference.weight, stats.xtx)
+            info["objective_sparsegpt"] = relative_error(weight, reference.weight, stats.xtx, dense)
             if info["objective_sparsegpt"] > 0:
                 info["vs_sparsegpt"] = info["objective"] / info["objective_sparsegpt"]
         return PruneResult(pruned, keep, info)
