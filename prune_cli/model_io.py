@@ -119,6 +119,32 @@ def _hub_error(source: ModelSource, offline: bool, exc: Exception) -> ModelNotFo
 
 _CONFIGS: dict = {}  # (source, offline) -> config: a GGUF file's metadata takes seconds to parse
 
+# sizes a causal LM's config must hold as positive whole numbers when it sets them (names as
+# transformers' configs spell them; GPT-2's n_layer / n_head / n_embd map onto the first ones)
+POSITIVE_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                        "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings")
+
+
+RAW_ONLY_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "ffn_dim", "num_layers")  # in config.json itself
+
+
+def check_config_values(config, where: str) -> None:
+    """Refuse a config whose sizes (:data:`POSITIVE_CONFIG_KEYS`) are zero, negative or not whole
+    numbers, before a model is built from it (``config``: a config object, or the parsed
+    ``config.json``, checked before transformers reads it): ``num_attention_heads: 0`` was a
+    ``ZeroDivisionError`` and ``hidden_size: -64`` a negative-dimension ``RuntimeError`` deep in
+    transformers (exit 1). Raises :class:`CheckpointError` naming ``where`` and the key."""
+    for key in POSITIVE_CONFIG_KEYS + (RAW_ONLY_KEYS if isinstance(config, dict) else ()):
+        try:
+            value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        except (AttributeError, KeyError, TypeError):
+            continue
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{where} says {key} = {value!r}: it must be a positive whole number",
+                                  hint="the model's config.json is damaged or hand-edited")
+
 
 def load_config(source: ModelSource, offline: bool = False):
     """The model's config (a fresh copy each call; parsed once per process and source)."""
@@ -129,6 +155,8 @@ def load_config(source: ModelSource, offline: bool = False):
     key = (source, offline)
     if key not in _CONFIGS:
         cache = _gguf_cache(source)
+        if source.kind == "folder" and (Path(source.location) / "config.json").exists():
+            _check_config_file(Path(source.location) / "config.json")
         if source.gguf_file and cache is None:  # its metadata checked against its tensors first
             from prune_cli.checkpoint_files import check_gguf
 
@@ -138,7 +166,24 @@ def load_config(source: ModelSource, offline: bool = False):
                 AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source, offline))
         except (OSError, ValueError) as exc:
             raise _hub_error(source, offline, exc) from None
+        where = str(Path(source.location) / (source.gguf_file or "config.json")) if source.kind != "hub" else \
+            f"the config.json of {source.location}"
+        check_config_values(_CONFIGS[key], where)
     return copy.deepcopy(_CONFIGS[key])
+
+
+def _check_config_file(path: Path) -> None:
+    """``config.json`` is a regular file holding a JSON object whose sizes are positive
+    (:func:`check_config_values`), before transformers parses it (some of its configs divide
+    by a head count while being built)."""
+    from prune_cli.checkpoint_files import _read_json, check_regular_file
+
+    check_regular_file(path, "JSON file")
+    data = _read_json(path, "the model's config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is a JSON {type(data).__name__}, not an object",
+                              hint="the model's config.json is damaged or hand-edited")
+    check_config_values(data, str(path))
 
 
 def _gguf_cache(source: ModelSource) -> Path | None:

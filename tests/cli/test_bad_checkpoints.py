@@ -363,3 +363,17 @@ def test_a_good_gguf_is_cached_and_its_cache_use_is_said(tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert "from the cache" in again.stderr
     assert json.loads(again.stdout)["ppl"] == json.loads(first.stdout)["ppl"]
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize("key, value", [("num_attention_heads", 0), ("hidden_size", -64), ("num_hidden_layers", 0),
+                                        ("vocab_size", 0), ("intermediate_size", 12.5)])
+def test_a_config_size_that_is_not_a_positive_whole_number_is_refused(tmp_path, tiny_llama_dir, key, value):
+    folder = _copy(tiny_llama_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    data = one_line_error(run("eval", folder, *EVAL, "--json"), 2, f"says {key} = {value!r}", as_json=True)
+    assert str(folder / "config.json") in data["error"]["message"]
