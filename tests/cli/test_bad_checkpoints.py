@@ -377,3 +377,17 @@ def test_a_config_size_that_is_not_a_positive_whole_number_is_refused(tmp_path, 
     (folder / "config.json").write_text(json.dumps(config))
     data = one_line_error(run("eval", folder, *EVAL, "--json"), 2, f"says {key} = {value!r}", as_json=True)
     assert str(folder / "config.json") in data["error"]["message"]
+
+
+def test_a_stray_bin_file_next_to_pytorch_model_bin_is_ignored(tmp_path):
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "bin"
+    model = tiny_model("llama")
+    model.config.save_pretrained(folder)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    tiny_tokenizer().save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+    clean = _eval_ppl(folder)
+    torch.save({"model.layers.0.mlp.down_proj.weight": torch.zeros(64, 128)}, folder / "pytorch_model_old.bin")  # sorts after pytorch_model.bin
+    assert _eval_ppl(folder) == clean
