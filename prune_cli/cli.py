@@ -271,7 +271,7 @@ def _print_tasks_table(tasks: dict) -> None:
             if tasks.get("change"):
                 cells.append(_fmt(tasks["change"][task].get(metric)))
             table.add_row(task, metric, *cells)
-    stdout.print(table)
+    _print_table(table)
 
 
 def _exit_on_failed_gates(report: dict, checkpoint: Path | None = None) -> None:
@@ -418,6 +418,29 @@ class RichEvents:
                 self.plain.finish(name)
 
 
+def _print_table(table: Table) -> None:
+    """``table`` on stdout, or where the terminal is narrower than the table needs (rich would
+    cut its cells to ``3…``) the same cells as plain lines, ``column: value, ...`` per row (a row
+    label first when the first column has no header), never wrapped inside a value."""
+    from rich.markup import escape
+    from rich.measure import Measurement
+
+    if Measurement.get(stdout, stdout.options.update_width(1 << 16), table).maximum <= stdout.width:  # its natural width
+        stdout.print(table)
+        return
+    if table.title:
+        stdout.print(str(table.title), highlight=False, markup=False, soft_wrap=True)
+    headers = [str(c.header) for c in table.columns]
+    columns = [[str(cell) for cell in c.cells] for c in table.columns]
+    for r in range(table.row_count):
+        values = [column[r] for column in columns]
+        if headers[0]:
+            line = ", ".join(f"{h}: {v}" for h, v in zip(headers, values))
+        else:  # a row label: "perplexity: dense 12.3, compressed 14.5"
+            line = f"{values[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(headers[1:], values[1:]))
+        stdout.print(escape(line), highlight=False, soft_wrap=True)
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -434,15 +457,15 @@ def _print_compress_table(report: dict, checkpoint: Path | None = None) -> None:
     ppl = report["ppl"]
     table.add_row("perplexity", _fmt(ppl.get("dense")), _fmt(ppl.get("compressed")))
     table.add_row("sparsity (targeted Linears)", "0.000", _fmt(report.get("sparsity")))
-    stdout.print(table)
+    _print_table(table)
     if report.get("tasks"):
         _print_tasks_table(report["tasks"])
     if report.get("sparsity") is None:
-        stdout.print("sparsity: not measured (activation sparsity is measured on the evaluation tokens; --no-eval)", highlight=False)
+        stdout.print("sparsity: not measured (activation sparsity is measured on the evaluation tokens; --no-eval)", highlight=False, soft_wrap=True)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
-    stdout.print(f"timings: {timings}", highlight=False)
+    stdout.print(f"timings: {timings}", highlight=False, soft_wrap=True)
     if report.get("output"):
-        stdout.print(f"checkpoint: {checkpoint or report['output']}", highlight=False)
+        stdout.print(f"checkpoint: {checkpoint or report['output']}", highlight=False, soft_wrap=True)
 
 
 def _print_plan(plan: dict) -> None:
@@ -452,8 +475,8 @@ def _print_plan(plan: dict) -> None:
         table.add_column(col)
     for row in plan["layers"]:
         table.add_row(row["module"], "x".join(map(str, row["shape"])), row["method"], row["pattern"], f"{row['sparsity']:.3f}")
-    stdout.print(table)
-    stdout.print(f"{len(plan['layers'])} Linear modules, {plan['target_params']:,} weights targeted", highlight=False)
+    _print_table(table)
+    stdout.print(f"{len(plan['layers'])} Linear modules, {plan['target_params']:,} weights targeted", highlight=False, soft_wrap=True)
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -712,7 +735,7 @@ def eval_command(
                 table.add_column("sparsity (block Linears)", justify="right")
                 table.add_column("tokens", justify="right")
                 table.add_row(_fmt(report["ppl"]), _fmt(report["sparsity"]), str(report["tokens"]))
-                stdout.print(table)
+                _print_table(table)
                 if report.get("tasks"):
                     _print_tasks_table(report["tasks"])
 
@@ -796,11 +819,11 @@ def _print_sweep_report(report: dict, as_json: bool) -> None:
         table.add_column(col, justify="left" if col == "method" else "right")
     for row in plan_summary(report):
         table.add_row(*[_fmt(v) for v in row])
-    stdout.print(table)
+    _print_table(table)
     if report.get("points_planned"):
-        stdout.print(f"stopped after {len(report['runs'])} of {report['points_planned']} points", highlight=False)
+        stdout.print(f"stopped after {len(report['runs'])} of {report['points_planned']} points", highlight=False, soft_wrap=True)
     if report.get("plot"):
-        stdout.print(f"plot: {report['plot']}", highlight=False)
+        stdout.print(f"plot: {report['plot']}", highlight=False, soft_wrap=True)
 
 
 def _sweep_stopped(partial: dict, exc: BaseException, as_json: bool, debug: bool) -> None:
@@ -838,7 +861,7 @@ def verify_command(
             else:
                 note = "" if summary["hashes_recorded"] else " (no tensor hashes recorded: an older prune-cli wrote it)"
                 stdout.print(f"{checkpoint}: ok, {summary['tensors_checked']} tensors and {summary['layers_checked']} "
-                             f"pruned layers match its report{note}", highlight=False)
+                             f"pruned layers match its report{note}", highlight=False, soft_wrap=True)
 
 
 def method_summary(cls) -> str:

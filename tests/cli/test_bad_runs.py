@@ -442,3 +442,31 @@ def test_task_scoring_outside_a_git_folder_prints_no_git_error(tmp_path, tiny_ll
     assert proc.returncode == 0, proc.stderr
     assert "fatal" not in proc.stderr and "git" not in proc.stderr, proc.stderr
     assert "prune_cloze" in proc.stdout and "acc_norm" in proc.stdout  # eval's task table had no rows
+
+
+def test_a_narrow_terminal_keeps_every_number(tmp_path, tiny_llama_dir, monkeypatch):
+    """At 20 columns rich cut every cell to '3…' (COLUMNS=20): the tables of compress, eval and
+    sweep now fall back to plain 'column: value' lines that hold every number of the report."""
+    from prune_cli import cli
+
+    monkeypatch.setattr(cli.stdout, "_width", 20)  # as COLUMNS=20 sets it
+    fmt = cli._fmt
+    args = ["--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1", "--eval-seqlen", "16", "--device", "cpu"]
+    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *args, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "sparsity.json").read_text())
+    for value in (report["ppl"]["dense"], report["ppl"]["compressed"], report["sparsity"]):
+        assert fmt(value) in result.stdout, result.stdout
+
+    table, as_json = (run("eval", tmp_path / "o", *EVAL, *extra) for extra in ([], ["--json"]))
+    assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
+    evaluated = json.loads(as_json.stdout)
+    for value in (evaluated["ppl"], evaluated["sparsity"], evaluated["tokens"]):
+        assert fmt(value) in table.stdout, table.stdout
+
+    sweep = run("sweep", tiny_llama_dir, "--methods", "wanda", "--sparsities", "0.5", *args, "--no-baseline-cache",
+                "--keep-checkpoints", tmp_path / "keep")
+    assert sweep.exit_code == 0, sweep.output
+    point = json.loads((tmp_path / "keep" / "wanda-0.5" / "sparsity.json").read_text())
+    for value in (point["ppl"]["dense"], point["ppl"]["compressed"], point["ppl"]["ratio"], point["sparsity"]):
+        assert fmt(value) in sweep.stdout, sweep.stdout
