@@ -774,7 +774,7 @@ def sweep_command(
     _setup_logging(verbose)
     with _cli_boundary(debug, as_json):
         from prune_cli.config import load_recipe
-        from prune_cli.sweep import parse_list, plot, points, run_sweep
+        from prune_cli.sweep import check_plot_path, parse_list, plot, points, run_sweep
 
         try:
             values = [float(x) for x in parse_list(sparsities)]
@@ -789,6 +789,8 @@ def sweep_command(
             "device": device, "dtype": dtype,
         }
         recipe_data = load_recipe(recipe) if recipe else None
+        if plot_path is not None:
+            check_plot_path(plot_path)
         try:
             with _signals_as_interrupts(), RichEvents() as events:
                 report = run_sweep(model, recipe_data, base, grid, offline=offline, keep=keep_checkpoints,
@@ -798,7 +800,10 @@ def sweep_command(
                 raise
             _sweep_stopped(exc.sweep_report, exc, as_json, debug)
         if plot_path is not None:
-            report["plot"] = str(plot(report, plot_path))
+            try:
+                report["plot"] = str(plot(report, plot_path))
+            except Exception as exc:  # noqa: BLE001 - the sweep's results are printed all the same
+                _sweep_stopped(report, exc, as_json, debug)
         _print_sweep(report, as_json)
 
 

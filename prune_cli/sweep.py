@@ -166,6 +166,27 @@ def _report(first, last: dict, dense: dict, runs: list[dict], started: float) ->
     }
 
 
+def check_plot_path(path: Path) -> None:
+    """Refuse a ``--plot`` path that cannot be written, and a missing matplotlib, before the
+    sweep runs (both were found after every point had run)."""
+    import importlib.util
+    import os
+
+    from prune_cli.output import OutputNotWritableError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RecipeError("the sweep plot needs matplotlib", hint="pip install 'prune-cli[plot]', or drop --plot")
+    path = Path(path)
+    if path.is_dir():
+        raise OutputNotWritableError(f"--plot {path} is a folder", hint="give the PNG file to write, e.g. --plot sweep.png")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "is not a folder" if not ancestor.is_dir() else "is not writable"
+        raise OutputNotWritableError(f"cannot write --plot {path}: {ancestor} {why}", hint="choose another --plot path")
+
+
 def plot(report: dict, path: Path, title: str | None = None) -> Path:
     """Perplexity against sparsity (see the module docstring) as a PNG at ``path``."""
     try:

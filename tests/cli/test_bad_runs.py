@@ -470,3 +470,31 @@ def test_a_narrow_terminal_keeps_every_number(tmp_path, tiny_llama_dir, monkeypa
     point = json.loads((tmp_path / "keep" / "wanda-0.5" / "sparsity.json").read_text())
     for value in (point["ppl"]["dense"], point["ppl"]["compressed"], point["ppl"]["ratio"], point["sparsity"]):
         assert fmt(value) in sweep.stdout, sweep.stdout
+
+
+@pytest.mark.parametrize("case,needle", [("under-a-file", "is not a folder"), ("a-folder", "is a folder")])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_sweep(tmp_path, tiny_llama_dir, monkeypatch, case, needle):
+    """--plot under a file (or onto a folder) was an internal error after every point had run,
+    and the sweep's results were lost."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "file").write_text("x")
+    path = {"under-a-file": tmp_path / "file" / "sweep.png", "a-folder": tmp_path}[case]
+    _no_runs(monkeypatch)
+    one_line_error(run("sweep", tiny_llama_dir, "--methods", "wanda", "--sparsities", "0.5", *SWEEP, "--plot", path), 2, needle)
+
+
+def test_a_plot_that_fails_after_the_sweep_still_prints_its_results(tmp_path, tiny_llama_dir, monkeypatch):
+    import errno
+
+    import prune_cli.sweep as sweep
+
+    def failing(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sweep, "plot", failing)
+    monkeypatch.setattr(sweep, "check_plot_path", lambda path: None)
+    result = run("sweep", tiny_llama_dir, "--methods", "wanda", "--sparsities", "0.5", *SWEEP, "--plot", tmp_path / "p.png",
+                 "--json")
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.stdout)
+    assert len(report["runs"]) == 1 and report["runs"][0]["ppl"] > 1 and "no space left" in report["error"]["message"]
