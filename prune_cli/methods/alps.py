@@ -51,8 +51,14 @@ What differs from the release (mazumder-lab/ALPS ``alps.py``), and why:
   always runs its 10 steps). Its per-check objective printout is not computed.
 * ``precision``: the ADMM and CG arithmetic in float32 (default) or float64; the
   eigendecomposition is always float64 (the release: float64 ``eigh``, float32 iterations).
+  Measured on block 10 of the bundled SmolLM2-135M (16 x 512 calibration tokens; q_proj and
+  o_proj at 50%, 70% and 2:4): the two reach the same layer error within 0.1%.
 * A pattern that prunes nothing returns the weight unchanged (the schedule would only divide
   ``rho`` by 5 until ``max_iter``).
+
+On that block (q/o/up/down_proj, 50%, 70%, 2:4) every solve stopped by the schedule after 33
+iterations (final ``rho`` 0.84-1.0, no restart), with a relative layer error 0.46-0.66x
+SparseGPT's on the same statistics; the refinement lowered it by 0.01-0.1%.
 
 Deterministic: no randomness, a fixed schedule; the same inputs give the same result bit for
 bit (a resumed run equals an uninterrupted one).
