@@ -176,6 +176,21 @@ def _protected(output: Path) -> str | None:
     return None
 
 
+def _edited_files(output: Path, listed: list) -> list[str]:
+    """Files of the report's list whose size is not the one recorded when they were written:
+    the user edited them (the model card README.md, typically, before pushing it), and
+    ``--overwrite`` would lose the edit."""
+    edited = []
+    for entry in listed:
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+            continue
+        path = output / str(entry.get("name"))
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_size != entry["bytes"]:
+                edited.append(str(entry.get("name")))
+    return sorted(edited)
+
+
 def check_replaceable(output: Path) -> None:
     """Raise unless the existing folder ``output`` may be replaced by ``--overwrite``."""
     why = _protected(output)
@@ -189,6 +204,11 @@ def check_replaceable(output: Path) -> None:
             if foreign:
                 more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
                 why = f"it holds files prune-cli did not write ({foreign[0]}{more})"
+            else:
+                edited = _edited_files(output, report["files"])
+                if edited:
+                    more = f" and {len(edited) - 1} more" if len(edited) > 1 else ""
+                    why = f"{edited[0]}{more} changed since prune-cli wrote it (an edited model card?)"
     if why:
         raise OutputExistsError(
             f"refusing to replace {output}: {why}",

@@ -87,7 +87,8 @@ def test_empty_output_is_a_usage_error(tmp_path, tiny_llama_dir, monkeypatch):
     assert fingerprint(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["cwd", "cwd-parent", "home", "root", "source-tree", "checkpoint-plus-foreign-file"])
+@pytest.mark.parametrize("where", ["cwd", "cwd-parent", "home", "root", "source-tree", "checkpoint-plus-foreign-file",
+                                   "checkpoint-with-edited-card"])
 def test_overwrite_refuses_folders_prune_cli_did_not_write(tmp_path, tiny_llama_dir, monkeypatch, checkpoint, where):
     work = tmp_path / "work"
     (work / "src" / ".git").mkdir(parents=True)
@@ -102,9 +103,14 @@ def test_overwrite_refuses_folders_prune_cli_did_not_write(tmp_path, tiny_llama_
         "root": "/",
         "source-tree": str(work / "src"),
         "checkpoint-plus-foreign-file": str(checkpoint),
+        "checkpoint-with-edited-card": str(checkpoint),
     }[where]
     if where == "checkpoint-plus-foreign-file":
-        (checkpoint / "README.md").write_text("my notes\n")
+        (checkpoint / "notes.md").write_text("my notes\n")
+        watched = checkpoint.parent
+    elif where == "checkpoint-with-edited-card":  # the model card prune-cli wrote, edited by hand
+        with (checkpoint / "README.md").open("a") as card:
+            card.write("\nEvaluated by hand on our data: see the wiki.\n")
         watched = checkpoint.parent
     else:
         watched = tmp_path
