@@ -470,11 +470,30 @@ def file_digest(path: str | Path) -> str:
         return _DIGESTS[key]
     digest = hashlib.sha256(json.dumps(identity).encode())
     if info.st_size <= FULL_HASH_BYTES:
+        digest.update(content_sha256(path).encode())
+    _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+_CONTENT: dict[tuple, str] = {}  # (path, identity) -> sha256 of the bytes, for this process
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, all 64 hex digits (what ``sha256sum`` and the hub show),
+    read 8 MiB at a time; computed once per process per file identity, so the cache keys
+    (:func:`file_digest`) and the model card's GGUF hash read a file once between them.
+    Raises :class:`CheckpointError` for a missing, non-regular or unreadable file."""
+    import hashlib
+
+    path = Path(path)
+    key = (str(path.absolute()), file_identity(check_regular_file(path)))
+    if key not in _CONTENT:
+        digest = hashlib.sha256()
         try:
             with path.open("rb") as handle:
                 for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
                     digest.update(chunk)
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    _DIGESTS[key] = digest.hexdigest()[:16]
-    return _DIGESTS[key]
+        _CONTENT[key] = digest.hexdigest()
+    return _CONTENT[key]

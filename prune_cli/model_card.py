@@ -23,13 +23,13 @@ Nothing here contacts the hub: a hub source's files are read from the local cach
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prune_cli.checkpoint_files import content_sha256
 from prune_cli.model_io import ModelSource
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def source_facts(source: ModelSource) -> SourceFacts:
         license_fields = normalise_license(meta.get("general.license"), meta.get("general.license.name"),
                                            meta.get("general.license.link"))
     common = dict(gguf_file=source.gguf_file, quantization=gguf_quantization(meta) if gguf else None,
-                  sha256=file_sha256(gguf) if gguf is not None else None, **license_fields)
+                  sha256=content_sha256(gguf) if gguf is not None else None, **license_fields)
     if source.kind == "bundled":
         from importlib.metadata import PackageNotFoundError, version
 
@@ -227,15 +227,6 @@ def gguf_hub_id(meta: dict) -> str | None:
         if match:
             return match.group(1)
     return None
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, all 64 hex digits (what ``sha256sum`` and the hub show)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(16 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tag(text: str) -> str:
