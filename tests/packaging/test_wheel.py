@@ -20,12 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from prune_cli.activation import ACTIVATION_METHODS
+from prune_cli.methods import WEIGHT_METHODS
+
 pytestmark = pytest.mark.packaging
 
 ROOT = Path(__file__).resolve().parents[2]
 # source folder -> the package it installs as (setup.py's MAPPED, plus the main package)
 INSTALLED_AS = {"prune_cli": "prune_cli", "gpu": "prune_cli/gpu", "calibrators": "prune_cli/calibrators"}
-TORCH = "torch==2.13.0"  # the local CPU wheel; an unconstrained torch would pull a CUDA build
+TORCH = "torch==2.13.0"
+# every registered method, weight and activation (read from the source tree, checked in the wheel)
+METHODS = [*WEIGHT_METHODS, *ACTIVATION_METHODS]  # the local CPU wheel; an unconstrained torch would pull a CUDA build
 
 
 def _tree_files() -> set[str]:
@@ -83,15 +88,18 @@ def test_the_installed_wheel_runs_outside_the_source_tree(installed, tiny_llama_
 
     listed = _run(installed, ["methods"], tmp_path)
     assert listed.returncode == 0, listed.stderr
-    for name in ("wanda", "sparsegpt", "teal"):
-        assert name in listed.stdout
+    for name in METHODS:
+        assert f"  {name} " in listed.stdout, name
 
-    for method in ("wanda", "teal"):
-        out = tmp_path / method
-        result = _run(installed, ["compress", str(tiny_llama_dir), "--method", method, "--sparsity", "0.5",
-                                  "--calib-samples", "2", "--seqlen", "16", "--no-eval", "--device", "cpu",
-                                  "-o", str(out), "--json"], tmp_path)
-        assert result.returncode == 0, result.stderr
-        report = json.loads(result.stdout)
-        assert report["method"] == method or report.get("activation"), report
-        assert (out / "model.safetensors").exists() and (out / "sparsity.json").exists()
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_installed_wheel_compresses_with_every_method(installed, tiny_llama_dir, tmp_path, method):
+    out = tmp_path / method
+    result = _run(installed, ["compress", str(tiny_llama_dir), "--method", method, "--sparsity", "0.5",
+                              "--calib-samples", "2", "--seqlen", "16", "--eval-windows", "2", "--eval-seqlen", "16",
+                              "--device", "cpu", "-o", str(out), "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert method in (report["method"], (report.get("activation") or {}).get("method")), report
+    assert report["ppl"]["compressed"] is not None
+    assert (out / "model.safetensors").exists() and (out / "sparsity.json").exists()
