@@ -29,13 +29,18 @@ EVAL = ["--eval-windows", "1", "--eval-seqlen", "16", "--device", "cpu"]
 # ----------------------------------------------------------------------------- 1. activation files with NaN
 
 
+def _compressed(tmp_path_factory, model, method: str) -> Path:
+    """A fresh checkpoint of ``model`` by ``method`` at 50% (no evaluation)."""
+    out = tmp_path_factory.mktemp(method) / "out"
+    result = run("compress", model, "--method", method, "--sparsity", "0.5", *FAST, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(scope="module")
 def teal_checkpoint(tmp_path_factory, tiny_llama_dir):
     """A fresh TEAL checkpoint (activation sparsity; no evaluation)."""
-    out = tmp_path_factory.mktemp("teal") / "out"
-    result = run("compress", tiny_llama_dir, "--method", "teal", "--sparsity", "0.5", *FAST, "-o", out)
-    assert result.exit_code == 0, result.output
-    return out
+    return _compressed(tmp_path_factory, tiny_llama_dir, "teal")
 
 
 def _set_float(path: Path, tensor: str, value: float) -> None:
@@ -243,10 +248,7 @@ def test_a_failed_point_still_prints_the_finished_ones(tmp_path, tiny_llama_dir,
 
 @pytest.fixture(scope="module")
 def wanda_checkpoint(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("wanda") / "out"
-    result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", out)
-    assert result.exit_code == 0, result.output
-    return out
+    return _compressed(tmp_path_factory, tiny_llama_dir, "wanda")
 
 
 @pytest.mark.report_edited

@@ -183,13 +183,15 @@ def test_streamed_export_equals_save_pretrained(llama3, tmp_path):
     writer = CheckpointWriter(out, driver, torch.float32)
     writer.write_head()
     driver.walk([PruneStage(build_plan(driver.model, config), ids, 4)], after_block=[writer.write_block])
-    written = writer.finish(tokenizer, {"format": "prune-cli/sparsity-report"})
+    report = {"format": "prune-cli/sparsity-report", "model": str(llama3), "method": "wanda", "pattern": "unstructured",
+              "model_source": {"kind": "folder", "location": str(llama3), "gguf_file": None}}  # what the card reads
+    written = writer.finish(tokenizer, report)
     reference = load_file(str(tmp_path / "reference" / "model.safetensors"))
     ours = load_file(str(out / "model.safetensors"))
     assert set(ours) == set(reference) and "lm_head.weight" not in ours
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
-    assert {f["name"] for f in written["files"]} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert {f["name"] for f in written["files"]} >= {"model.safetensors", "config.json", "tokenizer.json", "README.md"}
     assert not any(f["name"].startswith(".work") for f in written["files"])  # removed by the commit, never listed
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert perplexity(reloaded, ids) == perplexity(model, ids)
