@@ -370,7 +370,7 @@ def _wait_for(flag: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_before_any_block_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, tiny_llama_dir, checkpoint, signum):
     """Ctrl-C or SIGTERM before any block is done (loading): the run's staging folder is removed,
     the previous checkpoint at --output is untouched, one line says so, and the exit code names
@@ -390,7 +390,7 @@ def test_interrupt_before_any_block_stops_cleanly_and_keeps_the_previous_checkpo
 
 
 @pytest.mark.parametrize("stage", ["calibration", "export"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_after_a_block_keeps_the_resume_state_and_prints_the_command(tmp_path, tiny_llama_dir, checkpoint, stage, signum):
     """Ctrl-C or SIGTERM in a walk stops after the current block, at export at once; either way
     the resume state is kept beside --output (the previous checkpoint untouched), the last line
@@ -417,7 +417,8 @@ def test_interrupt_after_a_block_keeps_the_resume_state_and_prints_the_command(t
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("stage,said", [("load", "left by a run that ended"), ("calibration", "left by a run that ended"),
+@pytest.mark.parametrize("stage,said", [("load", "left by a run that ended"),
+                                        pytest.param("calibration", "left by a run that ended", marks=pytest.mark.slow),
                                         ("export", "supersedes")])
 def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path, tiny_llama_dir, checkpoint, stage, said):
     """SIGKILL cannot be caught: the previous checkpoint is still intact, and the next run to

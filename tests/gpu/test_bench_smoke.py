@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +36,7 @@ def test_gpu_kernels_smoke(tmp_path):
     assert "smoke run" in proc.stdout
 
 
+@pytest.mark.slow  # 13 s
 def test_gpu_compress_smoke(tmp_path):
     run_bench("gpu_compress.py", "--smoke", "--json", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md"),
               tmp_path=tmp_path)
@@ -58,6 +61,7 @@ def _streamed_check(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 13 s
 def test_gpu_streamed_check_smoke(tmp_path):
     """gpu_check.sh's --device cuda compress/eval step, with the CPU on both sides."""
     proc = _streamed_check("--smoke", tmp_path=tmp_path)

@@ -61,6 +61,7 @@ def test_eval_command_matches_in_memory(wanda_checkpoint):
     assert ev["recorded"]["method"] == "wanda"
 
 
+@pytest.mark.slow  # 36 s: a whole from_pretrained of the GGUF file
 def test_gguf_tensors_read_one_at_a_time_equal_transformers_whole_load():
     """The streamed GGUF source (dequantised per tensor with transformers' name map and
     processors, Llama's q/k permutation included) gives exactly from_pretrained's weights."""
@@ -80,6 +81,7 @@ def test_gguf_tensors_read_one_at_a_time_equal_transformers_whole_load():
         assert torch.equal(weights.read([name])[name].float(), reference[name]), name
 
 
+@pytest.mark.slow  # 57 s: dequantises the whole file twice (tiny GGUF caches: tests/cli/test_bad_checkpoints.py)
 def test_the_gguf_cache_is_written_once_and_reads_the_same_weights(tmp_path, monkeypatch):
     from prune_cli import gguf_cache
     from prune_cli.model_io import _CONFIGS, bundled_source, open_model

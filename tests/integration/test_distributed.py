@@ -41,9 +41,17 @@ def _reports(stdout: str) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("samples", [16, 6], ids=["shares-fill-batches", "shares-cut-batches"])
-@pytest.mark.parametrize("method", [["--method", "wanda", "--sparsity", "0.5"], ["--method", "sparsegpt", "--pattern", "2:4"]],
-                         ids=["wanda", "sparsegpt-2of4"])
+WANDA = ["--method", "wanda", "--sparsity", "0.5"]
+SPARSEGPT_24 = ["--method", "sparsegpt", "--pattern", "2:4"]
+
+
+# 15 s each on 2 cores: one case in the default suite, the other three under -m slow
+@pytest.mark.parametrize("method,samples", [
+    pytest.param(WANDA, 16, id="wanda-shares-fill-batches"),
+    pytest.param(WANDA, 6, id="wanda-shares-cut-batches", marks=pytest.mark.slow),
+    pytest.param(SPARSEGPT_24, 16, id="sparsegpt-2of4-shares-fill-batches", marks=pytest.mark.slow),
+    pytest.param(SPARSEGPT_24, 6, id="sparsegpt-2of4-shares-cut-batches", marks=pytest.mark.slow),
+])
 def test_two_ranks_agree_bit_for_bit_and_with_one_process(tmp_path, tiny_llama_dir, method, samples):
     """16 windows in batches of 8: each rank's 8 are one of the single process's batches, and a
     two-way sum is the same addition: the same checkpoint, bit for bit. 6 windows: one batch of
