@@ -286,8 +286,14 @@ def check_weight_files(folder: str | Path) -> None:
     where the load would not read it). Folders without safetensors (``pytorch_model.bin``,
     GGUF) pass untouched."""
     folder = Path(folder)
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name != ACTIVATION_FILE and not path.is_dir():  # a broken link: "is missing"
+    stored = [p for p in sorted(folder.glob("*.safetensors")) if p.name != ACTIVATION_FILE]
+    read: set[Path] = set()
+    if stored or (folder / SAFE_WEIGHTS_INDEX_NAME).exists():
+        _, headers = read_weight_headers(folder)  # the files a load reads, each header parsed once
+        read = set(headers)
+        log.debug("checked %d safetensors weight file(s) in %s", len(headers), folder)
+    for path in stored:
+        if path not in read and not path.is_dir():  # a broken link: "is missing"
             check_safetensors(path)
     for index in sorted(folder.glob(f"*{INDEX_SUFFIX}")):
         weight_map = _index_shards(index)
@@ -297,9 +303,6 @@ def check_weight_files(folder: str | Path) -> None:
                     f"{index.name} names {shard}, which is missing from {folder}",
                     hint="the checkpoint is incomplete; copy or download every shard",
                 )
-    if any(p.name != ACTIVATION_FILE for p in folder.glob("*.safetensors")) or (folder / SAFE_WEIGHTS_INDEX_NAME).exists():
-        chosen, headers = read_weight_headers(folder)
-        log.debug("checked %d safetensors weight file(s) in %s", len(headers), folder)
 
 
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
