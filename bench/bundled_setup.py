@@ -15,7 +15,8 @@ import torch  # noqa: E402
 
 from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize  # noqa: E402
 from prune_cli.calibrators.sources import bundled_text  # noqa: E402
-from prune_cli.model_io import bundled_source, load_model  # noqa: E402
+from prune_cli.model.source import bundled_source  # noqa: E402
+from prune_cli.streaming.loader import load_model  # noqa: E402
 
 
 def add_window_flags(parser: argparse.ArgumentParser, evaluation: bool = True, threads: bool = True) -> None:

@@ -22,10 +22,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from prune_cli.calibrators import layerwise  # noqa: E402
-from prune_cli.config import resolve  # noqa: E402
-from prune_cli.model_io import decoder_blocks  # noqa: E402
-from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
-from prune_cli.plan import build_plan  # noqa: E402
+from prune_cli.recipe.config import resolve  # noqa: E402
+from prune_cli.model.structure import decoder_blocks  # noqa: E402
+from prune_cli.run.pipeline import calibrate_and_prune  # noqa: E402
+from prune_cli.recipe.plan import build_plan  # noqa: E402
 
 from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The whole ``compress`` job on a GPU with each backend (torch, cupy), and how far apart they end.
 
-For every recipe the same :func:`prune_cli.pipeline.compress` call the CLI makes runs once per
+For every recipe the same :func:`prune_cli.run.pipeline.compress` call the CLI makes runs once per
 backend, with the model on ``--device``: load, dense evaluation, calibration + pruning (and/or
 activation calibration), compressed evaluation, export. The table gives each stage's seconds from
 the report, the cupy/torch speedup of the stages the backend serves, both perplexities, and how
@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))  # tests.tiny_models (the stand-in's tokenizer)
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from prune_cli.config import load_recipe, resolve  # noqa: E402
-from prune_cli.pipeline import CompressRequest, compress  # noqa: E402
+from prune_cli.recipe.config import load_recipe, resolve  # noqa: E402
+from prune_cli.run.pipeline import CompressRequest, compress  # noqa: E402
 
 RECIPES = ["wanda-50", "wanda-2of4", "magnitude-50", "sparsegpt-50", "dsnot-wanda-60", "wina-greedy-50"]
 SMOKE_RECIPES = ["wanda-50", "wanda-2of4", "dsnot-wanda-60", "wina-greedy-50"]

@@ -6,7 +6,7 @@ The source is the *evaluation* part of the bundled text (CPython's pydoc topics,
 paragraph runs so it shares no paragraph with the calibration part; calibrators/sources.py),
 read from the Python that runs this script; the files are shipped, so every machine scores the
 same examples. Only prose paragraphs are used (no indented code, no ``>>>`` lines). Two tasks,
-in lm-eval-harness's task format (prune_cli/tasks.py writes their YAML):
+in lm-eval-harness's task format (prune_cli/stages/tasks.py writes their YAML):
 
 * ``prune_lastword`` (LAMBADA-style, ``output_type: loglikelihood``): a passage of whole sentences
   (20-90 words) with its last word held back; metrics ``acc`` (the word is the model's greedy

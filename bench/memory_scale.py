@@ -38,7 +38,7 @@ ARGS = ["--method", "wanda", "--sparsity", "0.5", "--calib-samples", "8", "--seq
 def bundled_tokenizer():
     from transformers import AutoTokenizer
 
-    from prune_cli.model_io import bundled_source
+    from prune_cli.model.source import bundled_source
 
     source = bundled_source()
     return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)

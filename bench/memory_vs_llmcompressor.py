@@ -4,7 +4,7 @@ Each side is one process doing the same job from the same GGUF file to a checkpo
 
 * ours: ``prune-cli compress`` (the bundled SmolLM2-135M, streamed block by block, float32
   compute, ``--save-dtype float32``, ``--no-eval``), twice: "cold" with an empty cache folder
-  (the run dequantises the GGUF file into its cache, :mod:`prune_cli.gguf_cache`), then "warm"
+  (the run dequantises the GGUF file into its cache, :mod:`prune_cli.checkpoint.gguf_cache`), then "warm"
   (reading that cache);
 * theirs: load the model with transformers (float32), ``oneshot(..., pipeline="sequential")``
   with the same modifier settings as ``bench/vs_llmcompressor.py``, ``save_pretrained``;
@@ -102,7 +102,8 @@ def main() -> None:
 
     from prune_cli.calibrators.sampling import calibration_windows, fingerprint, tokenize
     from prune_cli.calibrators.sources import bundled_text
-    from prune_cli.model_io import bundled_source, load_tokenizer
+    from prune_cli.model.source import bundled_source
+    from prune_cli.streaming.loader import load_tokenizer
 
     import torch
 

@@ -7,7 +7,7 @@ relative to SparseGPT's at the same pattern (goal: at most 2.5x).
     python bench/method_times.py [--samples 32] [--seqlen 512] [--only wanda dsnot ...] [--exclude reference]
         [--repeats 3] [--default-malloc]
 
-Like the ``prune-cli`` entry point, it first calls :func:`prune_cli.allocator.keep_freed_memory`
+Like the ``prune-cli`` entry point, it first calls :func:`prune_cli.core.allocator.keep_freed_memory`
 (``--default-malloc`` to measure glibc's default behaviour instead).
 """
 
@@ -23,10 +23,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from prune_cli.allocator import keep_freed_memory  # noqa: E402
-from prune_cli.config import resolve  # noqa: E402
-from prune_cli.pipeline import calibrate_and_prune  # noqa: E402
-from prune_cli.plan import build_plan  # noqa: E402
+from prune_cli.core.allocator import keep_freed_memory  # noqa: E402
+from prune_cli.recipe.config import resolve  # noqa: E402
+from prune_cli.run.pipeline import calibrate_and_prune  # noqa: E402
+from prune_cli.recipe.plan import build_plan  # noqa: E402
 
 from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 

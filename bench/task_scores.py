@@ -1,5 +1,5 @@
 """The offline task suite on the bundled SmolLM2-135M: dense and compressed scores per method,
-over several calibration seeds (prune_cli.tasks; the suite: bench/make_task_suite.py).
+over several calibration seeds (prune_cli.stages.tasks; the suite: bench/make_task_suite.py).
 
     python bench/task_scores.py [--seeds 0 1 2] [--out docs/task_scores.json]
 

@@ -23,7 +23,7 @@ Two processes: this one (prune-cli, .venv, transformers 5.23) and a worker start
 weights hash to the same fingerprint, reads the calibration windows from a .pt file in a temporary
 folder and runs `oneshot(..., pipeline="sequential")` on a fresh copy of the dense model per
 run. The worker hands back the pruned block Linear weights; both pruned models are then evaluated
-here with the same function (`prune_cli.evaluate.perplexity`), and their zero fractions measured.
+here with the same function (`prune_cli.stages.evaluate.perplexity`), and their zero fractions measured.
 
 Timed: only the pruning job — our `calibrate_and_prune` (which includes capturing the block
 inputs), their `oneshot` call (which includes building the dataloader and tracing the model).
@@ -341,7 +341,7 @@ def main() -> None:
         worker(*args.worker)
         return
     if not args.default_malloc:  # our side runs as the prune-cli entry point does; theirs is untouched
-        from prune_cli.allocator import keep_freed_memory
+        from prune_cli.core.allocator import keep_freed_memory
 
         print(f"our side: keep_freed_memory() -> {keep_freed_memory()}", flush=True)
     if not Path(args.bench_python).exists():
@@ -352,12 +352,13 @@ def main() -> None:
     import prune_cli
     from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, fingerprint, tokenize
     from prune_cli.calibrators.sources import bundled_text
-    from prune_cli.config import resolve
-    from prune_cli.evaluate import perplexity
-    from prune_cli.model_io import bundled_source, load_model
-    from prune_cli.patterns import NM
-    from prune_cli.pipeline import calibrate_and_prune
-    from prune_cli.plan import build_plan
+    from prune_cli.recipe.config import resolve
+    from prune_cli.stages.evaluate import perplexity
+    from prune_cli.model.source import bundled_source
+    from prune_cli.streaming.loader import load_model
+    from prune_cli.core.patterns import NM
+    from prune_cli.run.pipeline import calibrate_and_prune
+    from prune_cli.recipe.plan import build_plan
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cpu")

@@ -19,7 +19,7 @@ stage).
 
 Peak memory is the model plus one block's activations for the calibration windows.
 
-Non-finite activations raise :class:`~prune_cli.errors.NonFiniteError` where they first
+Non-finite activations raise :class:`~prune_cli.core.errors.NonFiniteError` where they first
 appear, naming the block: the captured inputs of block 0, every block's outputs when they
 replace the hidden states (:func:`propagate`, ``update_hidden=True``), the sampled Linear
 inputs, and the finished statistics (:meth:`InputStats.check_finite`, naming the Linears). Each
@@ -38,8 +38,15 @@ import torch
 from torch import nn
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import NonFiniteError
-from prune_cli.finite import WEIGHTS_HINT, all_finite, check_finite_parameters, check_finite_tensor, describe_nonfinite
+from prune_cli.core import distributed
+from prune_cli.core.errors import NonFiniteError
+from prune_cli.core.finite import (
+    WEIGHTS_HINT,
+    all_finite,
+    check_finite_parameters,
+    check_finite_tensor,
+    describe_nonfinite,
+)
 
 # Block -> its full name (e.g. ``model.layers.5``) and index, recorded by capture_block_inputs
 # and by register_block (the block driver, for each block it materialises).
@@ -209,7 +216,7 @@ def capture_block_inputs(
     recorders for the forward (and put back), so none of them runs and none needs its weights.
     Records the blocks' names (:func:`block_name`); raises :class:`NonFiniteError` when the
     inputs are not finite. Moves nothing: the parts of the model before the first block must be
-    on ``device`` already (the :class:`~prune_cli.driver.BlockDriver` places them). ``keep``
+    on ``device`` already (the :class:`~prune_cli.streaming.driver.BlockDriver` places them). ``keep``
     turns each batch, as soon as it is captured, into what is kept (e.g. a spilled batch)."""
     path = next((n for n, m in model.named_modules() if m is blocks), None)
     for index, block in enumerate(blocks):
@@ -349,7 +356,6 @@ def collect_input_stats(
     finally:
         for handle in handles:
             handle.remove()
-    from prune_cli import distributed
 
     for stats in groups.values():
         distributed.sum_stats(stats)  # data-parallel ranks: every rank gets the sums over all

@@ -21,8 +21,9 @@ import warnings
 
 import torch
 
-from prune_cli.config import BOS_MODES
-from prune_cli.errors import NotEnoughTextError, RecipeError
+from prune_cli.core.errors import NotEnoughTextError, RecipeError
+
+BOS_MODES = ("auto", "always", "never")  # see resolve_bos; the recipe key `bos` takes these
 
 log = logging.getLogger(__name__)
 

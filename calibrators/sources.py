@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from prune_cli.errors import BadInputError, NotEnoughTextError
+from prune_cli.core.errors import BadInputError, NotEnoughTextError, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,6 @@ def _text_field(value, column: str, where: str) -> str:
             raise BadInputError(f"{where}: field {column!r} is not valid text (a lone surrogate "
                                 f"{value[exc.start]!r} at character {exc.start})", hint=TEXT_HINT) from None
     else:
-        from prune_cli.settings import kind_of
 
         raise BadInputError(f"{where}: field {column!r} is {kind_of(value)}, not text ({json.dumps(value)[:40]})",
                             hint=f"each row's {column!r} field must be a JSON string, e.g. {{\"{column}\": \"...\"}}")

@@ -17,7 +17,7 @@ are multiplied (about 2/3 of the work of ``X^T X`` here) and mirrored, so ``xtx`
 symmetric.
 
 Non-finite statistics (NaN / +-inf: the activations were non-finite, or so large that their
-float32 sums overflowed) raise :class:`~prune_cli.errors.NonFiniteError` naming the consumers,
+float32 sums overflowed) raise :class:`~prune_cli.core.errors.NonFiniteError` naming the consumers,
 from :meth:`InputStats.check_finite`: the layer-wise calibrator calls it once per finished
 statistic, and every accessor (``norm``, ``mean``, ``var``, ``hessian``) before reading. The
 accumulation itself stays free of host syncs.
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prune_cli.errors import NonFiniteError
-from prune_cli.finite import all_finite, describe_nonfinite, is_finite
+from prune_cli.core.errors import NonFiniteError
+from prune_cli.core.finite import all_finite, describe_nonfinite, is_finite
 
 
 class Stat(enum.Enum):
@@ -85,7 +85,7 @@ class InputStats:
     # Where the consumers live (e.g. ``model.layers.3``), to name them fully in messages.
     block: str = ""
     # The reorderings of these channels that the checkpoint can absorb (set by the pruning stage
-    # from :class:`prune_cli.permutation.Fold`'s ``groups``; None: the channel order is fixed).
+    # from :class:`prune_cli.methods.permutation.Fold`'s ``groups``; None: the channel order is fixed).
     channel_groups: torch.Tensor | None = field(default=None, repr=False, compare=False)
     # True once check_finite() found every statistic finite; update() clears it.
     _finite: bool = field(default=False, init=False, repr=False, compare=False)

@@ -32,8 +32,10 @@ from typing import Protocol, Union, runtime_checkable
 
 import torch
 
-from prune_cli.errors import BackendUnavailableError, UnknownNameError
-from prune_cli.patterns import SparsityPattern
+from prune_cli.core.errors import BackendUnavailableError, UnknownNameError
+from prune_cli.core.patterns import SparsityPattern
+from prune_cli.gpu.availability import CupyUnavailable
+from prune_cli.gpu.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +121,6 @@ class Backend(Protocol):
         ...
 
 
-class CupyUnavailable(Exception):
-    """Why the CuPy backend cannot run here (raised by the loader, turned into a message)."""
-
-    def __init__(self, reason: str, hint: str):
-        super().__init__(reason)
-        self.reason = reason
-        self.hint = hint
-
-
 def normalize_device(device: DeviceLike) -> torch.device:
     if device is None:
         return torch.device("cpu")
@@ -165,7 +158,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _torch_backend() -> Backend:
-    from prune_cli.gpu.torch_backend import TorchBackend
 
     return TorchBackend()
 
@@ -176,7 +168,7 @@ def resolve_backend(name: str | None, device: DeviceLike) -> tuple[Backend, str 
     Returns ``(backend, message)``; ``message`` is one info line saying what ``auto`` chose and
     why (``None`` for an explicit choice). ``auto`` picks CuPy only when the device is CUDA,
     ``cupy`` imports and the kernels compile; otherwise torch. An explicit ``cupy`` that cannot
-    run raises :class:`~prune_cli.errors.BackendUnavailableError` (exit code 2), never a silent
+    run raises :class:`~prune_cli.core.errors.BackendUnavailableError` (exit code 2), never a silent
     fallback.
     """
     key = (name or "auto").strip().lower()

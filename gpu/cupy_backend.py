@@ -26,11 +26,11 @@ import cupy as cp
 import numpy as np
 import torch
 
+from prune_cli.core.patterns import NM, SparsityPattern, Unstructured
 from prune_cli.gpu import launch
-from prune_cli.gpu.backend import CupyUnavailable
+from prune_cli.gpu.availability import CupyUnavailable
 from prune_cli.gpu.kernel_source import KERNELS, module_source
 from prune_cli.gpu.torch_backend import TorchBackend, check_gemv_shapes, keep_mask
-from prune_cli.patterns import NM, SparsityPattern, Unstructured
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2}

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from prune_cli.patterns import SparsityPattern
+from prune_cli.core.patterns import SparsityPattern
+from prune_cli.core.selection import select
 
 
 def kept_indices(keep: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -71,7 +72,6 @@ class TorchBackend:
     def select_mask(self, score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") -> torch.Tensor:
         """``score`` ``(out, in)`` -> KEEP mask ``(out, in)`` bool: exactly
         :func:`prune_cli.methods.base.select` (stable ascending sort: ties by index)."""
-        from prune_cli.methods.base import select  # lazy: gpu sits below methods (no import cycle)
 
         return select(score, pattern, scope)
 

@@ -2,7 +2,7 @@
 
 Results go to stdout (a table, or one JSON object with ``--json``); logs and progress go to
 stderr. Exit codes: 0 done, 2 bad input (one line + hint), 1 internal error, 3 a quality gate
-failed (the checkpoint and report are written; prune_cli.gates), 130 interrupted (Ctrl-C), 143
+failed (the checkpoint and report are written; prune_cli.core.gates), 130 interrupted (Ctrl-C), 143
 stopped by SIGTERM. With ``--json`` an error is one JSON object on stdout too:
 ``{"error": {"type", "message", "hint"}, "exit_code": N}``.
 
@@ -30,7 +30,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from prune_cli.progress_log import PlainProgress, clock_time
+from prune_cli.console.progress_log import PlainProgress, clock_time
 
 app = typer.Typer(
     name="prune-cli",
@@ -173,7 +173,7 @@ def _cli_boundary(debug: bool, as_json: bool):
 
 def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
     """Turn an exception at the CLI boundary into its exit code and one line."""
-    from prune_cli.errors import InterruptedRun
+    from prune_cli.core.errors import InterruptedRun
 
     if isinstance(exc, KeyboardInterrupt):
         _interrupted(exc if isinstance(exc, InterruptedRun) else InterruptedRun(), as_json)
@@ -190,7 +190,7 @@ def _error_fields(exc: BaseException) -> tuple[str, str, str | None, int, str]:
     """``(type, message, hint, exit code, label)`` of an exception at the CLI boundary: a usage
     error or a :class:`PruneCliError` as itself, Ctrl-C / SIGTERM as what stopped the run,
     anything else an internal error (exit code 1)."""
-    from prune_cli.errors import InterruptedRun, PruneCliError
+    from prune_cli.core.errors import InterruptedRun, PruneCliError
 
     if isinstance(exc, KeyboardInterrupt):
         exc = exc if isinstance(exc, InterruptedRun) else InterruptedRun()
@@ -214,7 +214,7 @@ def _user_os_error(exc: BaseException) -> tuple[str, str] | None:
     argument), a full disk or quota; None for any other error."""
     import errno
 
-    from prune_cli.output import os_errno
+    from prune_cli.checkpoint.output import os_errno
 
     number = os_errno(exc)
     if number == errno.ENAMETOOLONG:
@@ -229,7 +229,7 @@ def _user_os_error(exc: BaseException) -> tuple[str, str] | None:
 
 
 def _parse_tasks(text: str | None) -> tuple[str, ...]:
-    from prune_cli.tasks import parse_tasks
+    from prune_cli.recipe.tasks import parse_tasks
 
     return parse_tasks(text)
 
@@ -278,7 +278,7 @@ def _exit_on_failed_gates(report: dict, checkpoint: Path | None = None) -> None:
     """Exit 3 with one line per failed gate on stderr (the report, with its ``gates`` results,
     is already written and printed); ``checkpoint``: where it was written (the report holds only
     the folder's name)."""
-    from prune_cli.gates import GATE_FAILED_EXIT, describe, failed
+    from prune_cli.core.gates import GATE_FAILED_EXIT, describe, failed
 
     bad = failed(report.get("gates"))
     if bad:
@@ -328,13 +328,13 @@ def _signals_as_interrupts():
     """SIGINT and SIGTERM raise :class:`InterruptedRun` in the main thread, so every cleanup
     (``finally``, context managers) runs and the CLI can say what is on disk. Previous
     handlers are restored on exit."""
-    from prune_cli.errors import InterruptedRun
+    from prune_cli.core.errors import InterruptedRun
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    from prune_cli import stopping
+    from prune_cli.core import stopping
 
     stopping.reset()
 
@@ -507,7 +507,7 @@ def _printing_results(report_file: Path | None = None):
     with one stderr line saying so and where the written report is (``report_file``), never an
     internal error; what was written (a checkpoint) stays. stdout is then pointed at /dev/null,
     so that nothing tries to write the rest again (the interpreter's exit flush included)."""
-    from prune_cli.errors import StdoutError
+    from prune_cli.core.errors import StdoutError
 
     try:
         yield
@@ -538,13 +538,13 @@ def _stdout_closed() -> bool:
 
 def _emit_json(data: dict) -> None:
     """One strict JSON object on stdout (NaN / inf written as null and flagged)."""
-    from prune_cli.report import json_ready
+    from prune_cli.core.records import json_ready
 
     sys.stdout.write(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
-from prune_cli.settings import cli_help  # noqa: E402 - option help from the one table of recipe keys
+from prune_cli.recipe.settings import cli_help  # noqa: E402 - option help from the one table of recipe keys
 
 
 def _auto_number(value: Optional[str]) -> "str | float | None":
@@ -611,10 +611,10 @@ def compress(
     report written), 130 Ctrl-C, 143 SIGTERM."""
     _setup_logging(verbose)
     with _cli_boundary(debug, as_json):
-        from prune_cli.config import load_recipe, resolve
-        from prune_cli.pipeline import CompressRequest
-        from prune_cli.pipeline import compress as run_compress
-        from prune_cli.pipeline import dry_run as run_dry
+        from prune_cli.recipe.config import load_recipe, resolve
+        from prune_cli.run.pipeline import CompressRequest
+        from prune_cli.run.pipeline import compress as run_compress
+        from prune_cli.run.pipeline import dry_run as run_dry
 
         recipe_data = load_recipe(recipe) if recipe else None
         method_options = _parse_options(option or [])
@@ -656,7 +656,7 @@ def compress(
                       "max_task_drop": _parse_limits(max_task_drop, "--max-task-drop") or None},
         }
         if max_memory is not None:
-            from prune_cli.memory import parse_size
+            from prune_cli.core.memory import parse_size
 
             parse_size(max_memory)  # a bad size is a usage error now, not after loading
         if output is not None and not output.strip():
@@ -673,7 +673,7 @@ def compress(
             return
         with _signals_as_interrupts(), RichEvents() as events:
             report = run_compress(request, events)
-        from prune_cli.output import REPORT_FILE, output_path
+        from prune_cli.checkpoint.output import REPORT_FILE, output_path
 
         written = output_path(request.output) if report.get("output") else None  # the report names the folder only
         with _printing_results(written / REPORT_FILE if written is not None else None):
@@ -707,9 +707,9 @@ def eval_command(
     """Evaluate any checkpoint: perplexity on held-out text, lm-eval tasks (--tasks), measured sparsity."""
     _setup_logging(verbose)
     with _cli_boundary(debug, as_json):
-        from prune_cli.config import BOS_MODES, DEVICES, DTYPE_NAMES, EvaluationConfig
-        from prune_cli.errors import RecipeError
-        from prune_cli.pipeline import evaluate_checkpoint
+        from prune_cli.core.errors import RecipeError
+        from prune_cli.recipe.config import BOS_MODES, DEVICES, DTYPE_NAMES, EvaluationConfig
+        from prune_cli.run.pipeline import evaluate_checkpoint
 
         if device not in DEVICES:
             raise RecipeError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -773,8 +773,8 @@ def sweep_command(
     The dense model is scored once for the whole sweep. Exit codes as for compress (no gates)."""
     _setup_logging(verbose)
     with _cli_boundary(debug, as_json):
-        from prune_cli.config import load_recipe
-        from prune_cli.sweep import check_plot_path, parse_list, plot, points, run_sweep
+        from prune_cli.recipe.config import load_recipe
+        from prune_cli.run.sweep import check_plot_path, parse_list, plot, points, run_sweep
 
         try:
             values = [float(x) for x in parse_list(sparsities)]
@@ -814,7 +814,7 @@ def _print_sweep(report: dict, as_json: bool) -> None:
 
 
 def _print_sweep_report(report: dict, as_json: bool) -> None:
-    from prune_cli.sweep import plan_summary
+    from prune_cli.run.sweep import plan_summary
 
     if as_json:
         _emit_json(report)
@@ -836,7 +836,7 @@ def _sweep_stopped(partial: dict, exc: BaseException, as_json: bool, debug: bool
     stdout (under ``--json`` the one JSON object, with the error and exit code in it), then the
     error's one line on stderr and its exit code."""
     kind, message, hint, code, _ = _error_fields(exc)
-    from prune_cli.errors import StdoutError
+    from prune_cli.core.errors import StdoutError
 
     if as_json:
         partial = {**partial, "error": {"type": kind, "message": message, "hint": hint}, "exit_code": code}
@@ -857,7 +857,7 @@ def verify_command(
     Exit codes: 0 it matches, 2 a mismatch (the first tensor or layer named), 1 internal error."""
     _setup_logging(False)
     with _cli_boundary(debug, as_json):
-        from prune_cli.verify import verify_checkpoint
+        from prune_cli.run.verify import verify_checkpoint
 
         summary = verify_checkpoint(checkpoint)
         with _printing_results():
@@ -888,10 +888,10 @@ def method_options(cls) -> str:
 @app.command("methods")
 def methods_command() -> None:
     """List every weight and activation method, with its options (-O KEY=VALUE)."""
+    import textwrap
+
     from prune_cli.activation import ACTIVATION_METHODS
     from prune_cli.methods import WEIGHT_METHODS
-
-    import textwrap
 
     width, indent = max(40, stdout.width), " " * 13
 
@@ -911,9 +911,9 @@ def methods_command() -> None:
 def main(argv: list[str] | None = None) -> None:
     """The ``prune-cli`` entry point. Usage errors found by the option parser (before a command
     runs) keep their message and exit code 2, and with ``--json`` are a JSON object too."""
-    from prune_cli.allocator import keep_freed_memory
+    from prune_cli.core.allocator import keep_freed_memory
 
-    keep_freed_memory()  # a CLI run owns its process: no page-fault storms (see prune_cli.allocator)
+    keep_freed_memory()  # a CLI run owns its process: no page-fault storms (see prune_cli.core.allocator)
     global _ARGV
     args = sys.argv[1:] if argv is None else list(argv)
     _ARGV = args

@@ -64,7 +64,7 @@ def _reports_match_the_schema(request, tmp_path):
     yield
     if request.node.get_closest_marker("report_edited"):
         return
-    from prune_cli.report import validate_report
+    from prune_cli.core.records import validate_report
 
     for path, report in _written_reports(tmp_path):
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prune_cli.activation.methods import ActivationMethod, RSparse, Teal, Wina
-from prune_cli.registry import Registry
+from prune_cli.core.registry import Registry
 
 ACTIVATION_METHODS: Registry[type[ActivationMethod]] = Registry("activation method")
 ACTIVATION_METHODS.register(Teal.name, Teal)

@@ -21,7 +21,7 @@ sample of its calibration inputs ``X`` (``(n, in)`` fp32).
   is chosen from a grid by the output error on the calibration sample (the paper's search was
   never released), with ``alpha = 1`` (no low rank) always a candidate. The per-layer budget
   ``s`` is uniform, or with ``allocation: greedy`` comes from the Fisher-weighted greedy
-  allocation of :mod:`prune_cli.activation.calibrate` (on the curves of the sparse path), so
+  allocation of :mod:`prune_cli.stages.activation` (on the curves of the sparse path), so
   the search is: greedy over layers for ``s``, then a grid over ``alpha`` per layer.
 """
 
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from prune_cli.activation.modules import SparseInputLinear
-from prune_cli.errors import RecipeError
+from prune_cli.core.errors import RecipeError
+from prune_cli.core.options import build_from_options
 from prune_cli.gpu.torch_backend import TorchBackend
-from prune_cli.options import build_from_options
 
 
 def quantile_threshold(

@@ -30,8 +30,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from prune_cli.errors import RecipeError
-from prune_cli.model_io import decoder_blocks
+from prune_cli.core.errors import RecipeError
+from prune_cli.model.structure import decoder_blocks
 
 # norm attribute -> (readers, the reader whose columns are made orthogonal)
 SITES = {

@@ -3,26 +3,21 @@
 
 from __future__ import annotations
 
+from prune_cli.core.selection import select
 from prune_cli.methods.alps import ALPS
-from prune_cli.methods.base import PruneResult, ScoreMethod, WeightMethod, select
+from prune_cli.methods.base import WEIGHT_METHODS, PruneResult, ScoreMethod, WeightMethod, build_method
 from prune_cli.methods.dsnot import DSnoT
 from prune_cli.methods.magnitude import Magnitude
 from prune_cli.methods.ria import RIA
 from prune_cli.methods.sparsegpt import SparseGPT
 from prune_cli.methods.wanda import Wanda
-from prune_cli.registry import Registry
 
-WEIGHT_METHODS: Registry[type[WeightMethod]] = Registry("method")
 WEIGHT_METHODS.register(Magnitude.name, Magnitude)
 WEIGHT_METHODS.register(Wanda.name, Wanda)
 WEIGHT_METHODS.register(SparseGPT.name, SparseGPT)
 WEIGHT_METHODS.register(DSnoT.name, DSnoT)
 WEIGHT_METHODS.register(RIA.name, RIA)
 WEIGHT_METHODS.register(ALPS.name, ALPS)
-
-
-def build_method(name: str, options: dict | None = None) -> WeightMethod:
-    return WEIGHT_METHODS.get(name).from_options(options)
 
 
 __all__ = ["WEIGHT_METHODS", "PruneResult", "ScoreMethod", "WeightMethod", "build_method", "select"]

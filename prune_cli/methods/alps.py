@@ -79,9 +79,11 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import RecipeError
-from prune_cli.methods.base import PruneResult, WeightMethod, few_threads, select
-from prune_cli.patterns import NM, SparsityPattern
+from prune_cli.core.errors import RecipeError
+from prune_cli.core.patterns import NM, SparsityPattern
+from prune_cli.core.selection import select
+from prune_cli.methods.base import PruneResult, WeightMethod, few_threads
+from prune_cli.methods.sparsegpt import SparseGPT
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 SCOPES = ("matrix", "row")
@@ -327,7 +329,6 @@ class ALPS(WeightMethod):
         info["objective_admm"] = relative_error(weight, (state.B * keep) / scale, stats.xtx, dense)
         info["objective"] = relative_error(weight, pruned, stats.xtx, dense)
         if self.compare_sparsegpt:
-            from prune_cli.methods.sparsegpt import SparseGPT
 
             reference = SparseGPT(percdamp=self.percdamp).prune(weight, stats, pattern)
             info["objective_sparsegpt"] = relative_error(weight, reference.weight, stats.xtx, dense)

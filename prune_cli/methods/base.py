@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.options import build_from_options
-from prune_cli.patterns import NM, SparsityPattern, Unstructured
+from prune_cli.core.options import build_from_options
+from prune_cli.core.patterns import SparsityPattern
+from prune_cli.core.registry import Registry
+from prune_cli.core.selection import select  # noqa: F401 - re-exported: methods.base.select
 
 
 @contextmanager
@@ -50,46 +52,8 @@ class PruneResult:
     # The order of the input channels ``weight`` and ``mask`` are in (``perm[c]`` = the original
     # input channel now at ``c``), when the method permuted them (RIA under N:M, only where the
     # input's statistics carry ``channel_groups``); the pruning stage reorders the producers'
-    # rows to match (:func:`prune_cli.permutation.fold_into_producers`). None: original order.
+    # rows to match (:func:`prune_cli.methods.permutation.fold_into_producers`). None: original order.
     input_permutation: torch.Tensor | None = None
-
-
-def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") -> torch.Tensor:
-    """KEEP mask that removes the lowest-scoring weights under ``pattern``.
-
-    ``score``: ``(out, in)``; higher = more important.
-
-    * ``Unstructured(s)``, scope "row": in every output row remove exactly ``floor(in * s)``
-      weights; scope "matrix": remove ``floor(out * in * s)`` over the whole matrix.
-    * ``NM(n, m)``: in every group of ``m`` consecutive inputs of a row keep exactly ``n``.
-
-    Ties are broken by index: among equal scores the lower index is removed first (a stable
-    ascending sort), so every backend produces the same mask bit for bit.
-    """
-    out_features, in_features = score.shape
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if isinstance(pattern, Unstructured):
-        if scope == "row":
-            k = int(in_features * pattern.sparsity)
-            if k:
-                order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-                keep.scatter_(1, order, False)
-        elif scope == "matrix":
-            k = int(score.numel() * pattern.sparsity)
-            if k:
-                order = torch.sort(score.reshape(-1), stable=True).indices[:k]
-                keep.view(-1)[order] = False
-        else:
-            raise ValueError(f"unknown scope {scope!r}")
-        return keep
-    if isinstance(pattern, NM):
-        pattern.check_fits(in_features)
-        groups = score.reshape(out_features, in_features // pattern.m, pattern.m)
-        prune = pattern.m - pattern.n_keep
-        order = torch.sort(groups, dim=2, stable=True).indices[:, :, :prune]
-        keep.view(out_features, -1, pattern.m).scatter_(2, order, False)
-        return keep
-    raise TypeError(f"not a sparsity pattern: {pattern!r}")
 
 
 class WeightMethod(ABC):
@@ -151,3 +115,12 @@ class ScoreMethod(WeightMethod):
         else:
             mask = select(score, pattern, self.selection_scope())
         return PruneResult(weight * mask.to(weight.dtype), mask)
+
+
+# The registry of weight methods by their recipe/CLI names; ``prune_cli.methods`` registers them.
+WEIGHT_METHODS: Registry[type[WeightMethod]] = Registry("method")
+
+
+def build_method(name: str, options: dict | None = None) -> WeightMethod:
+    """The method registered as ``name``, built from its recipe options."""
+    return WEIGHT_METHODS.get(name).from_options(options)

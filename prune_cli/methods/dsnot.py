@@ -65,9 +65,9 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import RecipeError
-from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, few_threads
-from prune_cli.patterns import NM, SparsityPattern
+from prune_cli.core.errors import RecipeError
+from prune_cli.core.patterns import NM, SparsityPattern
+from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, build_method, few_threads
 
 MODES = ("guarded", "reference")
 BASES = ("magnitude", "wanda", "sparsegpt", "alps", "ria")
@@ -133,7 +133,6 @@ class DSnoT(WeightMethod):
         self.base_method()  # validates base options
 
     def base_method(self) -> WeightMethod:
-        from prune_cli.methods import build_method
 
         return build_method(self.base, self.base_options or {})
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.calibrators.stats import InputStats
-from prune_cli.errors import RecipeError
+from prune_cli.core.errors import RecipeError
 from prune_cli.methods.base import ScoreMethod
 
 

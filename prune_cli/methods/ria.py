@@ -15,8 +15,8 @@ of ``M`` consecutive inputs the ``M - N`` lowest.
 
 N:M with ``permute: true`` (the default): where the Linear's input channels can be reordered
 exactly in the exported model (the pruning stage says which: ``down_proj``'s input and
-``o_proj``'s input within key/value heads, :mod:`prune_cli.permutation`), the channels are
-reordered before the groups are chosen, by RIA's search (:func:`prune_cli.permutation.search_order`):
+``o_proj``'s input within key/value heads, :mod:`prune_cli.methods.permutation`), the channels are
+reordered before the groups are chosen, by RIA's search (:func:`prune_cli.methods.permutation.search_order`):
 
 1. channel reallocation: channels sorted by their column sum of ``S``, cut into ``M`` bands,
    position ``s`` of every group takes band ``s`` (reversed for odd ``s``);
@@ -66,10 +66,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import RecipeError
-from prune_cli.methods.base import PruneResult, ScoreMethod, select
-from prune_cli.patterns import NM, SparsityPattern
-from prune_cli.permutation import consumer_permutation
+from prune_cli.core.errors import RecipeError
+from prune_cli.core.patterns import NM, SparsityPattern
+from prune_cli.core.selection import select
+from prune_cli.methods.base import PruneResult, ScoreMethod
+from prune_cli.methods.permutation import consumer_permutation
 
 
 def relative_importance(weight: torch.Tensor) -> torch.Tensor:

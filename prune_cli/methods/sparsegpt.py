@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import RecipeError
-from prune_cli.methods.base import PruneResult, WeightMethod, few_threads, select
-from prune_cli.patterns import NM, SparsityPattern, Unstructured
+from prune_cli.core.errors import RecipeError
+from prune_cli.core.patterns import NM, SparsityPattern, Unstructured
+from prune_cli.core.selection import select
+from prune_cli.methods.base import PruneResult, WeightMethod, few_threads
 
 
 def inverse_hessian_factor(stats: InputStats, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.core.patterns import SparsityPattern
 from prune_cli.methods.base import PruneResult, ScoreMethod
-from prune_cli.patterns import SparsityPattern
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ACTIVATION_FILE = "activation_sparsity.safetensors"
-REPORT_FILE = "sparsity.json"
-
+from prune_cli.activation.modules import SparseInputLinear, sparsifiers
+from prune_cli.activation.transform import apply_transform, transform_block
+from prune_cli.checkpoint.files import ACTIVATION_FILE, REPORT_FILE, check_checkpoint_folder
+from prune_cli.core.errors import CheckpointError
+from prune_cli.core.finite import all_finite, check_finite_tensor
 
 ROTATION_PREFIX = "wina_rotation."  # + norm name: WINA's transform (prune_cli.activation.transform)
 ACTIVATION_HINT = ("the activation file is damaged or was edited: export the checkpoint again "
@@ -29,10 +31,9 @@ ACTIVATION_HINT = ("the activation file is damaged or was edited: export the che
 
 
 def check_activation_buffers(tensors: dict[str, torch.Tensor], where: str | Path = ACTIVATION_FILE) -> None:
-    """Raise :class:`~prune_cli.errors.NonFiniteError` (exit 2) naming ``where`` (the activation
+    """Raise :class:`~prune_cli.core.errors.NonFiniteError` (exit 2) naming ``where`` (the activation
     file) and its first buffer, in name order, that holds NaN or +-inf: a NaN threshold or scale
     keeps or drops every input without any error, and the perplexity is garbage."""
-    from prune_cli.finite import all_finite, check_finite_tensor
 
     if all_finite(tensors.values()):
         return
@@ -66,15 +67,12 @@ def install_activation(root: nn.Module, tensors: dict[str, torch.Tensor], prefix
     """Apply WINA's rotations and wrap the Linears named in ``tensors`` (activation-file entries
     of the Linears under ``root``; names relative to ``root`` after removing ``prefix.``); returns
     how many Linears were wrapped."""
-    from prune_cli.activation.modules import SparseInputLinear
-    from prune_cli.errors import CheckpointError
 
     dot = f"{prefix}." if prefix else ""
     tensors = dict(tensors)
     check_activation_buffers(tensors, where)
     rotations = {k[len(ROTATION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(ROTATION_PREFIX)}
     if rotations:  # the checkpoint holds F_r with weight-1 norms: rotate them again (bit-identical W'_r)
-        from prune_cli.activation.transform import apply_transform, transform_block
 
         if prefix:
             transform_block(root, prefix, rotations)
@@ -107,7 +105,6 @@ def _check_entries(tensors: dict[str, torch.Tensor], full: str, linear: nn.Linea
     """The entries of one wrapped Linear are there and fit it: a threshold of one value and a
     channel scale of one value per input feature (a :class:`CheckpointError` otherwise, not a
     ``KeyError`` or a shape error deep in the forward)."""
-    from prune_cli.errors import CheckpointError
 
     for key, size in (("threshold", 1), ("channel_scale", linear.in_features)):
         tensor = tensors.get(f"{full}.{key}")
@@ -127,7 +124,7 @@ def apply_activation(model: nn.Module, folder: Path) -> int:
 
 
 class BlockActivation:
-    """A :class:`~prune_cli.driver.BlockDriver` ``prepare_block`` hook that installs a
+    """A :class:`~prune_cli.streaming.driver.BlockDriver` ``prepare_block`` hook that installs a
     checkpoint's activation sparsifiers (and WINA rotations) on each block as it is read,
     reading only that block's entries of the activation file."""
 
@@ -156,8 +153,6 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = 
     checkpoint has it. ``decode=True`` also prepares the batch-1 gather path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prune_cli.checkpoint_files import check_checkpoint_folder
-    from prune_cli.errors import CheckpointError
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -177,7 +172,6 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = 
 
 
 def prepare_decode(model: nn.Module) -> None:
-    from prune_cli.activation.modules import sparsifiers
 
     for module in sparsifiers(model).values():
         module.prepare_decode()

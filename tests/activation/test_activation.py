@@ -6,7 +6,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from prune_cli.activation import build_activation_method
-from prune_cli.activation.calibrate import GRID, greedy_allocation
+from prune_cli.stages.activation import GRID, greedy_allocation
 from prune_cli.activation.methods import RSparse, quantile_threshold
 from prune_cli.activation.modules import SparseInputLinear, count_sparsity
 from prune_cli.cli import app
@@ -179,7 +179,7 @@ def test_decode_thresholds_give_the_calibrated_mask(sparsity):
 
 
 def test_output_fisher_is_the_summed_squared_loss_gradient_of_each_output():
-    from prune_cli.activation.calibrate import activation_targets, output_fisher
+    from prune_cli.stages.activation import activation_targets, output_fisher
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama").eval()
@@ -277,7 +277,7 @@ def test_every_linear_meets_its_sparsity_on_the_calibration_tokens(name):
     """Stages are fitted in forward order on inputs that already pass through the earlier
     stages' sparsifiers, so o_proj and down_proj (whose inputs those sparsifiers change) hit the
     target on the calibration tokens as exactly as q/k/v and gate/up do."""
-    from prune_cli.activation.calibrate import activation_targets, calibrate_activation, uniform_allocation
+    from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama", layers=2)
@@ -300,9 +300,9 @@ def test_every_linear_meets_its_sparsity_on_the_calibration_tokens(name):
 def test_forward_order_stages_sample_the_same_tokens_and_leave_the_generator_as_one_pass():
     """Each stage's pass rewinds the token-sampling generator: every stage reads the same sampled
     tokens, and the next block starts from the state a single pass leaves."""
-    from prune_cli.activation.calibrate import _fit_in_forward_order, activation_targets, uniform_allocation
+    from prune_cli.stages.activation import _fit_in_forward_order, activation_targets, uniform_allocation
     from prune_cli.calibrators import layerwise
-    from prune_cli.model_io import decoder_blocks
+    from prune_cli.model.structure import decoder_blocks
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama", layers=1)

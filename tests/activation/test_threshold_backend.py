@@ -83,7 +83,7 @@ def test_fit_thresholds_with_a_backend(name):
 
 
 def test_calibrate_activation_passes_the_backend_to_every_fit():
-    from prune_cli.activation.calibrate import activation_targets, calibrate_activation, uniform_allocation
+    from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation
     from tests.tiny_models import tiny_model
 
     windows = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -104,8 +104,8 @@ def test_compress_hands_its_backend_to_the_activation_stage(monkeypatch, tiny_ll
     """compress() gives the resolved backend to the activation stage: with the model backend
     standing in for CuPy, every threshold comes from it and the report is unchanged."""
     import prune_cli.gpu.backend as backend_module
-    from prune_cli.config import resolve
-    from prune_cli.pipeline import CompressRequest, compress
+    from prune_cli.recipe.config import resolve
+    from prune_cli.run.pipeline import CompressRequest, compress
 
     overrides = {"method": method, "sparsity": 0.4, "device": "cpu", "calibration": {"samples": 2, "seqlen": 16},
                  "evaluation": {"enabled": False}}

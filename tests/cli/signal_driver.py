@@ -21,7 +21,7 @@ from pathlib import Path
 def _pause(flag: str) -> None:
     """Sleep up to 120 s; a stop request that waits for the end of the block (prune-cli defers
     the first SIGINT / SIGTERM inside a walk) ends the pause, as the block would end."""
-    from prune_cli import stopping
+    from prune_cli.core import stopping
 
     Path(flag).write_text(str(os.getpid()))
     for _ in range(2400):
@@ -32,7 +32,7 @@ def _pause(flag: str) -> None:
 
 def _patch(stage: str, flag: str) -> None:
     if stage == "load":
-        import prune_cli.pipeline as pipeline
+        import prune_cli.run.pipeline as pipeline
 
         original = pipeline.open_model
 
@@ -54,7 +54,7 @@ def _patch(stage: str, flag: str) -> None:
 
         layerwise.propagate = propagate_then_pause
     elif stage == "export":
-        import prune_cli.export as export
+        import prune_cli.stages.export as export
 
         original = export.fix_modes
 
@@ -64,7 +64,7 @@ def _patch(stage: str, flag: str) -> None:
 
         export.fix_modes = fix_modes_then_pause
     elif stage == "resume-state":
-        from prune_cli.resume import ResumeState
+        from prune_cli.checkpoint.resume import ResumeState
 
         original = ResumeState.block_done
 
@@ -76,7 +76,7 @@ def _patch(stage: str, flag: str) -> None:
 
         ResumeState.block_done = block_done_then_pause
     elif stage == "swap":
-        import prune_cli.output as output
+        import prune_cli.checkpoint.output as output
 
         real_replace = os.replace
         calls = []

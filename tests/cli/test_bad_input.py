@@ -24,7 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
-from prune_cli.output import OWNER_FILE, Owner, OutputLock
+from prune_cli.checkpoint.output import OWNER_FILE, Owner, OutputLock
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +164,7 @@ def test_every_method_with_and_without_eval_and_json(tmp_path, tiny_llama_dir, m
 
 
 def test_non_finite_numbers_are_null_and_flagged():
-    from prune_cli.report import json_ready
+    from prune_cli.core.records import json_ready
 
     data = json_ready({"ppl": {"dense": 12.5, "compressed": float("inf")}, "layers": [{"x": float("nan")}]})
     text = json.dumps(data, allow_nan=False)  # strict JSON
@@ -175,7 +175,7 @@ def test_non_finite_numbers_are_null_and_flagged():
 def test_diverged_perplexity_is_null_in_json(tmp_path, tiny_llama_dir, monkeypatch):
     """A compressed model whose perplexity overflows is reported, in strict JSON, as null with
     a flag, in --json and sparsity.json alike."""
-    from prune_cli.evaluate import EvalStage, Perplexity
+    from prune_cli.stages.evaluate import EvalStage, Perplexity
 
     real = EvalStage.finish
     calls = []
@@ -270,7 +270,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, tiny_llama_dir):
      ("not-ours", "refusing to replace")],
 )
 def test_output_problems_are_found_before_any_work(tmp_path, tiny_llama_dir, monkeypatch, case, needle, dry):
-    import prune_cli.pipeline as pipeline
+    import prune_cli.run.pipeline as pipeline
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the output was checked")
@@ -304,7 +304,7 @@ def test_dry_run_with_a_good_output_writes_nothing(tmp_path, tiny_llama_dir):
 @pytest.mark.parametrize("flag", ["--seqlen", "--eval-seqlen"])
 @pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
 def test_windows_beyond_the_context_are_refused_before_loading(tmp_path, tiny_llama_dir, monkeypatch, flag, dry):
-    import prune_cli.pipeline as pipeline
+    import prune_cli.run.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(pipeline, "meta_model", lambda *a, **k: pytest.fail("model built"))

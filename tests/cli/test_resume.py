@@ -12,7 +12,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
-from prune_cli.errors import InterruptedRun
+from prune_cli.core.errors import InterruptedRun
 
 runner = CliRunner()
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32", "--device", "cpu"]
@@ -41,8 +41,8 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 def stop_at_block(monkeypatch, k: int) -> list[int]:
     """A stop request (as Ctrl-C would make) arrives while the k-th block of the run is worked on."""
-    from prune_cli import stopping
-    from prune_cli.driver import BlockDriver
+    from prune_cli.core import stopping
+    from prune_cli.streaming.driver import BlockDriver
 
     real = BlockDriver.block
     entered = [0]

@@ -28,7 +28,7 @@ def test_a_bfloat16_export_evaluates_to_exactly_the_reported_perplexity(tmp_path
     eval` of the export gives the very number the compress report gave, also on a CPU with fast
     bfloat16 kernels (where `--dtype auto` of a bfloat16 checkpoint would compute in bfloat16:
     eval follows the compress run's recorded compute dtype instead)."""
-    import prune_cli.model_io as model_io
+    import prune_cli.streaming.loader as model_io
 
     monkeypatch.setattr(model_io, "fast_low_precision_on_cpu", lambda dtype: fast_bfloat16)
     out = tmp_path / "out"
@@ -58,7 +58,7 @@ def test_the_default_save_dtype_is_the_checkpoints(tmp_path, tiny_llama_dir):
 def test_a_bfloat16_checkpoint_is_computed_in_float32_on_a_cpu_without_fast_bfloat16(tmp_path, tiny_llama_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import prune_cli.model_io as model_io
+    import prune_cli.streaming.loader as model_io
 
     src = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(src)

@@ -1,4 +1,4 @@
-"""lm-eval tasks (prune_cli.tasks): scored block by block with lm-eval's own metrics, equal to
+"""lm-eval tasks (prune_cli.stages.tasks): scored block by block with lm-eval's own metrics, equal to
 lm-eval's HF model on the same model; the offline suite; task gates; the dense-baseline cache."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from prune_cli.gates import Gates, describe
+from prune_cli.core.gates import Gates, describe
 from tests.cli.test_cli import SMALL, assert_one_line_error, run
 from tests.conftest import requires_bundled
 
@@ -27,7 +27,7 @@ def _hflm_results(model, tokenizer, tasks, limit, tmp_path) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from prune_cli.tasks import write_offline_suite
+    from prune_cli.stages.tasks import write_offline_suite
 
     os.environ["DISABLE_MULTIPROC"] = "1"
     folder = write_offline_suite(tmp_path / "suite")
@@ -41,8 +41,10 @@ def _hflm_results(model, tokenizer, tasks, limit, tmp_path) -> dict:
 def _ours(folder, tasks, limit) -> dict:
     import torch
 
-    from prune_cli.model_io import ModelSource, open_model
-    from prune_cli.tasks import TaskRun, TaskSettings
+    from prune_cli.model.source import ModelSource
+    from prune_cli.streaming.loader import open_model
+    from prune_cli.stages.tasks import TaskRun
+    from prune_cli.recipe.tasks import TaskSettings
 
     opened = open_model(ModelSource("folder", str(folder)), "auto", torch.device("cpu"), True)
     run_ = TaskRun(TaskSettings(tuple(tasks), limit=limit), opened.tokenizer, opened.config, None)
@@ -76,7 +78,9 @@ def test_on_the_bundled_model_scores_equal_lm_evals_and_beat_chance(tmp_path):
     """SmolLM2-135M, dequantised from its GGUF and saved as a plain folder, scored by lm-eval's HF
     model and by prune-cli's walk: the same numbers, and the multiple-choice accuracy is above
     the 0.25 of guessing (the suite is a real signal, not noise)."""
-    from prune_cli.model_io import load_model, prepare_for_save, resolve_source
+    from prune_cli.streaming.loader import load_model
+    from prune_cli.model.structure import prepare_for_save
+    from prune_cli.model.source import resolve_source
 
     model, tokenizer = load_model(resolve_source(None), "float32", offline=True)
     prepare_for_save(model)

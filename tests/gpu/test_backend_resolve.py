@@ -9,7 +9,7 @@ import types
 import pytest
 
 import prune_cli.gpu
-from prune_cli.errors import BackendUnavailableError, BadInputError, UnknownNameError
+from prune_cli.core.errors import BackendUnavailableError, BadInputError, UnknownNameError
 from prune_cli.gpu import backend as backend_mod
 from prune_cli.gpu.backend import CupyUnavailable, resolve_backend
 from prune_cli.gpu.torch_backend import TorchBackend

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import prune_cli.gpu
-from prune_cli.methods.base import select
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.core.selection import select
+from prune_cli.core.patterns import NM, Unstructured
 from tests.gpu import dsnot_cases as dc
 from tests.gpu.fake_cupy import FakeTorchStream, make_fake_cupy
 from prune_cli.gpu.torch_backend import TorchBackend
@@ -324,9 +324,9 @@ def test_whole_compress_with_the_emulated_backend(emulated, monkeypatch, tiny_ll
     score tied with the cut-off within rounding may differ; on this model none does."""
     from safetensors.torch import load_file
 
-    from prune_cli.config import resolve
+    from prune_cli.recipe.config import resolve
     from prune_cli.gpu import backend as backend_module
-    from prune_cli.pipeline import CompressRequest, compress
+    from prune_cli.run.pipeline import CompressRequest, compress
 
     backend, log = emulated
     real_resolve = backend_module.resolve_backend

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune_cli.methods.base import select
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.core.selection import select
+from prune_cli.core.patterns import NM, Unstructured
 from tests.gpu import dsnot_cases as dc
 
 pytestmark = [
@@ -355,8 +355,8 @@ def test_activation_threshold_layouts_and_determinism(cupy_backend, torch_backen
 def test_activation_fit_through_the_pipeline(cupy_backend, monkeypatch, tiny_llama_dir, method):
     """compress() on CUDA with backend cupy and with backend torch: every layer's TEAL / WINA
     threshold is the same float, and the cupy run took them from the kernels."""
-    from prune_cli.config import resolve
-    from prune_cli.pipeline import CompressRequest, compress
+    from prune_cli.recipe.config import resolve
+    from prune_cli.run.pipeline import CompressRequest, compress
 
     calls = []
     kernel = cupy_backend.activation_threshold

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from prune_cli.gpu import launch
-from prune_cli.methods.base import select
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.core.selection import select
+from prune_cli.core.patterns import NM, Unstructured
 from tests.gpu import dsnot_cases as dc
 from tests.gpu import kernel_model as km
 

@@ -20,7 +20,7 @@ import yaml
 from packaging.requirements import Requirement
 
 import prune_cli
-from prune_cli.gguf_cache import cache_root
+from prune_cli.checkpoint.gguf_cache import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "docs" / "ci" / "compress.yml"

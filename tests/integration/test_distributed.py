@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prune_cli.errors import BadInputError
+from prune_cli.core.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--seqlen", "32", "--eval-windows", "8", "--eval-seqlen", "32", "--device", "cpu", "--json"]
@@ -91,8 +91,8 @@ def test_two_ranks_agree_bit_for_bit_and_with_one_process(tmp_path, tiny_llama_d
 
 
 def test_activation_sparsity_is_refused_with_several_processes(monkeypatch):
-    from prune_cli.config import resolve
-    from prune_cli.pipeline import CompressRequest, _check_data_parallel
+    from prune_cli.recipe.config import resolve
+    from prune_cli.run.pipeline import CompressRequest, _check_data_parallel
 
     from types import SimpleNamespace
 

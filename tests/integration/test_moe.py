@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (prune_cli.moe): every expert pruned as its own Linear layers,
+"""Mixture-of-experts models (prune_cli.model.moe): every expert pruned as its own Linear layers,
 calibrated on the tokens its router sends it, with a per-expert fallback for experts that get
 too few; routers dense; the export a plain transformers checkpoint. Tiny random Mixtral,
 Qwen2-MoE (with a shared expert and its gate Linear) and Qwen3-MoE built in-process."""
@@ -15,8 +15,8 @@ import yaml
 
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.stats import Stat
-from prune_cli.model_io import block_linears
-from prune_cli.moe import (ExpertLinear, MoeOptions, RoutedExperts, complete_expert_stats, linearize_experts,
+from prune_cli.model.structure import block_linears
+from prune_cli.model.moe import (ExpertLinear, MoeOptions, RoutedExperts, complete_expert_stats, linearize_experts,
                            router_names, routed_experts)
 from tests.cli.test_cli import SMALL as PLAIN
 from tests.cli.test_cli import assert_one_line_error, run
@@ -260,8 +260,8 @@ def test_experts_of_a_non_standard_layout_are_refused_and_activation_sparsity_on
 def test_moe_models_are_refused_under_several_ranks():
     from types import SimpleNamespace
 
-    from prune_cli.errors import BadInputError
-    from prune_cli.pipeline import _check_data_parallel
+    from prune_cli.core.errors import BadInputError
+    from prune_cli.run.pipeline import _check_data_parallel
 
     request = SimpleNamespace(config=SimpleNamespace(activation=None), resume=False)
     with pytest.raises(BadInputError, match="mixture-of-experts models run in one process"):
@@ -275,8 +275,9 @@ def test_stored_per_expert_weights_are_stacked_into_the_fused_tensors_as_transfo
     streamed source gives every tensor exactly as ``from_pretrained`` builds it."""
     from transformers import AutoModelForCausalLM
 
-    from prune_cli.model_io import ModelSource, load_config
-    from prune_cli.weights import MergedTensor, RenamedWeights, checkpoint_renames, empty_model, open_weights
+    from prune_cli.model.source import ModelSource
+    from prune_cli.streaming.loader import load_config
+    from prune_cli.checkpoint.weights import MergedTensor, RenamedWeights, checkpoint_renames, empty_model, open_weights
 
     for family in ("mixtral", "qwen2_moe"):
         folder = save_tiny_model(family, tmp_path / family)
@@ -293,7 +294,7 @@ def test_stored_per_expert_weights_are_stacked_into_the_fused_tensors_as_transfo
 
 
 def test_a_checkpoint_missing_an_expert_is_not_streamed_as_if_whole(tmp_path):
-    from prune_cli.weights import checkpoint_renames, empty_model
+    from prune_cli.checkpoint.weights import checkpoint_renames, empty_model
 
     model = tiny_model("mixtral")
     names = [n for n in save_names(model) if ".experts.1." not in n or "layers.1" not in n]

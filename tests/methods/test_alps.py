@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
-from prune_cli.errors import RecipeError
+from prune_cli.core.errors import RecipeError
 from prune_cli.methods import build_method
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.core.patterns import NM, Unstructured
 from tests.methods.helpers import correlated_inputs, recon_error, stats_for
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.7), NM(2, 4), NM(4, 8)]

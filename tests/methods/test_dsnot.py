@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from prune_cli.methods import build_method
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.core.patterns import NM, Unstructured
 from tests.methods.helpers import correlated_inputs, recon_error, stats_for
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.7), NM(2, 4), NM(4, 8)]
@@ -86,7 +86,7 @@ def test_sparsegpt_base_keeps_updated_weights():
 
 @pytest.mark.parametrize("options", [{"base": "foo"}, {"mode": "fast"}, {"max_cycles": -1}, {"sign_check": "maybe"}, {"skip": "("}])
 def test_bad_options(options):
-    from prune_cli.errors import RecipeError
+    from prune_cli.core.errors import RecipeError
 
     with pytest.raises(RecipeError):
         build_method("dsnot", options)

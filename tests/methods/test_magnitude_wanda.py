@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.errors import RecipeError
+from prune_cli.core.errors import RecipeError
 from prune_cli.methods import build_method
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.core.patterns import NM, Unstructured
 
 
 def stats_with_norms(norms):

@@ -1,4 +1,4 @@
-"""RIA (prune_cli/methods/ria.py) and its N:M channel permutation (prune_cli/permutation.py):
+"""RIA (prune_cli/methods/ria.py) and its N:M channel permutation (prune_cli/methods/permutation.py):
 the score, the patterns, the search, the exact folding into the checkpoint, and the CLI."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
-from prune_cli.errors import RecipeError
+from prune_cli.core.errors import RecipeError
 from prune_cli.methods import build_method
-from prune_cli.patterns import NM, Unstructured
-from prune_cli.permutation import (
+from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.methods.permutation import (
     LAYOUTS,
     Fold,
     _assignment_pass,
@@ -185,7 +185,7 @@ def test_a_folded_permutation_leaves_the_model_function_unchanged(family):
     """Every block's MLP intermediate and attention output permuted at random (within key/value
     heads), producers' rows and biases reordered: the logits are the same to float tolerance, and
     the permutation really moved weights."""
-    from prune_cli.model_io import block_linears, decoder_blocks
+    from prune_cli.model.structure import block_linears, decoder_blocks
     from tests.tiny_models import tiny_model
 
     model = tiny_model(family, layers=2)
@@ -215,7 +215,7 @@ def test_gqa_attention_output_is_permuted_alike_within_each_key_value_head():
     """Tiny Llama: 4 query heads of 16 channels, 2 key/value heads: o_proj's input permutation is
     one sigma per key/value head applied to both of its query heads; a permutation that moves a
     channel to another head, or treats two query heads of one group differently, does not fold."""
-    from prune_cli.model_io import block_linears, decoder_blocks
+    from prune_cli.model.structure import block_linears, decoder_blocks
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama", layers=1)

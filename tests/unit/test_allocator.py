@@ -3,12 +3,12 @@ import sys
 
 import pytest
 
-from prune_cli import allocator
+from prune_cli.core import allocator
 
 # Runs in a child process: mallopt changes the allocator of the whole process.
 CHILD = """
 import ctypes, ctypes.util, os, resource, sys
-from prune_cli.allocator import keep_freed_memory
+from prune_cli.core.allocator import keep_freed_memory
 tuned = keep_freed_memory()
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

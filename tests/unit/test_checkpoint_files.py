@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from prune_cli.checkpoint_files import check_checkpoint_folder, check_safetensors, check_weight_files
+from prune_cli.checkpoint.files import check_checkpoint_folder, check_safetensors, check_weight_files
 from prune_cli.cli import app
-from prune_cli.errors import CheckpointError
+from prune_cli.core.errors import CheckpointError
 from tests.cli.test_cli import SMALL, assert_one_line_error
 from tests.tiny_models import save_tiny_model, tiny_model
 
@@ -264,7 +264,8 @@ def test_eval_report_not_json_exit_2(teal_copy):
 
 
 def test_file_names_agree_with_the_runtime():
-    from prune_cli import checkpoint_files, runtime
+    from prune_cli.checkpoint import files as checkpoint_files
+    from prune_cli import runtime
 
     assert checkpoint_files.ACTIVATION_FILE == runtime.ACTIVATION_FILE
     assert checkpoint_files.REPORT_FILE == runtime.REPORT_FILE
@@ -292,7 +293,7 @@ def _edit_middle_keep_mtime(path: Path) -> None:
 
 @pytest.mark.parametrize("full_hash", [True, False])
 def test_file_digest_changes_on_a_same_size_edit_in_the_middle(tmp_path, monkeypatch, full_hash):
-    from prune_cli import checkpoint_files
+    from prune_cli.checkpoint import files as checkpoint_files
 
     if not full_hash:  # a file beyond the whole-content limit: its identity (ctime) gives it away
         monkeypatch.setattr(checkpoint_files, "FULL_HASH_BYTES", 0)
@@ -306,7 +307,7 @@ def test_file_digest_changes_on_a_same_size_edit_in_the_middle(tmp_path, monkeyp
 def test_file_digest_changes_when_the_file_is_replaced_by_another(tmp_path, monkeypatch):
     import os
 
-    from prune_cli import checkpoint_files
+    from prune_cli.checkpoint import files as checkpoint_files
 
     monkeypatch.setattr(checkpoint_files, "FULL_HASH_BYTES", 0)
     path = _big_file(tmp_path / "w.safetensors")
@@ -320,7 +321,7 @@ def test_file_digest_changes_when_the_file_is_replaced_by_another(tmp_path, monk
 
 
 def test_the_gguf_cache_folder_changes_when_the_gguf_file_changes_in_the_middle(tmp_path):
-    from prune_cli import gguf_cache
+    from prune_cli.checkpoint import gguf_cache
 
     gguf = _big_file(tmp_path / "model.gguf")
     old = gguf_cache.folder_for(gguf)
@@ -331,7 +332,7 @@ def test_the_gguf_cache_folder_changes_when_the_gguf_file_changes_in_the_middle(
 def test_file_digest_of_a_fifo_is_refused_without_blocking(tmp_path):
     import os
 
-    from prune_cli.checkpoint_files import file_digest
+    from prune_cli.checkpoint.files import file_digest
 
     os.mkfifo(tmp_path / "model.safetensors")
     with within_seconds(10), pytest.raises(CheckpointError, match=r"model\.safetensors is a named pipe \(FIFO\)"):

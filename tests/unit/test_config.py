@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prune_cli.config import DEFAULTS, load_recipe, resolve
-from prune_cli.errors import BadInputError, PatternError, RecipeError, UnknownNameError
-from prune_cli.patterns import NM, Unstructured
+from prune_cli.recipe.config import DEFAULTS, load_recipe, resolve
+from prune_cli.core.errors import BadInputError, PatternError, RecipeError, UnknownNameError
+from prune_cli.core.patterns import NM, Unstructured
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -282,7 +282,7 @@ def test_target_patterns_re_prefix_empty_and_duplicates():
 
 
 def test_every_target_pattern_must_select():
-    from prune_cli.config import Targets
+    from prune_cli.recipe.config import Targets
 
     names = [f"model.layers.{b}.{n}" for b in range(2) for n in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
     Targets(include=(r"mlp\.",), exclude=("down",)).check_selections(names)

@@ -12,14 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from prune_cli.config import resolve
-from prune_cli.driver import BlockDriver, Placement, Stage
-from prune_cli.evaluate import EvalStage, perplexity
-from prune_cli.model_io import ModelSource, load_model, open_model
-from prune_cli.plan import build_plan
-from prune_cli.pruning import PruneStage, calibrate_and_prune
-from prune_cli.shards import StreamingCheckpoint, TensorSpec
-from prune_cli.weights import SafetensorsWeights, empty_model
+from prune_cli.recipe.config import resolve
+from prune_cli.streaming.driver import BlockDriver, Placement, Stage
+from prune_cli.stages.evaluate import EvalStage, perplexity
+from prune_cli.model.source import ModelSource
+from prune_cli.streaming.loader import load_model, open_model
+from prune_cli.recipe.plan import build_plan
+from prune_cli.stages.pruning import PruneStage, calibrate_and_prune
+from prune_cli.checkpoint.shards import StreamingCheckpoint, TensorSpec
+from prune_cli.checkpoint.weights import SafetensorsWeights, empty_model
 from tests.tiny_models import VOCAB, save_tiny_model, tiny_config
 
 CPU = torch.device("cpu")
@@ -170,7 +171,7 @@ def test_streamed_export_equals_save_pretrained(llama3, tmp_path):
     transformers loads it."""
     from transformers import AutoModelForCausalLM
 
-    from prune_cli.export import CheckpointWriter
+    from prune_cli.stages.export import CheckpointWriter
 
     config = resolve(None, {"method": "wanda", "sparsity": 0.5})
     ids = windows()
@@ -200,7 +201,7 @@ def test_streamed_export_equals_save_pretrained(llama3, tmp_path):
 def test_untied_lm_head_is_exported(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from prune_cli.export import CheckpointWriter
+    from prune_cli.stages.export import CheckpointWriter
 
     cfg = tiny_config("llama")
     cfg.tie_word_embeddings = False
@@ -321,7 +322,7 @@ def test_the_head_sees_one_window_at_a_time(llama3, monkeypatch):
     """Logits are (L, vocab) per window, never (batch, L, vocab): with Gemma 3's 262k vocabulary
     a batch of 4 x 256 tokens is 1 GB of logits per copy (measured: peak RSS of a Gemma 3 270M
     compress 4.61 GB -> 2.36 GB). The perplexity is the same as from whole-batch logits."""
-    from prune_cli.evaluate import batch_nll
+    from prune_cli.stages.evaluate import batch_nll
 
     driver = opened(llama3).driver
     seen = []

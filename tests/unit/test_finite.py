@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.cli import app
-from prune_cli.errors import BadInputError, NonFiniteError
-from prune_cli.finite import (
+from prune_cli.core.errors import BadInputError, NonFiniteError
+from prune_cli.core.finite import (
     all_finite,
     check_finite_parameters,
     check_finite_tensor,
@@ -22,7 +22,7 @@ from prune_cli.finite import (
     is_finite,
     nonfinite_parameters,
 )
-from prune_cli.model_io import block_linears, decoder_blocks
+from prune_cli.model.structure import block_linears, decoder_blocks
 from tests.cli.test_cli import assert_one_line_error
 from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
@@ -242,7 +242,7 @@ def test_sampled_linear_inputs_are_checked():
 @pytest.mark.parametrize("buffer", ["threshold", "channel_scale", "lowrank_u"])
 def test_nonfinite_sparsifier_is_named_before_it_is_installed(buffer):
     from prune_cli.activation import build_activation_method
-    from prune_cli.activation.calibrate import activation_targets, calibrate_activation, uniform_allocation
+    from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation
     from prune_cli.activation.modules import SparseInputLinear
 
     model = tiny_model("llama", layers=1)

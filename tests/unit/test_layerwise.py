@@ -5,11 +5,11 @@ import torch
 
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.config import resolve
+from prune_cli.recipe.config import resolve
 from prune_cli.methods import build_method
-from prune_cli.model_io import block_linears, decoder_blocks
-from prune_cli.pipeline import calibrate_and_prune
-from prune_cli.plan import build_plan
+from prune_cli.model.structure import block_linears, decoder_blocks
+from prune_cli.run.pipeline import calibrate_and_prune
+from prune_cli.recipe.plan import build_plan
 from tests.tiny_models import VOCAB, tiny_model
 
 
@@ -106,7 +106,7 @@ def test_stats_from_pruned_predecessor_differ_from_dense():
 
 
 def test_plan_rejects_nm_not_dividing_width():
-    from prune_cli.errors import PatternError
+    from prune_cli.core.errors import PatternError
 
     config = resolve(None, {"method": "wanda", "pattern": "3:5"})
     with pytest.raises(PatternError, match="does not divide"):

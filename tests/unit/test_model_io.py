@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from prune_cli.errors import ModelNotFoundError, UnsupportedArchitectureError
-from prune_cli.model_io import block_linears, decoder_blocks, load_model, resolve_source
+from prune_cli.core.errors import ModelNotFoundError, UnsupportedArchitectureError
+from prune_cli.model.structure import block_linears, decoder_blocks
+from prune_cli.streaming.loader import load_model
+from prune_cli.model.source import resolve_source
 from tests.tiny_models import tiny_model
 
 
@@ -47,7 +49,7 @@ def test_gpt2_conv1d_is_unsupported_with_a_clear_message():
 
 
 def test_conv1d_linearized_computes_the_same_and_saves_the_same():
-    from prune_cli.conv1d import Conv1DLinear, linearize_conv1d
+    from prune_cli.model.conv1d import Conv1DLinear, linearize_conv1d
 
     model = tiny_model("gpt2")
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from prune_cli.errors import PatternError
+from prune_cli.core.errors import PatternError
 from prune_cli.methods import select
-from prune_cli.patterns import NM, Unstructured, parse_pattern
+from prune_cli.core.patterns import NM, Unstructured, parse_pattern
 
 
 def test_parse_pattern_types():

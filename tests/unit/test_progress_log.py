@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from prune_cli.progress_log import PlainProgress, seconds
+from prune_cli.console.progress_log import PlainProgress, seconds
 
 
 class Clock:

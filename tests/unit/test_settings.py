@@ -1,13 +1,13 @@
-"""prune_cli/settings.py is the one table of recipe keys: the defaults, the checks, the CLI help
+"""prune_cli/recipe/settings.py is the one table of recipe keys: the defaults, the checks, the CLI help
 and the recipe a run records all come from (or are checked against) it."""
 
 from __future__ import annotations
 
 import pytest
 
-from prune_cli import settings
-from prune_cli.config import DEFAULTS, resolve
-from prune_cli.errors import RecipeError
+from prune_cli.recipe import settings
+from prune_cli.recipe.config import DEFAULTS, resolve
+from prune_cli.core.errors import RecipeError
 
 
 def _leaves(tree: dict, prefix: str = "") -> set[str]:

@@ -14,7 +14,7 @@ from prune_cli.calibrators.sampling import (
     validation_windows,
 )
 from prune_cli.calibrators.sources import bundled_text, text_from_dataset, text_from_files
-from prune_cli.errors import BadInputError, NotEnoughTextError, RecipeError
+from prune_cli.core.errors import BadInputError, NotEnoughTextError, RecipeError
 
 
 def test_bundled_parts_are_disjoint_and_nonempty():

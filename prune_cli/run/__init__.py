@@ -1,0 +1,1 @@
+"""Whole runs: ``compress`` (:mod:`.pipeline`), ``eval``, ``sweep`` and ``verify``."""

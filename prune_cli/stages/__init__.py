@@ -1,0 +1,2 @@
+"""Stages the driver runs over the blocks: OWL allocation, pruning, activation calibration,
+perplexity and task evaluation, and the checkpoint writer."""

@@ -1,0 +1,422 @@
+"""The block driver: the one walk over decoder blocks that every stage uses.
+
+Statistics and pruning, OWL's pre-pass and candidate evaluation, activation calibration, the
+greedy allocation's Fisher weights and error curves, and perplexity all have the same shape: push
+some token windows through the model one decoder block at a time. :class:`BlockDriver` owns that
+walk, and three questions the stages never answer themselves:
+
+* **where a block's weights come from.** A *streamed* driver holds the model's structure on the
+  meta device and a :class:`~prune_cli.checkpoint.weights.WeightSource`; a block is materialised (a fresh
+  copy of its meta template filled from the source, in the compute dtype) when the walk reaches
+  it, and dropped when the walk leaves it, so at most one block is in memory (two while the next
+  one is read). Everything outside the blocks (embeddings, final norm, ``lm_head``, rotary
+  buffers) is loaded once. A *resident* driver wraps a model already in memory (a library
+  caller's); its blocks are moved, never dropped.
+* **where it runs.** The block on ``device`` and everything else where it lives; the parts
+  outside the blocks go to ``device`` only while a stage needs them (capturing block inputs,
+  computing logits) and back after. Every move goes through one :class:`Placement`, and every
+  moved tensor goes back to the device it came from.
+* **what happens after.** ``after_block`` callbacks see each block while it is still in place
+  (export of the finished block, the resume checkpoint).
+
+A walk: ``stage.begin(driver)`` (each stage captures or restores its streams), then for every
+block ``stage.on_block(index, block)`` in stage order, then ``stage.finish(driver)``. Stages that
+modify a block (pruning) come before those that only read it (the compressed evaluation).
+
+Logits of hidden states that have been through every block come from the model's own forward
+with the blocks replaced by stand-ins that replay them (:meth:`BlockDriver.head_logits`), so a
+model's final norm, ``lm_head`` and anything else after the blocks (e.g. Gemma's logit soft-cap)
+run exactly as in ``model(input_ids)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from prune_cli.calibrators import layerwise
+from prune_cli.calibrators.layerwise import BlockBatch
+from prune_cli.calibrators.spill import SpilledBatch, spill, value
+from prune_cli.checkpoint.weights import WeightSource, materialize, source_name, state_names, tied_names
+from prune_cli.core import stopping
+from prune_cli.model.structure import decoder_blocks
+
+log = logging.getLogger(__name__)
+
+
+class Placement:
+    """Moves the tensors of model parts between devices and back: the only code that does.
+
+    :meth:`move` returns a token; :meth:`restore` puts every tensor it moved back on the device
+    it came from. Parameters keep their identity (``param.data`` is replaced), so tied weights
+    stay tied."""
+
+    def move(self, module: nn.Module, device: torch.device, exclude: Iterable[nn.Module] = ()) -> list:
+        skip = {id(m) for root in exclude for m in root.modules()}
+        moved = []
+        for owner in module.modules():
+            if id(owner) in skip:
+                continue
+            for key, param in owner._parameters.items():
+                if param is not None and param.device != device and param.device.type != "meta":
+                    moved.append((owner, "param", key, param.device))
+                    param.data = param.data.to(device)
+            for key, buf in owner._buffers.items():
+                if buf is not None and buf.device != device and buf.device.type != "meta":
+                    moved.append((owner, "buffer", key, buf.device))
+                    owner._buffers[key] = buf.to(device)
+        self.moved(module, device, len(moved))
+        return moved
+
+    def restore(self, token: list) -> None:
+        for owner, kind, key, home in reversed(token):
+            if kind == "param":
+                param = owner._parameters[key]
+                param.data = param.data.to(home)
+            else:
+                owner._buffers[key] = owner._buffers[key].to(home)
+
+    def drop(self, token: list) -> None:
+        """The tensors of ``token`` are being dropped where they are (a streamed block the walk
+        is done with): nothing to move back."""
+
+    def moved(self, module: nn.Module, device: torch.device, count: int) -> None:
+        """Hook for tests (a recording placement); called after every :meth:`move`."""
+
+
+class Stage:
+    """One piece of per-block work in a walk (see the module docstring)."""
+
+    def begin(self, driver: "BlockDriver") -> None:
+        """Before the first block: capture (or restore) this stage's streams."""
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is in place on the driver's device."""
+
+    def finish(self, driver: "BlockDriver") -> None:
+        """After the last block."""
+
+    def state_dict(self) -> dict:
+        """What :meth:`load_state_dict` needs to continue this stage (mid-walk) or to stand for
+        its finished walk (after :meth:`finish`); tensors may appear anywhere in it. A stage
+        that cannot be resumed raises."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be resumed")
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be resumed")
+
+
+def restore_hidden(batches: list[BlockBatch], hidden: list[torch.Tensor]) -> None:
+    """Put saved hidden states back into freshly captured ``batches`` (their other inputs, e.g.
+    rotary embeddings and masks, are the capture's own)."""
+
+    if len(hidden) != len(batches):
+        raise RuntimeError(f"resume state holds {len(hidden)} batches, the capture made {len(batches)}")
+    for batch, h in zip(batches, hidden):
+        batch.hidden = h if isinstance(batch, SpilledBatch) else value(h)
+
+
+_CHUNK = 1 << 22  # elements rounded at a time by rounded_head
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder block ``index`` in :meth:`BlockDriver.head_logits`: passes the hidden
+    states on, and the last one returns the stored output of the real last block instead."""
+
+    def __init__(self, driver: "BlockDriver", last: bool):
+        super().__init__()
+        self._driver = driver
+        self._last = last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self._driver._replayed if self._last else hidden_states
+        return (out,) if self._driver.tuple_output else out
+
+
+class BlockDriver:
+    """Walks the decoder blocks of ``model`` on ``device`` (see the module docstring).
+
+    ``weights``: None for a resident model (its blocks hold real tensors), else the source its
+    meta blocks are filled from, in ``dtype``. ``prepare_block(index, block)`` callbacks run on
+    every block once it is in place (e.g. installing a checkpoint's activation sparsifiers)."""
+
+    def __init__(
+        self, model: nn.Module, device: torch.device | str = "cpu", weights: WeightSource | None = None,
+        dtype: torch.dtype | None = None, placement: Placement | None = None,
+    ):
+        self.model = model
+        self.found = decoder_blocks(model)
+        self.device = torch.device(device)
+        self.weights = weights
+        self.placement = placement or Placement()
+        self.base_prefix = getattr(model, "base_model_prefix", "") or ""
+        self.prepare_block: list[Callable[[int, nn.Module], None]] = []
+        self.tuple_output = False
+        self._replayed: torch.Tensor | None = None
+        self.resume = None  # a prune_cli.checkpoint.resume.ResumeState: walks keep and resume their state
+        self.spill_folder = None  # a folder: captured hidden states are kept there, not in memory
+        self._walks = 0
+        if weights is not None:
+            self.templates = list(self.found.modules)
+            self.dtype = dtype or torch.float32
+        else:
+            self.templates = None
+            self.dtype = dtype or next(model.parameters()).dtype
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def streamed(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.found)
+
+    @property
+    def path(self) -> str:
+        return self.found.path
+
+    def name(self, index: int) -> str:
+        return f"{self.found.path}.{index}"
+
+    def template(self, index: int) -> nn.Module:
+        """Block ``index`` as structure (its meta template when streamed, else the block)."""
+        return self.templates[index] if self.templates is not None else self.found.modules[index]
+
+    def load_head(self) -> list[str]:
+        """Streamed: fill everything outside the blocks from the source (on the CPU, compute
+        dtype) and tie what the model ties. Returns the names filled."""
+        assert self.weights is not None
+        tied = tied_names(self.model)
+        inside = self.found.path + "."
+        skip = [n for n in state_names(self.model) if n.startswith(inside)] + list(tied)
+        filled = materialize(self.model, "", self.weights, self.dtype, torch.device("cpu"), self.base_prefix, skip=skip)
+        for later, first in tied.items():
+            if not later.startswith(inside):
+                owner, _, leaf = later.rpartition(".")
+                self.model.get_submodule(owner)._parameters[leaf] = self.model.get_parameter(first)
+        return filled
+
+    # ------------------------------------------------------------------ placement
+
+    @contextlib.contextmanager
+    def head_on_device(self):
+        """Everything outside the blocks on the device for the duration, then back."""
+        token = self.placement.move(self.model, self.device, exclude=[self.found.modules])
+        try:
+            yield
+        finally:
+            self.placement.restore(token)
+
+    @contextlib.contextmanager
+    def rounded_head(self, dtype: torch.dtype | None):
+        """Everything outside the blocks rounded to ``dtype`` for the duration (its values as an
+        export in ``dtype`` holds them; ``None``: unchanged), then restored exactly."""
+        if dtype is None:
+            yield
+            return
+        saved = []  # (tensor, its original): clones in memory, or (streamed) names to read back
+        inside = self.found.path + "."
+        with torch.no_grad():
+            for name in state_names(self.model):  # what an export holds: not e.g. rotary buffers
+                if name.startswith(inside):
+                    continue
+                owner, _, leaf = name.rpartition(".")
+                holder = self.model.get_submodule(owner) if owner else self.model
+                tensor = holder._parameters.get(leaf)
+                tensor = holder._buffers.get(leaf) if tensor is None else tensor
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    # streamed: the original is read back from the checkpoint (no second copy)
+                    saved.append((tensor, name if self.weights is not None else tensor.detach().clone()))
+                    for part in tensor.data.view(-1).split(_CHUNK):  # in place, a chunk at a time
+                        part.copy_(part.to(dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, original in saved:
+                    if isinstance(original, str):
+
+                        found = source_name(self.weights, original, self.base_prefix)
+                        original = self.weights.read([found])[found]
+                    tensor.data.copy_(original)
+
+    def _note_output(self, module, args, output) -> None:
+        self.tuple_output = isinstance(output, (tuple, list))
+
+    @contextlib.contextmanager
+    def block(self, index: int):
+        """Block ``index`` in place on the device for the duration: materialised from the source
+        (streamed) or moved there (resident); dropped, or moved back, after."""
+        if self.templates is not None:
+            block = copy.deepcopy(self.templates[index])
+            materialize(block, self.name(index), self.weights, self.dtype, torch.device("cpu"), self.base_prefix)
+            token = self.placement.move(block, self.device)
+            self.found.modules[index] = block
+        else:
+            block = self.found.modules[index]
+            token = self.placement.move(block, self.device)
+        layerwise.register_block(block, index, self.name(index))
+        handle = block.register_forward_hook(self._note_output)
+        try:
+            for prepare in self.prepare_block:
+                prepare(index, block)
+            yield block
+        finally:
+            handle.remove()
+            if self.templates is not None:
+                self.found.modules[index] = self.templates[index]
+                self.placement.drop(token)
+            else:
+                self.placement.restore(token)
+
+    # ------------------------------------------------------------------ streams
+
+    def capture(self, windows: torch.Tensor, batch_size: int) -> list[BlockBatch]:
+        """The first block's inputs for ``windows`` (``(n, seqlen)`` ids) in batches, on the device
+        (in files of :attr:`spill_folder` when it is set)."""
+        keep = None
+        if self.spill_folder is not None:
+
+            keep = lambda batch: spill(batch, self.spill_folder)  # noqa: E731
+        with self.head_on_device():
+            return layerwise.capture_block_inputs(self.model, self.found.modules, windows, batch_size, self.device, keep)
+
+    @torch.no_grad()
+    def head_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, seqlen, vocab)`` of the last block's outputs ``hidden`` for the windows
+        ``ids`` (see the module docstring). Call inside :meth:`head_on_device`."""
+        return self._replay_forward(hidden, ids).logits
+
+    def _replay_forward(self, hidden: torch.Tensor, ids: torch.Tensor, **kwargs):
+        blocks = self.found.modules
+        originals = list(blocks)
+        n = len(originals)
+        try:
+            for i in range(n):
+                blocks[i] = _Replay(self, last=i == n - 1)
+            self._replayed = hidden
+            return self.model(input_ids=ids.to(self.device), use_cache=False, **kwargs)
+        finally:
+            self._replayed = None
+            for i, original in enumerate(originals):
+                blocks[i] = original
+
+    def head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The model's own mean next-token loss of ``ids`` (``labels=ids``) from the last block's
+        outputs ``hidden``, differentiable with respect to ``hidden``. Inside :meth:`head_on_device`."""
+        return self._replay_forward(hidden, ids, labels=ids.to(self.device)).loss
+
+    # ------------------------------------------------------------------ walks
+
+    def walk(
+        self, stages: Sequence[Stage], blocks: Iterable[int] | None = None,
+        after_block: Sequence[Callable[[int, nn.Module], None]] = (), progress: Callable[[int], None] | None = None,
+        prepare: Callable[[int, nn.Module], None] | None = None, timings=None, after_key: str = "export",
+    ) -> None:
+        """One walk over ``blocks`` (default: all, in order) running ``stages`` (see the module
+        docstring). ``prepare(index, block)`` runs on each block before the stages (e.g. WINA's
+        transform), ``after_block`` callbacks after them (export); ``progress(index)`` once the
+        block is gone. ``timings`` (:class:`~prune_cli.core.records.Timings`) gets each stage's time
+        under its ``timing_key``, reading blocks under ``read`` and the callbacks under ``after_key``.
+
+        With :attr:`resume` set (a :class:`~prune_cli.checkpoint.resume.ResumeState`), walks are numbered in
+        the order they run: a walk the interrupted run finished is skipped (its stages get their
+        results back), the one it was in continues at its next block, and the state is kept
+        after blocks; a deferred stop request (:mod:`prune_cli.core.stopping`) ends the walk after
+        the block it arrived in, once the state is written."""
+
+        walk_id = self._walks
+        self._walks += 1
+        order = list(range(self.n_blocks) if blocks is None else blocks)
+        resume = self.resume
+        if resume is not None:
+            done = resume.finished_states(walk_id)
+            if done is not None:
+                for stage, state in zip(stages, done):
+                    stage.load_state_dict(state)
+                for index in order:
+                    if progress is not None:
+                        progress(index)
+                return
+        clock = _Clock(timings)
+        for stage in stages:
+            with clock(stage):
+                stage.begin(self)
+        start = 0
+        if resume is not None and (current := resume.current_states(walk_id)) is not None:
+            start, states = current
+            for stage, state in zip(stages, states):
+                stage.load_state_dict(state)
+            for index in order[:start]:
+                if progress is not None:
+                    progress(index)
+            log.info("resuming walk %d at block %d/%d", walk_id + 1, start + 1, len(order))
+        with stopping.deferring() if resume is not None else contextlib.nullcontext():
+            for position in range(start, len(order)):
+                index = order[position]
+                with clock("read"):
+                    entered = self.block(index)
+                    block = entered.__enter__()
+                try:
+                    if prepare is not None:
+                        prepare(index, block)
+                    for stage in stages:
+                        with clock(stage):
+                            stage.on_block(index, block)
+                    for callback in after_block:
+                        with clock(after_key):
+                            callback(index, block)
+                except BaseException:
+                    entered.__exit__(None, None, None)
+                    raise
+                entered.__exit__(None, None, None)
+                if resume is not None and position + 1 < len(order):
+                    with clock("resume"):
+                        resume.block_done(walk_id, position + 1, stages, force=stopping.pending())
+                if progress is not None:
+                    progress(index)
+                if position + 1 < len(order):
+                    stopping.check()
+            for stage in stages:
+                with clock(stage):
+                    stage.finish(self)
+            if resume is not None:
+                with clock("resume"):
+                    resume.walk_done(walk_id, stages)
+        stopping.check()
+
+
+class _Clock:
+    """Adds the seconds spent in a stage (by its ``timing_key``) or a named step to ``timings``."""
+
+    def __init__(self, timings):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, what):
+        if self.timings is None:
+            yield
+            return
+        import time
+
+        key = what if isinstance(what, str) else getattr(what, "timing_key", None)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if key:
+                self.timings.add(key, time.perf_counter() - start)
+
+
+def as_driver(model_or_driver, device: torch.device | str = "cpu") -> BlockDriver:
+    """``model_or_driver`` if it is a driver, else a resident driver over the model on ``device``."""
+    if isinstance(model_or_driver, BlockDriver):
+        return model_or_driver
+    return BlockDriver(model_or_driver, device)
