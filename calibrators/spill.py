@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from prune_cli.calibrators.layerwise import BlockBatch
 
@@ -37,7 +38,6 @@ class FileTensor:
 
     @classmethod
     def write(cls, path: Path, tensor: torch.Tensor) -> "FileTensor":
-        from safetensors.torch import save_file
 
         tmp = path.with_name(path.name + ".tmp")
         save_file({_KEY: tensor.detach().contiguous()}, str(tmp))
@@ -45,7 +45,6 @@ class FileTensor:
         return cls(Path(path), tuple(tensor.shape), tensor.dtype, str(tensor.device))
 
     def load(self) -> torch.Tensor:
-        from safetensors.torch import load_file
 
         return load_file(str(self.path), device=self.device)[_KEY]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from prune_cli.checkpoint.model_state import empty_model, state_names, tied_names
 from prune_cli.checkpoint.shards import StreamingCheckpoint, TensorSpec
-from prune_cli.checkpoint.weights import empty_model, state_names, tied_names
 
 
 def write_random_llama(

@@ -27,10 +27,14 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gguf import GGUFReader
+from tokenizers import Tokenizer
 
 from prune_cli.core.errors import CheckpointError
 
@@ -334,7 +338,6 @@ def check_tokenizer_files(folder: str | Path) -> None:
         if not isinstance(data.get("added_tokens"), list) or not isinstance(data.get("model"), dict):
             missing = "added_tokens" if not isinstance(data.get("added_tokens"), list) else "model"
             raise CheckpointError(f"{path} has no valid {missing!r} entry: not a complete tokenizers file", hint=DAMAGED_HINT)
-        from tokenizers import Tokenizer
 
         try:
             Tokenizer.from_str(json.dumps(data))
@@ -373,11 +376,9 @@ def check_gguf(path: str | Path) -> None:
     ``context_length`` where present) are positive (0 ended in a ``ZeroDivisionError``), and
     ``embedding_length`` is the width of ``token_embd.weight``. Parses the metadata once
     (seconds for a large vocabulary). Raises :class:`CheckpointError` naming the file."""
-    import re
 
     path = Path(path)
     check_regular_file(path, "GGUF file")
-    from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
@@ -469,7 +470,6 @@ def file_digest(path: str | Path) -> str:
     a file kept its digest and every cache above served stale results.) Computed once per
     process per file identity. Raises :class:`CheckpointError` for a missing or non-regular
     file (a named pipe would block the read forever)."""
-    import hashlib
 
     path = Path(path)
     info = check_regular_file(path)
@@ -492,7 +492,6 @@ def content_sha256(path: str | Path) -> str:
     read 8 MiB at a time; computed once per process per file identity, so the cache keys
     (:func:`file_digest`) and the model card's GGUF hash read a file once between them.
     Raises :class:`CheckpointError` for a missing, non-regular or unreadable file."""
-    import hashlib
 
     path = Path(path)
     key = (str(path.absolute()), file_identity(check_regular_file(path)))

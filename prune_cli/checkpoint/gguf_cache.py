@@ -21,6 +21,7 @@ dtype (``auto``: bfloat16).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,8 +31,9 @@ from pathlib import Path
 import torch
 
 from prune_cli.checkpoint.files import check_weight_files, file_digest
+from prune_cli.checkpoint.model_state import empty_model, state_names, tied_names
 from prune_cli.checkpoint.shards import StreamingCheckpoint, TensorSpec
-from prune_cli.checkpoint.weights import GGUFWeights, empty_model, state_names, tied_names
+from prune_cli.checkpoint.weights import GGUFWeights
 from prune_cli.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,6 @@ def _damage(folder: Path) -> str | None:
     marker, ``config.json`` and the weight files' headers are checked (not the tensors' bytes,
     so it costs milliseconds). Only damage from outside (a disk error, a hand edit) can do this:
     the folder is renamed into place complete."""
-    import json
 
 
     try:
@@ -97,7 +98,6 @@ def cached(gguf: Path) -> Path | None:
 def build(gguf: Path, config, tokenizer) -> Path | None:
     """Write the cache of ``gguf`` (see the module docstring); returns its folder, or None when
     it was not written (disabled, too little disk, an unwritable cache folder)."""
-    import json
 
 
     if not enabled():

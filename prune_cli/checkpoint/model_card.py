@@ -26,8 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import gguf
+import yaml
+from gguf import GGUFValueType as T
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
 from prune_cli.checkpoint.files import content_sha256
 from prune_cli.core.gates import describe
@@ -75,7 +82,6 @@ def source_facts(source: ModelSource) -> SourceFacts:
     common = dict(gguf_file=source.gguf_file, quantization=gguf_quantization(meta) if gguf else None,
                   sha256=content_sha256(gguf) if gguf is not None else None, **license_fields)
     if source.kind == "bundled":
-        from importlib.metadata import PackageNotFoundError, version
 
         try:
             package_version = version(BUNDLED_DISTRIBUTION)
@@ -98,7 +104,6 @@ def _gguf_path(source: ModelSource) -> Path | None:
     if not source.gguf_file:
         return None
     if source.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source.location, source.gguf_file)
         return Path(cached) if isinstance(cached, str) else None
@@ -109,7 +114,6 @@ def _gguf_path(source: ModelSource) -> Path | None:
 def _readme_path(source: ModelSource) -> Path | None:
     """The source's own ``README.md``: in its folder, or a hub source's in the local cache."""
     if source.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source.location, CARD_FILE)
         return Path(cached) if isinstance(cached, str) else None
@@ -122,7 +126,6 @@ def _readme_path(source: ModelSource) -> Path | None:
 def readme_license(path: Path) -> dict:
     """``license`` (and ``license_name`` / ``license_link``) from a model card's front matter;
     ``{}`` when it has none or cannot be read (a card is documentation: it never stops an export)."""
-    from huggingface_hub import ModelCard
 
     try:
         data = ModelCard.load(Path(path), ignore_metadata_errors=True).data
@@ -166,9 +169,7 @@ def gguf_metadata(path: Path, prefix: str = "general.") -> dict:
     Read key by key from the header, skipping what is not wanted: ``gguf.GGUFReader`` builds
     every array of the file's metadata (a tokenizer's whole vocabulary and merges) as numpy
     views first, which takes seconds for a 49k-token vocabulary."""
-    import struct
 
-    from gguf import GGUFValueType as T
 
     scalars = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
                T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
@@ -210,7 +211,6 @@ def gguf_metadata(path: Path, prefix: str = "general.") -> dict:
 
 def gguf_quantization(meta: dict) -> str | None:
     """The GGUF file type as llama.cpp names it (``general.file_type`` 3 -> ``Q4_1``)."""
-    import gguf
 
     value = meta.get("general.file_type")
     try:
@@ -251,7 +251,6 @@ def card_tags(report: dict) -> list[str]:
 
 def card_data(report: dict, facts: SourceFacts):
     """The card's front matter (:class:`~huggingface_hub.ModelCardData`)."""
-    from huggingface_hub import ModelCardData
 
     extra = {k: v for k, v in (("license_name", facts.license_name), ("license_link", facts.license_link)) if v}
     return ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=facts.base_model,
@@ -323,7 +322,6 @@ def _quality_lines(report: dict) -> list[str]:
 
 def card_body(report: dict, facts: SourceFacts) -> str:
     """The card's Markdown body (see the module docstring)."""
-    import yaml
 
     version = (report.get("versions") or {}).get("prune_cli", "")
     what = f"{report['method']} ({report['pattern']})"
@@ -380,7 +378,6 @@ def card_body(report: dict, facts: SourceFacts) -> str:
 
 def build_card(report: dict, facts: SourceFacts):
     """The :class:`~huggingface_hub.ModelCard` of an export whose final report is ``report``."""
-    from huggingface_hub import ModelCard
 
     return ModelCard(f"---\n{card_data(report, facts).to_yaml()}\n---\n\n{card_body(report, facts)}")
 

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from prune_cli.checkpoint.files import OWNER_FILE, REPORT_FILE, REPORT_FORMAT, WORK_FOLDER  # noqa: F401 - re-exported
@@ -285,7 +287,6 @@ def os_errno(exc: BaseException) -> int | None:
     if isinstance(exc, OSError):
         return exc.errno
     if type(exc).__name__ == "SafetensorError":
-        import re
 
         found = re.search(r"\(os error (\d+)\)", str(exc))
         return int(found.group(1)) if found else None
@@ -320,7 +321,6 @@ def preflight(output: Path, overwrite: bool) -> None:
     lock = output.parent / lock_name
     if lock.exists():
         with contextlib.suppress(OSError), open(lock, "rb") as handle:
-            import fcntl
 
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -358,7 +358,6 @@ class OutputLock:
         self.previous: Owner | None = None  # the dead holder of a stale lock we took over
 
     def acquire(self) -> "OutputLock":
-        import fcntl
 
         while True:
             try:
@@ -653,7 +652,6 @@ class OutputTarget:
 
     def _undo(self) -> None:
         if self.staging is not None and self.keep_for_resume:
-            from dataclasses import replace
 
             stopped = replace(Owner.current(), stopped=True)
             with contextlib.suppress(OSError):

@@ -42,6 +42,8 @@ import logging
 import os
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from prune_cli.checkpoint.model_card import SourceFacts
 from prune_cli.model.source import ModelSource
 
@@ -195,7 +197,6 @@ def legacy_rope_fields(config: dict) -> dict:
 
 
 def _rope_parameters(folder: Path):
-    from transformers import AutoConfig
 
     return getattr(AutoConfig.from_pretrained(folder), "rope_parameters", None)
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from prune_cli.calibrators.spill import FileTensor
 from prune_cli.checkpoint.files import WORK_FOLDER
@@ -178,7 +179,6 @@ class ResumeState:
                 "cannot resume: the interrupted run used another " + "; ".join(diff),
                 hint="rerun the same command with --resume, or pass --no-resume to start over",
             )
-        from safetensors.torch import load_file
 
         self.tensor_file = data.get("tensors")
         self._files = list(data.get("files", []))
@@ -225,7 +225,6 @@ class ResumeState:
         self._write(current=None, fresh_finished=walk)
 
     def _write(self, current: dict | None, fresh_finished: int | None = None) -> None:
-        from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
         base = f"state-{time.time_ns()}"

@@ -20,20 +20,25 @@ outside the blocks) from a source, in the compute dtype, on a device.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
+from gguf import GGUFReader, dequantize
 from torch import nn
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+    read_field,
+)
 
 from prune_cli.checkpoint.files import ACTIVATION_FILE, check_regular_file, read_weight_headers, weight_files
-from prune_cli.core.errors import CheckpointError, NonFiniteError, UnsupportedArchitectureError
-from prune_cli.core.finite import WEIGHTS_HINT, describe_nonfinite, is_finite
-from prune_cli.model.conv1d import from_stored, stored_shape
-from prune_cli.model.structure import linearize
+from prune_cli.core.errors import CheckpointError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 
@@ -219,161 +224,6 @@ class TorchBinWeights(WeightSource):
         return str(self._names[name])
 
 
-@dataclass(frozen=True)
-class MergedTensor:
-    """A model tensor that transformers builds on load from several stored ones: for each source
-    pattern, one stored tensor per expert, stacked along dim 0 (``MergeModulelist(dim=0)``), and
-    the stacks concatenated along ``concat_dim`` (``Concatenate(dim=1)``; ``None``: one pattern).
-    Mixtral's ``experts.gate_up_proj`` ``(E, 2F, H)`` is ``[w1 of experts 0..E-1], [w3 of 0..E-1]``."""
-
-    parts: tuple[tuple[str, ...], ...]
-    concat_dim: int | None = None
-
-    def build(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
-        stacks = [torch.stack([stored[name] for name in part]) for part in self.parts]
-        return stacks[0] if self.concat_dim is None else torch.cat(stacks, dim=self.concat_dim)
-
-    def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The stored parts of ``tensor`` (the inverse of :meth:`build`): views, by stored name."""
-        pieces = [tensor] if self.concat_dim is None else tensor.chunk(len(self.parts), dim=self.concat_dim)
-        return {name: piece[e] for part, piece in zip(self.parts, pieces) for e, name in enumerate(part)}
-
-    def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of each stored part of a tensor of ``shape``."""
-        out = list(shape[1:])
-        if self.concat_dim is not None:
-            if shape[self.concat_dim] % len(self.parts):
-                raise ValueError(f"cannot split {list(shape)} into {len(self.parts)} equal parts")
-            out[self.concat_dim - 1] //= len(self.parts)
-        return tuple(out)
-
-
-class RenamedWeights(WeightSource):
-    """A source whose stored names differ from the model's ``state_dict`` names by transformers'
-    load-time renamings (GPT-NeoX stores ``embed_out.weight`` for the model's ``lm_head.weight``;
-    old checkpoints store LayerNorm ``gamma``/``beta``; Mixtral's ``block_sparse_moe`` is the
-    model's ``mlp``) and merges (:class:`MergedTensor`: per-expert weights into the fused
-    experts tensors). Tensors are asked for by model name; a merged one is built from its parts
-    when it is read (one block's experts at a time)."""
-
-    def __init__(self, inner: WeightSource, stored_by_model: dict[str, "str | MergedTensor"]):
-        super().__init__()
-        self.inner = inner
-        self.description = inner.description
-        self.private_tensors = inner.private_tensors
-        consumed = {v for v in stored_by_model.values() if isinstance(v, str)}
-        consumed |= {n for v in stored_by_model.values() if isinstance(v, MergedTensor) for part in v.parts for n in part}
-        self._names = {name: name for name in inner.names() if name not in consumed}
-        self._names.update(stored_by_model)
-
-    @property
-    def stored_dtype(self) -> torch.dtype | None:
-        return self.inner.stored_dtype
-
-    def layout(self) -> dict[str, "str | MergedTensor"]:
-        return {name: stored for name, stored in self._names.items() if stored != name}
-
-    def stored_shape(self, name: str) -> tuple[int, ...] | None:
-        entry = self._names[name]
-        if not isinstance(entry, MergedTensor):
-            return self.inner.stored_shape(entry)
-        stacks = []
-        for part in entry.parts:
-            shapes = {self.inner.stored_shape(n) for n in part}
-            if None in shapes:
-                return None
-            if len(shapes) != 1:  # experts of different shapes cannot be stacked
-                raise CheckpointError(f"{self.inner.file_of(part[0])}: the experts {part[0]} ... {part[-1]} have "
-                                      f"different shapes ({sorted(shapes)})", hint="the checkpoint does not match its config.json")
-            stacks.append((len(part), *shapes.pop()))
-        if entry.concat_dim is None:
-            return stacks[0]
-        out = list(stacks[0])
-        out[entry.concat_dim] = sum(stack[entry.concat_dim] for stack in stacks)
-        return tuple(out)
-
-    def file_of(self, name: str) -> str:
-        entry = self._names[name]
-        return self.inner.file_of(entry if isinstance(entry, str) else entry.parts[0][0])
-
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        names = list(names)
-        wanted = []
-        for n in names:
-            entry = self._names[n]
-            wanted += [x for part in entry.parts for x in part] if isinstance(entry, MergedTensor) else [entry]
-        stored = self.inner.read(wanted)
-        out = {}
-        for n in names:
-            entry = self._names[n]
-            out[n] = entry.build(stored) if isinstance(entry, MergedTensor) else stored[entry]
-        return out
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _merge_operations(converter) -> int | None | str:
-    """``concat_dim`` of a converter that stacks experts along dim 0 and then (with two or more
-    source patterns) concatenates the stacks along one dim; ``"unsupported"`` for any other."""
-    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
-    if ops == [("MergeModulelist", 0)] and len(converter.source_patterns) == 1:
-        return None
-    if len(ops) == 2 and ops[0] == ("MergeModulelist", 0) and ops[1][0] == "Concatenate" \
-            and isinstance(ops[1][1], int) and len(converter.source_patterns) >= 2:
-        return ops[1][1]
-    return "unsupported"
-
-
-def _pattern_regex(pattern: str) -> "re.Pattern":
-    """A converter source pattern (``.experts.*.w1.weight``) as a regex capturing the index."""
-    import re
-
-    return re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
-
-
-def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, "str | MergedTensor"] | None:
-    """Model name -> stored name (or :class:`MergedTensor`) for the stored tensors transformers
-    renames or merges on load, ``{}`` when none is, or ``None`` when some stored tensor is
-    converted in another way than stacking experts (then the checkpoint cannot be read tensor
-    by tensor, and is loaded whole).
-
-    Uses transformers' own conversion list for ``model`` (by class name, model type and the
-    legacy renamings), so the names are the ones ``from_pretrained`` would give."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # another transformers: no load-time renaming known
-        return {}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    out: dict = {}
-    merged: dict[str, dict] = {}  # target -> {"converter", "parts": {pattern index: {expert: stored}}}
-    for name in stored:
-        renamed, pattern = rename_source_key(name, renamings, converters)
-        if pattern is None:
-            if renamed != name:
-                out[renamed] = name
-            continue
-        converter = next(c for c in converters if pattern in c.source_patterns)
-        found = _pattern_regex(pattern).search(name)
-        if found is None or _merge_operations(converter) == "unsupported":
-            return None
-        entry = merged.setdefault(renamed, {"converter": converter, "parts": {}})
-        entry["parts"].setdefault(converter.source_patterns.index(pattern), {})[int(found.group(1))] = name
-    for target, entry in merged.items():
-        converter, parts = entry["converter"], entry["parts"]
-        if sorted(parts) != list(range(len(converter.source_patterns))):
-            return None  # a pattern with no stored tensor
-        experts = sorted(parts[0])
-        if experts != list(range(len(experts))) or any(sorted(p) != experts for p in parts.values()):
-            return None  # experts missing in one of the parts
-        out[target] = MergedTensor(tuple(tuple(parts[i][e] for e in experts) for i in sorted(parts)),
-                                   _merge_operations(converter))
-    return out
-
-
 # GGUF tensor processors that map one GGUF tensor to one HF tensor (others merge experts).
 _ONE_TO_ONE_PROCESSORS = {"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "BloomTensorProcessor",
                           "GPT2TensorProcessor", "NemotronTensorProcessor", "Lfm2TensorProcessor", "MambaTensorProcessor"}
@@ -389,13 +239,6 @@ class GGUFWeights(WeightSource):
 
     def __init__(self, path: str | Path, model: nn.Module):
         super().__init__()
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            read_field,
-        )
 
         self.path = Path(path)
         self.description = str(self.path)
@@ -421,8 +264,6 @@ class GGUFWeights(WeightSource):
                 self._names[hf] = tensor
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        import numpy as np
-        from gguf import dequantize
 
         out = {}
         for name in names:
@@ -443,7 +284,6 @@ class GGUFWeights(WeightSource):
         on the reader's read-only map; a later read faults them in again from the page cache).
         Without it, reading every tensor once (the cache build, a walk) leaves the whole GGUF
         file in the resident set: 98 MB for the bundled model, tens of GB for a 70B one."""
-        import mmap
 
         handle = getattr(self._reader.data, "_mmap", None)
         if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
@@ -467,160 +307,6 @@ def open_weights(folder: str | Path, gguf_file: str | None, model: nn.Module) ->
 
 
 # ----------------------------------------------------------------------------- structure
-
-
-def empty_model(config, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``config`` with every parameter on the meta device (no memory) and its
-    buffers real (rotary frequencies are computed in ``__init__``), in eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except (KeyError, ValueError) as exc:
-            raise UnsupportedArchitectureError(f"transformers cannot build this model ({exc})") from None
-    model.tie_weights()  # from_config leaves tied parameters (lm_head -> embeddings) as two
-
-    linearize(model)  # GPT-2's Conv1D, fused MoE experts: as Linear layers
-    return model.eval()
-
-
-def state_names(module: nn.Module) -> list[str]:
-    """Names of the tensors ``module.state_dict()`` would hold: parameters (each Parameter once,
-    under its first name) and persistent buffers."""
-    names, seen = [], set()
-    for name, param in module.named_parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            names.append(name)
-    for name, buf in module.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        holder = module.get_submodule(owner) if owner else module
-        if buf is not None and leaf not in holder._non_persistent_buffers_set:
-            names.append(name)
-    return names
-
-
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def source_name(source: WeightSource, full: str, base_prefix: str) -> str | None:
-    """The name ``full`` (a model ``state_dict`` name) has in ``source``: the same, or without /
-    with the base model's prefix (a checkpoint saved from ``LlamaModel`` lacks ``model.``)."""
-    if full in source:
-        return full
-    if base_prefix:
-        stripped = full[len(base_prefix) + 1:] if full.startswith(base_prefix + ".") else None
-        if stripped is not None and stripped in source:
-            return stripped
-        if f"{base_prefix}.{full}" in source:
-            return f"{base_prefix}.{full}"
-    return None
-
-
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    holder = module.get_submodule(owner) if owner else module
-    if leaf in holder._parameters:
-        holder._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        holder._buffers[leaf] = value
-
-
-@torch.no_grad()
-def materialize(
-    module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype, device: torch.device,
-    base_prefix: str = "", skip: Iterable[str] = (), check_finite: bool = True,
-) -> list[str]:
-    """Fill every meta parameter / persistent buffer of ``module`` (``prefix``: its name in the
-    model, e.g. ``model.layers.3``) from ``source``: floating tensors cast to ``dtype``, all on
-    ``device``. Names in ``skip`` (relative) are left alone (tied weights). Returns the names
-    (relative to ``module``) it filled. Raises :class:`CheckpointError` for a tensor the source
-    lacks or of the wrong shape, and :class:`~prune_cli.core.errors.NonFiniteError` for NaN / inf."""
-
-    skip = set(skip)
-    wanted = {}
-    for name in state_names(module):
-        current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
-        if name in skip or (current is not None and current.device.type != "meta"):
-            continue
-        found = source_name(source, _key(prefix, name), base_prefix)
-        if found is None:
-            raise CheckpointError(f"{source.description} has no tensor {_key(prefix, name)}",
-                                  hint="the checkpoint does not match its config.json")
-        wanted[name] = (found, current)
-    for name, (found, current) in wanted.items():
-        # one at a time: one stored copy in memory at once (a Conv1D weight: read transposed)
-        value = from_stored(module, name, source.read([found])[found])
-        if tuple(value.shape) != tuple(current.shape):
-            raise CheckpointError(
-                f"{source.description}: {found} has shape {list(value.shape)}, the model expects {list(current.shape)}",
-                hint="the checkpoint does not match its config.json",
-            )
-        if check_finite and value.is_floating_point() and not is_finite(value):
-            raise NonFiniteError(f"non-finite weights in {_key(prefix, name)}: {describe_nonfinite(value)}",
-                                 hint=WEIGHTS_HINT)
-        # a copy unless the source's tensor is ours alone: mmap'd tensors (.bin, GGUF) share memory
-        # with the file's mapping, where a stage's in-place change (pruning) would outlive the block
-        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype,
-                         copy=not source.private_tensors)
-        _set_tensor(module, name, value.contiguous())
-    return list(wanted)
-
-
-def check_stored_shapes(model: nn.Module, source: WeightSource, base_prefix: str = "") -> int:
-    """Before any tensor's bytes are read: every tensor ``model`` (built from its config, on the
-    meta device) will read from ``source`` is there, with the shape the model expects (a
-    Conv1D weight transposed), as the checkpoint's headers declare it. A header is a promise
-    about bytes not yet read: one declaring a 70 GB tensor (with consistent offsets) would
-    otherwise be read into memory first, and only then found not to fit. Returns how many
-    shapes were checked (a source that cannot tell a shape before reading it, GGUF, is checked
-    from its metadata instead). Raises :class:`CheckpointError` naming the file, the tensor,
-    the expected and the declared shape."""
-
-    tied = tied_names(model)
-    checked = 0
-    for name in state_names(model):
-        current = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
-        if name in tied or current is None or current.device.type != "meta":
-            continue
-        found = source_name(source, name, base_prefix)
-        if found is None:
-            raise CheckpointError(f"{source.description} has no tensor {name}",
-                                  hint="the checkpoint does not match its config.json")
-        declared = source.stored_shape(found)
-        if declared is None:
-            continue
-        expected = stored_shape(model, name, tuple(current.shape))
-        if tuple(declared) != tuple(expected):
-            raise CheckpointError(
-                f"{source.file_of(found)}: tensor {found} is declared {list(declared)}, the model (its config.json) "
-                f"expects {list(expected)}",
-                hint="the checkpoint does not match its config.json, or its header is damaged",
-            )
-        checked += 1
-    return checked
-
-
-def _is_param(module: nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    return leaf in (module.get_submodule(owner) if owner else module)._parameters
-
-
-def tied_names(model: nn.Module) -> dict[str, str]:
-    """Tied parameters: each later name -> the first name of the same Parameter (``lm_head.weight``
-    -> ``model.embed_tokens.weight`` for tied embeddings)."""
-    first: dict[int, str] = {}
-    tied = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return tied
-
 
 
 class LayeredWeights(WeightSource):
@@ -652,3 +338,32 @@ class LayeredWeights(WeightSource):
         out = self.top.read([n for n in names if self._names[n] is self.top])
         out.update(self.base.read([n for n in names if self._names[n] is self.base]))
         return out
+
+
+@dataclass(frozen=True)
+class MergedTensor:
+    """A model tensor that transformers builds on load from several stored ones: for each source
+    pattern, one stored tensor per expert, stacked along dim 0 (``MergeModulelist(dim=0)``), and
+    the stacks concatenated along ``concat_dim`` (``Concatenate(dim=1)``; ``None``: one pattern).
+    Mixtral's ``experts.gate_up_proj`` ``(E, 2F, H)`` is ``[w1 of experts 0..E-1], [w3 of 0..E-1]``."""
+
+    parts: tuple[tuple[str, ...], ...]
+    concat_dim: int | None = None
+
+    def build(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacks = [torch.stack([stored[name] for name in part]) for part in self.parts]
+        return stacks[0] if self.concat_dim is None else torch.cat(stacks, dim=self.concat_dim)
+
+    def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored parts of ``tensor`` (the inverse of :meth:`build`): views, by stored name."""
+        pieces = [tensor] if self.concat_dim is None else tensor.chunk(len(self.parts), dim=self.concat_dim)
+        return {name: piece[e] for part, piece in zip(self.parts, pieces) for e, name in enumerate(part)}
+
+    def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of each stored part of a tensor of ``shape``."""
+        out = list(shape[1:])
+        if self.concat_dim is not None:
+            if shape[self.concat_dim] % len(self.parts):
+                raise ValueError(f"cannot split {list(shape)} into {len(self.parts)} equal parts")
+            out[self.concat_dim - 1] //= len(self.parts)
+        return tuple(out)

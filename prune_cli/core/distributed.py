@@ -26,6 +26,7 @@ import logging
 import os
 
 import torch
+import torch.distributed as dist
 
 from prune_cli.core.errors import BadInputError
 
@@ -39,7 +40,6 @@ def requested() -> bool:
 
 def init(device: torch.device) -> None:
     """Join the launcher's process group (once), gloo on the CPU, NCCL on CUDA."""
-    import torch.distributed as dist
 
     if requested() and not dist.is_initialized():
         if device.type == "cuda":
@@ -49,19 +49,16 @@ def init(device: torch.device) -> None:
 
 
 def active() -> bool:
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    import torch.distributed as dist
 
     return dist.get_rank() if active() else 0
 
 
 def size() -> int:
-    import torch.distributed as dist
 
     return dist.get_world_size() if active() else 1
 
@@ -88,7 +85,6 @@ def shard(windows: torch.Tensor | None, what: str) -> torch.Tensor | None:
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks, in place (float32 sums stay float32)."""
     if active():
-        import torch.distributed as dist
 
         dist.all_reduce(tensor)
     return tensor
@@ -98,7 +94,6 @@ def sum_numbers(*values: float) -> list[float]:
     """Python numbers summed over the ranks (in float64)."""
     if not active():
         return list(values)
-    import torch.distributed as dist
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -120,6 +115,5 @@ def sum_stats(stats) -> None:
 
 def barrier() -> None:
     if active():
-        import torch.distributed as dist
 
         dist.barrier()

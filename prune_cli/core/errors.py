@@ -84,6 +84,7 @@ class InterruptedRun(KeyboardInterrupt):
         super().__init__(signal_name)
         self.signal_name = signal_name
         self.exit_code = exit_code
+        self.at_block_boundary = False  # set when the stop was deferred to the end of a block
 
 
 def kind_of(value: Any) -> str:

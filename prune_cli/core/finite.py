@@ -20,6 +20,7 @@ element counts of the message are only computed once something was found.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ WEIGHTS_HINT = (
 )
 
 
-def _checkable(t: torch.Tensor | None) -> bool:
+def _checkable(t: torch.Tensor | None) -> TypeGuard[torch.Tensor]:
     return t is not None and t.is_floating_point() and t.numel() > 0 and t.device.type != "meta"
 
 
@@ -85,7 +86,7 @@ def describe_nonfinite(tensors: torch.Tensor | Iterable[torch.Tensor]) -> str:
 def check_finite_tensor(t: torch.Tensor | None, what: str, hint: str | None = None) -> None:
     """Raise :class:`NonFiniteError` ``"non-finite values in {what}: 1 NaN, 0 +inf, 0 -inf"``
     unless every element of ``t`` is finite."""
-    if not is_finite(t):
+    if t is not None and not is_finite(t):
         raise NonFiniteError(f"non-finite values in {what}: {describe_nonfinite(t)}", hint=hint)
 
 

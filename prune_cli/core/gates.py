@@ -76,13 +76,13 @@ class Gates:
         results = []
         if self.max_ppl_ratio is not None:
             value = ppl.get("ratio")
-            finite = _finite(value)
+            margin = value - self.max_ppl_ratio if value is not None and _finite(value) else None
             results.append({
                 "gate": "max_ppl_ratio",
                 "limit": self.max_ppl_ratio,
                 "value": value,
-                "passed": bool(finite and value <= self.max_ppl_ratio),
-                "by": (value - self.max_ppl_ratio) if finite else None,
+                "passed": margin is not None and margin <= 0,
+                "by": margin,
             })
         tasks = tasks or {}
         for key, limit in self.min_task_score.items():

@@ -63,8 +63,8 @@ def _cgroup_limit() -> int | None:
             found.append(_read_int(f"/sys/fs/cgroup{path}/memory.max"))
         elif "memory" in controllers.split(","):
             found.append(_read_int(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
-    found = [v for v in found if v and v < 2**60]
-    return min(found) if found else None
+    limits = [v for v in found if v is not None and 0 < v < 2**60]
+    return min(limits) if limits else None
 
 
 def activation_bytes(hidden_size: int, element_bytes: int, n_blocks: int, streams: dict[str, int]) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class Conv1DLinear(nn.Linear):
@@ -34,10 +35,6 @@ class Conv1DLinear(nn.Linear):
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it
-        return False
     return isinstance(module, Conv1D)
 
 

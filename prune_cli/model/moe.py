@@ -45,13 +45,13 @@ from functools import lru_cache
 
 import torch
 from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from prune_cli.calibrators import layerwise
 
 
 @lru_cache(maxsize=None)
 def _standard_forward_source() -> str:
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     return inspect.getsource(MixtralExperts.forward)
 

@@ -17,7 +17,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prune_cli.activation.modules import SparseInputLinear, sparsifiers
 from prune_cli.activation.transform import apply_transform, transform_block
@@ -58,7 +61,6 @@ def activation_tensors(wrappers: dict, rotations: dict | None = None) -> dict[st
 def save_activation(wrappers: dict, folder: Path, rotations: dict | None = None) -> None:
     """Write the buffers of ``wrappers`` (name -> SparseInputLinear) to ``folder``, and the
     rotations ``Q`` of WINA's transform (norm name -> ``(hidden, hidden)``) when there are any."""
-    from safetensors.torch import save_file
 
     save_file(activation_tensors(wrappers, rotations), str(Path(folder) / ACTIVATION_FILE))
 
@@ -117,7 +119,6 @@ def _check_entries(tensors: dict[str, torch.Tensor], full: str, linear: nn.Linea
 
 def apply_activation(model: nn.Module, folder: Path) -> int:
     """Wrap the Linears named in ``folder``'s activation file; returns how many were wrapped."""
-    from safetensors.torch import load_file
 
     path = Path(folder) / ACTIVATION_FILE
     return install_activation(model, load_file(str(path)), where=str(path))
@@ -129,7 +130,6 @@ class BlockActivation:
     reading only that block's entries of the activation file."""
 
     def __init__(self, folder: Path, driver):
-        from safetensors import safe_open
 
         self.path = Path(folder) / ACTIVATION_FILE
         self.driver = driver
@@ -151,7 +151,6 @@ class BlockActivation:
 def load(folder: str | Path, dtype: torch.dtype = torch.float32, decode: bool = False):
     """``(model, tokenizer)`` for a prune-cli checkpoint, activation sparsity applied when the
     checkpoint has it. ``decode=True`` also prepares the batch-1 gather path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
     folder = Path(folder)

@@ -8,12 +8,15 @@ dequantizes GGUF to float32 on load.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prune_cli.checkpoint import gguf_cache
 from prune_cli.checkpoint.files import (
@@ -23,14 +26,9 @@ from prune_cli.checkpoint.files import (
     check_tokenizer_files,
     check_weight_files,
 )
-from prune_cli.checkpoint.weights import (
-    RenamedWeights,
-    SafetensorsWeights,
-    check_stored_shapes,
-    checkpoint_renames,
-    empty_model,
-    open_weights,
-)
+from prune_cli.checkpoint.model_state import check_stored_shapes, empty_model
+from prune_cli.checkpoint.renames import RenamedWeights, checkpoint_renames
+from prune_cli.checkpoint.weights import SafetensorsWeights, open_weights
 from prune_cli.core.dtypes import DTYPE_NAMES_BY_DTYPE, DTYPES
 from prune_cli.core.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
 from prune_cli.core.finite import check_finite_parameters
@@ -91,9 +89,7 @@ def check_config_values(config, where: str) -> None:
 
 def load_config(source: ModelSource, offline: bool = False):
     """The model's config (a fresh copy each call; parsed once per process and source)."""
-    import copy
 
-    from transformers import AutoConfig
 
     key = (source, offline)
     if key not in _CONFIGS:
@@ -137,7 +133,6 @@ def _gguf_cache(source: ModelSource) -> Path | None:
 
 
 def load_tokenizer(source: ModelSource, offline: bool = False):
-    from transformers import AutoTokenizer
 
     cache = _gguf_cache(source)
     if cache is not None:
@@ -169,7 +164,6 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
     (the in-memory path; :func:`open_model` streams instead)."""
     if dtype == "auto":
         dtype = "float32"
-    from transformers import AutoModelForCausalLM
 
     config = load_config(source, offline)
     _check_causal(config)
@@ -186,7 +180,7 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
         raise UnsupportedArchitectureError(
             f"transformers cannot build this model ({exc})", hint="check the model's config.json"
         ) from None
-    model = model.to(DTYPES[dtype]).eval()
+    model = model.to(DTYPES[dtype]).eval()  # type: ignore[arg-type]  # transformers types .to() narrowly
     linearize(model)
     tokenizer = load_tokenizer(source, offline)
     decoder_blocks(model)  # fail early on unsupported layouts
@@ -252,7 +246,6 @@ def local_folder(source: ModelSource, offline: bool) -> Path:
     only when the repo has no safetensors)."""
     if source.kind != "hub":
         return Path(source.location)
-    from huggingface_hub import snapshot_download
 
     base = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
     try:
@@ -269,7 +262,7 @@ class OpenedModel:
     """A model ready to be walked: its driver (structure + head in memory, blocks read on
     demand), tokenizer, config and dtypes."""
 
-    driver: "object"
+    driver: BlockDriver
     tokenizer: object
     config: object
     compute_dtype: torch.dtype

@@ -67,9 +67,10 @@ def test_gguf_tensors_read_one_at_a_time_equal_transformers_whole_load():
     processors, Llama's q/k permutation included) gives exactly from_pretrained's weights."""
     from transformers import AutoModelForCausalLM
 
+    from prune_cli.checkpoint.model_state import empty_model
+    from prune_cli.checkpoint.weights import GGUFWeights
     from prune_cli.model.source import bundled_source
     from prune_cli.streaming.loader import load_config
-    from prune_cli.checkpoint.weights import GGUFWeights, empty_model
 
     source = bundled_source()
     whole = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
@@ -85,8 +86,8 @@ def test_gguf_tensors_read_one_at_a_time_equal_transformers_whole_load():
 @pytest.mark.slow  # 57 s: dequantises the whole file twice (tiny GGUF caches: tests/cli/test_bad_checkpoints.py)
 def test_the_gguf_cache_is_written_once_and_reads_the_same_weights(tmp_path, monkeypatch):
     from prune_cli.checkpoint import gguf_cache
-    from prune_cli.streaming.loader import _CONFIGS, open_model
     from prune_cli.model.source import bundled_source
+    from prune_cli.streaming.loader import _CONFIGS, open_model
 
     monkeypatch.setenv("PRUNE_CLI_CACHE", str(tmp_path / "cache"))
     _CONFIGS.clear()

@@ -6,8 +6,8 @@ Qwen2-MoE (with a shared expert and its gate Linear) and Qwen3-MoE built in-proc
 from __future__ import annotations
 
 import copy
-import shutil
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,9 +15,16 @@ import yaml
 
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.stats import Stat
+from prune_cli.model.moe import (
+    ExpertLinear,
+    MoeOptions,
+    RoutedExperts,
+    complete_expert_stats,
+    linearize_experts,
+    routed_experts,
+    router_names,
+)
 from prune_cli.model.structure import block_linears
-from prune_cli.model.moe import (ExpertLinear, MoeOptions, RoutedExperts, complete_expert_stats, linearize_experts,
-                           router_names, routed_experts)
 from tests.cli.test_cli import SMALL as PLAIN
 from tests.cli.test_cli import assert_one_line_error, run
 from tests.integration.test_families import SMALL, _direct_ppl
@@ -275,9 +282,11 @@ def test_stored_per_expert_weights_are_stacked_into_the_fused_tensors_as_transfo
     streamed source gives every tensor exactly as ``from_pretrained`` builds it."""
     from transformers import AutoModelForCausalLM
 
+    from prune_cli.checkpoint.model_state import empty_model
+    from prune_cli.checkpoint.renames import RenamedWeights, checkpoint_renames
+    from prune_cli.checkpoint.weights import MergedTensor, open_weights
     from prune_cli.model.source import ModelSource
     from prune_cli.streaming.loader import load_config
-    from prune_cli.checkpoint.weights import MergedTensor, RenamedWeights, checkpoint_renames, empty_model, open_weights
 
     for family in ("mixtral", "qwen2_moe"):
         folder = save_tiny_model(family, tmp_path / family)
@@ -294,7 +303,8 @@ def test_stored_per_expert_weights_are_stacked_into_the_fused_tensors_as_transfo
 
 
 def test_a_checkpoint_missing_an_expert_is_not_streamed_as_if_whole(tmp_path):
-    from prune_cli.checkpoint.weights import checkpoint_renames, empty_model
+    from prune_cli.checkpoint.model_state import empty_model
+    from prune_cli.checkpoint.renames import checkpoint_renames
 
     model = tiny_model("mixtral")
     names = [n for n in save_names(model) if ".experts.1." not in n or "layers.1" not in n]
@@ -303,9 +313,9 @@ def test_a_checkpoint_missing_an_expert_is_not_streamed_as_if_whole(tmp_path):
 
 def save_names(model) -> list[str]:
     """The names ``save_pretrained`` writes for ``model`` (its checkpoint layout)."""
-    from safetensors import safe_open
-
     import tempfile
+
+    from safetensors import safe_open
 
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)

@@ -12,15 +12,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from prune_cli.recipe.config import resolve
-from prune_cli.streaming.driver import BlockDriver, Placement, Stage
-from prune_cli.stages.evaluate import EvalStage, perplexity
-from prune_cli.model.source import ModelSource
-from prune_cli.streaming.loader import load_model, open_model
-from prune_cli.recipe.plan import build_plan
-from prune_cli.stages.pruning import PruneStage, calibrate_and_prune
+from prune_cli.checkpoint.model_state import empty_model
 from prune_cli.checkpoint.shards import StreamingCheckpoint, TensorSpec
-from prune_cli.checkpoint.weights import SafetensorsWeights, empty_model
+from prune_cli.checkpoint.weights import SafetensorsWeights
+from prune_cli.model.source import ModelSource
+from prune_cli.recipe.config import resolve
+from prune_cli.recipe.plan import build_plan
+from prune_cli.stages.evaluate import EvalStage, perplexity
+from prune_cli.stages.pruning import PruneStage, calibrate_and_prune
+from prune_cli.streaming.driver import BlockDriver, Placement, Stage
+from prune_cli.streaming.loader import load_model, open_model
 from tests.tiny_models import VOCAB, save_tiny_model, tiny_config
 
 CPU = torch.device("cpu")
