@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from prune_cli.checkpoint.output import OutputNotWritableError, check_output, output_path, preflight
+from prune_cli.checkpoint.lock import OutputNotWritableError
+from prune_cli.checkpoint.output import check_output, output_path, preflight
 from prune_cli.core.errors import BadInputError, OutputExistsError, RecipeError
 from prune_cli.model.source import offline_requested, resolve_source
 from prune_cli.model.structure import check_prunable

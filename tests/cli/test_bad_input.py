@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,8 +23,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from prune_cli.checkpoint.output import OWNER_FILE
+from prune_cli.checkpoint.lock import OutputLock, Owner
 from prune_cli.cli import app
-from prune_cli.checkpoint.output import OWNER_FILE, Owner, OutputLock
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
