@@ -42,6 +42,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def in_registration_order(self) -> list[str]:
+        """The names in the order they were registered (the order help texts list them in)."""
+        return list(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

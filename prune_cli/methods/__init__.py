@@ -1,5 +1,6 @@
-"""Weight-pruning methods. Adding one: a file with a :class:`WeightMethod` subclass, plus one
-``register`` line here."""
+"""Weight-pruning methods. Adding one: a file with a :class:`WeightMethod` subclass declaring
+what it is (statistics, patterns, weight updates, DSnoT base), plus one ``register`` line here.
+The registration order is the order help texts and the DSnoT base list name them in."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ WEIGHT_METHODS.register(Magnitude.name, Magnitude)
 WEIGHT_METHODS.register(Wanda.name, Wanda)
 WEIGHT_METHODS.register(SparseGPT.name, SparseGPT)
 WEIGHT_METHODS.register(DSnoT.name, DSnoT)
-WEIGHT_METHODS.register(RIA.name, RIA)
 WEIGHT_METHODS.register(ALPS.name, ALPS)
+WEIGHT_METHODS.register(RIA.name, RIA)
 
 
 __all__ = ["WEIGHT_METHODS", "PruneResult", "ScoreMethod", "WeightMethod", "build_method", "select"]

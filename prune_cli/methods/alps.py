@@ -149,7 +149,7 @@ class AdmmState:
 
 
 def admm(
-    B0: torch.Tensor, C: torch.Tensor, problem: Problem, pattern: SparsityPattern, method: "ALPS"
+    B0: torch.Tensor, C: torch.Tensor, problem: Problem, pattern: SparsityPattern, method: ALPS
 ) -> AdmmState:
     """The ADMM iterations and the ``rho`` schedule of the module docstring, from ``B0``
     (``(out, in)``, normalised) with target ``C = B0 Gn``."""
@@ -251,6 +251,8 @@ class ALPS(WeightMethod):
 
     name = "alps"
     required_stats = frozenset({Stat.GRAM})
+    updates_weights = True
+    dsnot_base = True
     percdamp: float = 0.01
     rho: float = 0.1  # initial ADMM penalty
     max_iter: int = 300

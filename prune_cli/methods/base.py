@@ -3,6 +3,12 @@
 A :class:`WeightMethod` turns one Linear's weight ``W`` (shape ``(out, in)``) and the
 statistics of its input into a new weight and a KEEP mask of the same shape. Score-based
 methods only implement :meth:`ScoreMethod.score`; all of them share :func:`select`.
+
+Each method declares what it is, as class attributes the rest of prune-cli reads instead of
+lists of names: the input statistics it needs (``required_stats``), whether it changes the
+weights it keeps (``updates_weights``), the patterns it can produce (``patterns``, checked by
+:meth:`WeightMethod.check_pattern`), whether DSnoT may start from it (``dsnot_base``) and
+whether it may reorder input channels (``permutes_inputs``).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from typing import Any, ClassVar
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.core.errors import RecipeError
 from prune_cli.core.options import build_from_options
-from prune_cli.core.patterns import SparsityPattern
+from prune_cli.core.patterns import NM, SparsityPattern, Unstructured
 from prune_cli.core.registry import Registry
 from prune_cli.core.selection import select  # noqa: F401 - re-exported: methods.base.select
 
@@ -36,6 +43,11 @@ def few_threads(device: torch.device):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pattern_kind(pattern) -> str:
+    """``unstructured`` or ``N:M`` for a pattern or a pattern type (for messages)."""
+    return "N:M" if pattern is NM or isinstance(pattern, NM) else "unstructured"
 
 
 # One Linear to prune: its weight ``(out, in)``, its input statistics, its pattern.
@@ -61,22 +73,32 @@ class WeightMethod(ABC):
     method's recipe options (validated strictly by :meth:`from_options`)."""
 
     name: ClassVar[str]
+    # The input statistics the calibrator collects for it (none: no calibration pass needed).
     required_stats: ClassVar[frozenset[Stat]] = frozenset()
     # Whether the method may reorder a Linear's input channels (``PruneResult.input_permutation``)
     # when its input statistics say which reorderings fold into the checkpoint (``channel_groups``).
     permutes_inputs: ClassVar[bool] = False
+    # Whether kept weights may differ from the dense ones (SparseGPT, ALPS); False: a mask only.
+    updates_weights: ClassVar[bool] = False
+    # The sparsity patterns it produces exactly (pattern types of :mod:`prune_cli.core.patterns`).
+    patterns: ClassVar[tuple[type, ...]] = (Unstructured, NM)
+    # Whether DSnoT's prune-and-grow may start from this method's result (``dsnot base:``).
+    dsnot_base: ClassVar[bool] = False
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> "WeightMethod":
+    def from_options(cls, options: dict[str, Any] | None) -> WeightMethod:
         return build_from_options(cls, options)
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - an optional hook: most methods check their options
         """Raise :class:`RecipeError` for invalid option values."""
 
     def check_pattern(self, pattern: SparsityPattern) -> None:
-        """Raise :class:`RecipeError` when this method cannot produce ``pattern``."""
+        """Raise :class:`RecipeError` when ``pattern`` is not one of the declared ``patterns``."""
+        if not isinstance(pattern, self.patterns):
+            raise RecipeError(f"{self.name} has no {pattern_kind(pattern)} pattern",
+                              hint=f"{self.name} prunes {' or '.join(pattern_kind(p) for p in self.patterns)}")
 
-    def for_layer(self, local_name: str) -> "WeightMethod":
+    def for_layer(self, local_name: str) -> WeightMethod:
         """The method to apply to the Linear ``local_name`` (relative to its block); a composite
         method may leave some layers to its base."""
         return self
@@ -124,3 +146,8 @@ WEIGHT_METHODS: Registry[type[WeightMethod]] = Registry("method")
 def build_method(name: str, options: dict | None = None) -> WeightMethod:
     """The method registered as ``name``, built from its recipe options."""
     return WEIGHT_METHODS.get(name).from_options(options)
+
+
+def dsnot_bases() -> list[str]:
+    """The registered methods that declare ``dsnot_base``, in registration order."""
+    return [name for name in WEIGHT_METHODS.in_registration_order() if WEIGHT_METHODS.get(name).dsnot_base]

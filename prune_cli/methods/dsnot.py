@@ -67,10 +67,9 @@ import torch
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.core.errors import RecipeError
 from prune_cli.core.patterns import NM, SparsityPattern
-from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, build_method, few_threads
+from prune_cli.methods.base import Job, PruneResult, ScoreMethod, WeightMethod, build_method, dsnot_bases, few_threads
 
 MODES = ("guarded", "reference")
-BASES = ("magnitude", "wanda", "sparsegpt", "alps", "ria")
 
 
 def _ordered(
@@ -113,8 +112,9 @@ class DSnoT(WeightMethod):
     base_options: dict | None = None
 
     def validate(self) -> None:
-        if self.base not in BASES:
-            raise RecipeError(f"dsnot base must be one of {', '.join(BASES)}, got {self.base!r}")
+        bases = dsnot_bases()  # the registered methods that declare ``dsnot_base``
+        if self.base not in bases:
+            raise RecipeError(f"dsnot base must be one of {', '.join(bases)}, got {self.base!r}")
         if self.mode not in MODES:
             raise RecipeError(f"dsnot mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.guard_gram not in ("sampled", "full"):
@@ -147,6 +147,16 @@ class DSnoT(WeightMethod):
     def permutes_inputs(self) -> bool:  # type: ignore[override]
         return self.base_method().permutes_inputs
 
+    @property
+    def updates_weights(self) -> bool:  # type: ignore[override]
+        """Regrown weights take their dense values: only a base that updates weights does."""
+        return self.base_method().updates_weights
+
+    @property
+    def patterns(self) -> tuple[type, ...]:  # type: ignore[override]
+        """Swaps keep the base's pattern (N:M swaps stay inside an M-group)."""
+        return self.base_method().patterns
+
     def for_layer(self, local_name: str) -> WeightMethod:
         if self.skip is not None and re.search(self.skip, local_name):
             return self.base_method()
@@ -168,7 +178,7 @@ class DSnoT(WeightMethod):
             raise RuntimeError("dsnot needs input statistics")
         base = self.base_method()
         results = [base.prune(weight, stats, pattern, backend) for weight, stats, pattern in jobs]
-        jobs = [_in_base_order(job, result) for job, result in zip(jobs, results)]
+        jobs = [_in_base_order(job, result) for job, result in zip(jobs, results, strict=False)]
         if self.max_cycles == 0:
             return results
         batches: dict[tuple, list[int]] = {}
@@ -183,7 +193,7 @@ class DSnoT(WeightMethod):
             kernel = swap is not None and device == getattr(backend, "device", None)
             if self._walks_lists_in_order(m, check_sign, kernel):
                 self._swap_in_list_order(parts)
-                for i, part in zip(members, parts):
+                for i, part in zip(members, parts, strict=False):
                     results[i] = PruneResult(part.What.to(jobs[i][0].dtype), part.keep, _base_info(results[i]),
                                              results[i].input_permutation)
                 continue
@@ -198,7 +208,7 @@ class DSnoT(WeightMethod):
                         self._swap_nm(state, rows, m)
                     else:
                         self._swap_unstructured(state, lists)
-            for i, (weight_hat, keep) in zip(members, rows.split()):
+            for i, (weight_hat, keep) in zip(members, rows.split(), strict=False):
                 results[i] = PruneResult(weight_hat.to(jobs[i][0].dtype), keep, _base_info(results[i]),
                                          results[i].input_permutation)
         return results
@@ -210,7 +220,7 @@ class DSnoT(WeightMethod):
 
     # ------------------------------------------------------------------ the two swap loops
 
-    def _swap_kernel(self, swap, state: "_SwapState", rows: "_Rows", lists, m: int) -> None:
+    def _swap_kernel(self, swap, state: _SwapState, rows: _Rows, lists, m: int) -> None:
         """The cycles of :meth:`_swap_unstructured` / :meth:`_swap_nm` in one launch of the
         backend's ``dsnot_swap`` (one warp per row, bit-identical); updates ``rows.What``,
         ``rows.keep``, ``state.err`` and, guarded, ``rows.Gd`` in place."""
@@ -223,19 +233,19 @@ class DSnoT(WeightMethod):
             G=rows.G, Gd=rows.Gd, gid=rows.gid,
         )
 
-    def _prune_lists(self, state: "_SwapState", rows: "_Rows"):
+    def _prune_lists(self, state: _SwapState, rows: _Rows):
         """Unstructured pruning candidates per row, lowest Wanda score first: kept weights whose
         pruning raises ``e`` (``What_ik mu_k > 0``) and those that lower it; with their counts."""
         limit = self.max_cycles
         if state.sign_fixed:  # a row only ever reads the list of its own sign: build that one
-            order, count = (torch.cat(t) for t in zip(*(part.prune_list(limit) for part in rows.parts)))
+            order, count = (torch.cat(t) for t in zip(*(part.prune_list(limit) for part in rows.parts), strict=False))
             return order, count, order, count
         return (
             *_ordered(rows.base_score, rows.keep & (state.prune_metric > 0), False, limit),
             *_ordered(rows.base_score, rows.keep & (state.prune_metric < 0), False, limit),
         )
 
-    def _swap_unstructured(self, state: "_SwapState", lists) -> None:
+    def _swap_unstructured(self, state: _SwapState, lists) -> None:
         limit = self.max_cycles
         prune_pos, n_pos, prune_neg, n_neg = lists
         ptr_pos = torch.zeros_like(state.rows)
@@ -255,7 +265,7 @@ class DSnoT(WeightMethod):
             ptr_pos += (prune_up & live).long()
             ptr_neg += (~prune_up & live).long()
 
-    def _swap_in_list_order(self, parts: list["_Part"]) -> None:
+    def _swap_in_list_order(self, parts: list[_Part]) -> None:
         """:meth:`_swap_unstructured` when each row reads one regrow and one pruning list (the
         sign check is on: a taken swap never changes ``sign(e)``): a row's two pointers then
         advance together every cycle until the row stops, so cycle ``c`` considers column ``c``
@@ -352,7 +362,7 @@ class DSnoT(WeightMethod):
             part.keep[r, k] = False
             first += rows_here
 
-    def _swap_nm(self, state: "_SwapState", rows: "_Rows", m: int) -> None:
+    def _swap_nm(self, state: _SwapState, rows: _Rows, m: int) -> None:
         keep = rows.keep
         row_ids = state.rows
         # a kept weight is a pruning candidate once: after it was considered it is marked used
@@ -452,7 +462,7 @@ class _Rows:
     (``(n_inputs, in, in)``) with each row's index ``gid`` into them and ``Gd = d G``."""
 
     @classmethod
-    def stack(cls, parts: list[_Part], guarded: bool) -> "_Rows":
+    def stack(cls, parts: list[_Part], guarded: bool) -> _Rows:
         self = cls()
         self.sizes = [part.W.shape[0] for part in parts]
         self.parts = parts
@@ -466,8 +476,8 @@ class _Rows:
         self.G = self.Gd = self.gid = None
         if guarded:
             self.G, gids = _grams(parts)
-            self.Gd = torch.cat([part.d @ self.G[g] for part, g in zip(parts, gids)])
-            self.gid = torch.cat([torch.full((size,), g, dtype=torch.long, device=self.W.device) for size, g in zip(self.sizes, gids)])
+            self.Gd = torch.cat([part.d @ self.G[g] for part, g in zip(parts, gids, strict=False)])
+            self.gid = torch.cat([torch.full((size,), g, dtype=torch.long, device=self.W.device) for size, g in zip(self.sizes, gids, strict=False)])
             # flat views for one-entry-per-row reads of G[gid, j, k]
             self.G_flat = self.G.reshape(-1)
             self.gram_offset = self.gid * self.G.shape[-1] ** 2
@@ -479,7 +489,7 @@ class _Rows:
 
     def split(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(What, keep)`` per Linear, in the order they were stacked."""
-        return list(zip(self.What.split(self.sizes), self.keep.split(self.sizes)))
+        return list(zip(self.What.split(self.sizes), self.keep.split(self.sizes), strict=False))
 
 
 class _SwapState:
@@ -489,7 +499,7 @@ class _SwapState:
 
     def __init__(self, method: DSnoT, rows: _Rows, check_sign: bool):
         self.method, self.data = method, rows
-        W, What, keep = rows.W, rows.What, rows.keep
+        W, keep = rows.W, rows.keep
         self.rows = torch.arange(W.shape[0], device=W.device)
         self.regrow_metric = rows.regrow_metric  # effect on e of regrowing (pruned entries)
         self.prune_metric = rows.prune_metric  # effect on e of pruning (kept entries)
@@ -501,7 +511,7 @@ class _SwapState:
         self.sign_fixed = check_sign
         if self.sign_fixed:
             lists = (part.grow_list(method.var_power, method.max_cycles) for part in rows.parts)
-            self.grow_hi, self.n_grow = (torch.cat(t) for t in zip(*lists))
+            self.grow_hi, self.n_grow = (torch.cat(t) for t in zip(*lists, strict=False))
             self.grow_lo = self.grow_hi
         else:
             ranked = rows.ranked(method.var_power)

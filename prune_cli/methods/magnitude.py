@@ -17,6 +17,7 @@ class Magnitude(ScoreMethod):
     """Magnitude: drop the smallest |W_ij| per row (or over the whole matrix), no calibration."""
 
     name = "magnitude"
+    dsnot_base = True
     scope: str = "row"
 
     def validate(self) -> None:

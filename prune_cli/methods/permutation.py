@@ -264,7 +264,7 @@ def _assignment_pass(score: torch.Tensor, order: torch.Tensor, pattern: NM, slot
     ``N < M``), so the gain matrix is ``C[g, r] = sum_i max(0, v_ir - t_ig)`` with ``t`` = the
     groups' N-th largest others and ``v`` = the candidates' scores, computed as
     ``(sum_i v_ir - sum_i t_ig + ||v_r - t_g||_1) / 2`` (one ``cdist``)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 - scipy only when RIA permutes
 
     rows, width = score.shape
     m, n = pattern.m, pattern.n_keep
@@ -273,7 +273,7 @@ def _assignment_pass(score: torch.Tensor, order: torch.Tensor, pattern: NM, slot
     bounds = [round(i * n_groups / chunks) for i in range(chunks + 1)]
     by_group = order.view(n_groups, m).clone()
     others = [s for s in range(m) if s != slot]
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
         cols = by_group[lo:hi]
         v = score[:, cols[:, slot]]  # (rows, g)
         t = score[:, cols[:, others]].topk(n, dim=2).values[:, :, -1]  # (rows, g)

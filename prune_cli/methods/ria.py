@@ -89,6 +89,7 @@ class RIA(ScoreMethod):
     name = "ria"
     required_stats = frozenset({Stat.SQ_NORM})
     permutes_inputs = True
+    dsnot_base = True
     a: float = 0.5
     scope: str = "row"
     permute: bool = True

@@ -112,6 +112,8 @@ class SparseGPT(WeightMethod):
 
     name = "sparsegpt"
     required_stats = frozenset({Stat.GRAM})
+    updates_weights = True
+    dsnot_base = True
     percdamp: float = 0.01
     blocksize: int = 128
 

@@ -23,6 +23,7 @@ class Wanda(ScoreMethod):
 
     name = "wanda"
     required_stats = frozenset({Stat.SQ_NORM})
+    dsnot_base = True
 
     def score(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         if stats is None:
