@@ -36,7 +36,7 @@ from prune_cli.core.errors import RecipeError
 from prune_cli.core.finite import check_finite_parameters, check_finite_tensor
 from prune_cli.model.structure import block_linears, decoder_blocks
 from prune_cli.recipe.plan import linear_names
-from prune_cli.streaming.driver import Stage, as_driver, restore_hidden
+from prune_cli.streaming.driver import HiddenStage, Stage, as_driver
 
 log = logging.getLogger(__name__)
 
@@ -123,32 +123,30 @@ def output_fisher(model, targets: list[Target], windows: torch.Tensor, device, n
     return {name: f.cpu() for name, f in fisher.items()}
 
 
-class _KeepInputs(Stage):
+class _KeepInputs(HiddenStage):
     """Forward walk of :func:`output_fisher`: keeps every block's input of every window (batch 1)."""
 
     timing_key = "activation"
 
     def __init__(self, windows: torch.Tensor):
-        self.windows = windows
+        super().__init__(windows, 1)
         self.inputs: list[list[torch.Tensor]] = []
-        self.batches: list = []
-
-    def begin(self, driver) -> None:
-        self.driver = driver
-        self.batches = driver.capture(self.windows, 1)
 
     def on_block(self, index: int, block: nn.Module) -> None:
         self.inputs.append([b.held() for b in self.batches])
         layerwise.propagate(block, self.batches, name=self.driver.name(index))
 
-    def state_dict(self) -> dict:
-        return {"hidden": [b.held() for b in self.batches], "inputs": self.inputs}
+    def finish(self, driver) -> None:
+        """The last block's outputs stay: :func:`output_fisher` reads them through the head."""
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
-        else:  # a finished walk: only the last block's outputs are read (by the head)
-            self.batches = [layerwise.BlockBatch(spill.value(h), (), {}) for h in state["hidden"]]
+    def restore_finished(self, hidden: list) -> None:
+        # a finished walk: only the last block's outputs are read (by the head)
+        self.batches = [layerwise.BlockBatch(spill.value(h), (), {}) for h in hidden]
+
+    def extra_state(self) -> dict:
+        return {"inputs": self.inputs}
+
+    def load_extra_state(self, state: dict) -> None:
         self.inputs = state["inputs"]
 
 
@@ -208,21 +206,17 @@ class _BackpropagateBlocks(Stage):
         self.grads, self.fisher = state["grads"], state["fisher"]
 
 
-class _CurvesStage(Stage):
+class _CurvesStage(HiddenStage):
     """Per block: the error curves of its targets on a dense pass (see :func:`error_curves`)."""
 
     timing_key = "activation"
 
     def __init__(self, targets, method, windows, batch_size, max_tokens, seed, fisher):
-        self.targets, self.method, self.windows, self.batch_size = targets, method, windows, batch_size
+        super().__init__(windows, batch_size)
+        self.targets, self.method = targets, method
         self.max_tokens, self.fisher = max_tokens, fisher
         self.generator = torch.Generator().manual_seed(seed)
         self.curves: dict[str, list[float]] = {}
-        self.batches: list = []
-
-    def begin(self, driver) -> None:
-        self.driver = driver
-        self.batches = driver.capture(self.windows, self.batch_size)
 
     @torch.no_grad()
     def on_block(self, index: int, block: nn.Module) -> None:
@@ -246,15 +240,10 @@ class _CurvesStage(Stage):
                 curve.append(float((((x * (scores <= tau)) @ W.T).square() * weight).sum()))
             self.curves[t.name] = curve
 
-    def finish(self, driver) -> None:
-        self.batches = []
+    def extra_state(self) -> dict:
+        return {"generator": self.generator, "curves": self.curves}
 
-    def state_dict(self) -> dict:
-        return {"hidden": [b.held() for b in self.batches], "generator": self.generator, "curves": self.curves}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
+    def load_extra_state(self, state: dict) -> None:
         self.generator, self.curves = state["generator"], state["curves"]
 
 
@@ -302,7 +291,7 @@ def greedy_allocation(curves: dict[str, list[float]], params: dict[str, int], ta
     return sparsity
 
 
-class ActivationStage(Stage):
+class ActivationStage(HiddenStage):
     """Per block: fit and install the sparsifiers of its targets in forward order (see
     :func:`calibrate_activation`), then push the calibration batches through the sparsified
     block. ``prepare(block)`` runs first on every block (the export's rounding to the save
@@ -311,16 +300,12 @@ class ActivationStage(Stage):
     timing_key = "activation"
 
     def __init__(self, targets, method, sparsity, windows, batch_size, max_tokens, seed, backend=None, prepare=None):
+        super().__init__(windows, batch_size)
         self.targets, self.method, self.sparsity = targets, method, sparsity
-        self.windows, self.batch_size, self.max_tokens = windows, batch_size, max_tokens
+        self.max_tokens = max_tokens
         self.backend, self.prepare = backend, prepare
         self.generator = torch.Generator().manual_seed(seed)
         self.records: dict[str, dict] = {}
-        self.batches: list = []
-
-    def begin(self, driver) -> None:
-        self.driver = driver
-        self.batches = driver.capture(self.windows, self.batch_size)
 
     @torch.no_grad()
     def on_block(self, index: int, block: nn.Module) -> None:
@@ -340,15 +325,10 @@ class ActivationStage(Stage):
         if index + 1 < self.driver.n_blocks:
             layerwise.propagate(block, self.batches, name=self.driver.name(index))
 
-    def finish(self, driver) -> None:
-        self.batches = []
+    def extra_state(self) -> dict:
+        return {"generator": self.generator, "records": self.records}
 
-    def state_dict(self) -> dict:
-        return {"hidden": [b.held() for b in self.batches], "generator": self.generator, "records": self.records}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
+    def load_extra_state(self, state: dict) -> None:
         self.generator, self.records = state["generator"], state["records"]
 
     def ordered_records(self) -> list[dict]:

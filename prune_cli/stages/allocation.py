@@ -35,7 +35,7 @@ from prune_cli.model.structure import block_linears
 from prune_cli.recipe.config import OwlSettings
 from prune_cli.recipe.plan import Plan
 from prune_cli.stages.evaluate import Perplexity, head_nll
-from prune_cli.streaming.driver import Stage, as_driver, restore_hidden
+from prune_cli.streaming.driver import HiddenStage, Stage, as_driver, restore_hidden
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def with_block_sparsities(plan: Plan, sparsities: list[float]) -> Plan:
     return replace(plan, layers=layers)
 
 
-class OwlScoresStage(Stage):
+class OwlScoresStage(HiddenStage):
     """OWL's dense pre-pass: per block, the Wanda scores ``|W_ij| * ||X_j||`` of its targeted
     Linears and their outlier ratio for every ``M`` in ``ms``. Only the input norms are kept
     (``in_features`` floats per Linear), so the scores can be recomputed per block later."""
@@ -96,14 +96,10 @@ class OwlScoresStage(Stage):
 
     def __init__(self, plan: Plan, windows: torch.Tensor, batch_size: int, ms: tuple[float, ...],
                  moe: MoeOptions = MoeOptions()):
-        self.plan, self.windows, self.batch_size, self.ms, self.moe = plan, windows, batch_size, ms, moe
+        super().__init__(windows, batch_size)
+        self.plan, self.ms, self.moe = plan, ms, moe
         self.norms: list[dict[str, torch.Tensor]] = []
         self.ratios: dict[float, list[float]] = {m: [] for m in ms}
-        self.batches: list = []
-
-    def begin(self, driver) -> None:
-        self.driver = driver
-        self.batches = driver.capture(self.windows, self.batch_size)
 
     def on_block(self, index: int, block) -> None:
         linears = block_linears(block)
@@ -123,15 +119,10 @@ class OwlScoresStage(Stage):
         for m in self.ms:
             self.ratios[m].append(outlier_ratio(list(scores.values()), m) if scores else 0.0)
 
-    def finish(self, driver) -> None:
-        self.batches = []
+    def extra_state(self) -> dict:
+        return {"norms": self.norms, "ratios": self.ratios}
 
-    def state_dict(self) -> dict:
-        return {"hidden": [b.held() for b in self.batches], "norms": self.norms, "ratios": self.ratios}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
+    def load_extra_state(self, state: dict) -> None:
         self.norms, self.ratios = state["norms"], state["ratios"]
 
 

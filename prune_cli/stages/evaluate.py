@@ -21,7 +21,7 @@ from torch import nn
 from prune_cli.activation.modules import _Count, count_sparsity
 from prune_cli.calibrators import layerwise
 from prune_cli.core import distributed
-from prune_cli.streaming.driver import BlockDriver, Stage, as_driver, restore_hidden
+from prune_cli.streaming.driver import BlockDriver, HiddenStage, as_driver
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def head_nll(driver: BlockDriver, hidden: torch.Tensor, ids: torch.Tensor) -> tu
     return total, tokens
 
 
-class EvalStage(Stage):
+class EvalStage(HiddenStage):
     """Perplexity of ``windows`` (``(n, L)`` ids) in batches of ``batch_size``, pushed through each
     block as the walk passes it; :attr:`result` after the walk.
 
@@ -76,13 +76,11 @@ class EvalStage(Stage):
 
     def __init__(self, windows: torch.Tensor, batch_size: int, check_finite: bool = False, tally=None,
                  on_batch: Callable[[int], None] | None = None, head_dtype: torch.dtype | None = None):
-        self.windows = windows
+        super().__init__(windows, batch_size)
         self.head_dtype = head_dtype
-        self.batch_size = batch_size
         self.check_finite = check_finite
         self.tally = tally
         self.on_batch = on_batch
-        self.batches: list[layerwise.BlockBatch] = []
         self.result: Perplexity | None = None
 
     def begin(self, driver: BlockDriver) -> None:
@@ -109,21 +107,18 @@ class EvalStage(Stage):
                 total_tokens += tokens
                 if self.on_batch:
                     self.on_batch(ids.shape[0])
-        self.batches = []
+        super().finish(driver)
 
         total_nll, total_tokens = distributed.sum_numbers(total_nll, total_tokens)
         self.result = Perplexity.from_sums(total_nll, int(total_tokens))
 
-    def state_dict(self) -> dict:
+    def extra_state(self) -> dict:
         return {
-            "hidden": [b.held() for b in self.batches],
             "result": None if self.result is None else [self.result.ppl, self.result.nll, self.result.tokens],
             "tally": None if self.tally is None else {n: list(vars(c).values()) for n, c in self.tally.counts.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
+    def load_extra_state(self, state: dict) -> None:
         if state["result"] is not None:
             self.result = Perplexity(*state["result"])
         if self.tally is not None and state["tally"] is not None:

@@ -21,7 +21,7 @@ from prune_cli.methods.permutation import block_folds, fold_into_producers, layo
 from prune_cli.model.moe import ExpertRecord, MoeOptions, complete_expert_stats, routed_experts
 from prune_cli.model.structure import block_linears
 from prune_cli.recipe.plan import LayerPlan, Plan
-from prune_cli.streaming.driver import BlockDriver, Stage, as_driver, restore_hidden
+from prune_cli.streaming.driver import BlockDriver, HiddenStage, as_driver
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _prune_block(layer_plans: list[LayerPlan], linears: dict, stats: dict, backe
     return results
 
 
-class PruneStage(Stage):
+class PruneStage(HiddenStage):
     """Prune every block by ``plan`` on the calibration ``windows`` (see the module docstring).
 
     ``finalize(block)`` runs after a block is pruned and before its outputs are propagated (the
@@ -80,19 +80,16 @@ class PruneStage(Stage):
 
     def __init__(self, plan: Plan, windows: torch.Tensor, batch_size: int, backend=None,
                  finalize: Callable[[nn.Module], None] | None = None, moe: MoeOptions = MoeOptions()):
+        super().__init__(windows, batch_size)
         self.plan = plan
-        self.windows = windows
-        self.batch_size = batch_size
         self.backend = backend
         self.finalize = finalize
         self.moe = moe
         self.records: list[LayerRecord] = []
         self.experts: list[ExpertRecord] = []  # mixture-of-experts blocks: how each expert was calibrated
-        self.batches: list[layerwise.BlockBatch] = []
 
     def begin(self, driver: BlockDriver) -> None:
-        self.driver = driver
-        self.batches = driver.capture(self.windows, self.batch_size)
+        super().begin(driver)
         self.model_config = text_config(driver.model)
         if any(_may_permute(lp) for lp in self.plan.layers) and layout_for(self.model_config) is None:
             log.info("input-channel permutation not folded for model type %s (layout not verified): "
@@ -146,21 +143,18 @@ class PruneStage(Stage):
             layerwise.propagate(block, self.batches, name=name)
 
     def finish(self, driver: BlockDriver) -> None:
-        self.batches = []
+        super().finish(driver)
         permuted = [r.name for r in self.records if _permuted(r.diagnostics)]
         if permuted:
             log.info("input channels permuted in %d Linears (rows of their producers reordered to match; "
                      "each layer's report diagnostics say which): %s ... %s", len(permuted), permuted[0], permuted[-1])
 
-    def state_dict(self) -> dict:
-        return {"hidden": [b.held() for b in self.batches],
-                "records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity,
+    def extra_state(self) -> dict:
+        return {"records": [[r.name, list(r.shape), r.method, r.pattern, r.target_sparsity, r.achieved_sparsity,
                              r.mask_sha256, r.weight_sha256, r.diagnostics] for r in self.records],
                 "experts": [[e.name, e.routed_tokens, e.calibration] for e in self.experts]}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
+    def load_extra_state(self, state: dict) -> None:
         self.records = [LayerRecord(n, tuple(shape), *rest) for n, shape, *rest in state["records"]]
         self.experts = [ExpertRecord(*e) for e in state.get("experts", [])]
 

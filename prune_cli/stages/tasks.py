@@ -44,7 +44,7 @@ from prune_cli.core.errors import BadInputError, RecipeError
 from prune_cli.core.registry import did_you_mean
 from prune_cli.recipe.tasks import TaskSettings, parse_tasks  # noqa: F401 - parse_tasks re-exported
 from prune_cli.stages.evaluate import EvalStage
-from prune_cli.streaming.driver import BlockDriver, restore_hidden
+from prune_cli.streaming.driver import BlockDriver
 
 log = logging.getLogger(__name__)
 
@@ -365,16 +365,13 @@ class TaskStage(EvalStage):
                     logprobs = F.log_softmax(logits, dim=-1)
                     answers[index] = (float(logprobs.gather(1, targets[:, None]).sum()),
                                       bool((logits.argmax(-1) == targets).all()))
-        self.batches = []
+        self.batches = []  # HiddenStage.finish (not EvalStage's perplexity)
         self.answers = answers  # type: ignore[assignment]
 
-    def state_dict(self) -> dict:
-        return {"hidden": [b.held() for b in self.batches], "answers": self.answers}
+    def extra_state(self) -> dict:
+        return {"answers": self.answers}
 
-    def load_state_dict(self, state: dict) -> None:
-
-        if self.batches:
-            restore_hidden(self.batches, state["hidden"])
+    def load_extra_state(self, state: dict) -> None:
         self.answers = [tuple(a) for a in state["answers"]]
 
 

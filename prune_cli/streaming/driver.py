@@ -42,7 +42,8 @@ from torch import nn
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.layerwise import BlockBatch
 from prune_cli.calibrators.spill import SpilledBatch, spill, value
-from prune_cli.checkpoint.weights import WeightSource, materialize, source_name, state_names, tied_names
+from prune_cli.checkpoint.weights import WeightSource
+from prune_cli.checkpoint.model_state import materialize, source_name, state_names, tied_names
 from prune_cli.core import stopping
 from prune_cli.model.structure import decoder_blocks
 
@@ -109,6 +110,51 @@ class Stage:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be resumed")
+
+
+class HiddenStage(Stage):
+    """A stage that carries its own stream of hidden states through the walk: :meth:`begin`
+    captures the first block's inputs of ``windows`` in batches of ``batch_size``
+    (:attr:`batches`, which the stage pushes through each block), :meth:`finish` lets them go.
+
+    The resume code of such stages lives here once: :meth:`state_dict` is ``{"hidden": [...],
+    **self.extra_state()}`` (the hidden states first, then the stage's own results, in that
+    order), and :meth:`load_state_dict` puts the hidden states back into a walk in progress
+    (:func:`restore_hidden`; for a finished walk, whose streams were let go, :meth:`restore_finished`
+    decides) and hands the rest to :meth:`load_extra_state`."""
+
+    def __init__(self, windows: torch.Tensor, batch_size: int):
+        self.windows = windows
+        self.batch_size = batch_size
+        self.batches: list[BlockBatch] = []
+
+    def begin(self, driver: "BlockDriver") -> None:
+        self.driver = driver
+        self.batches = driver.capture(self.windows, self.batch_size)
+
+    def finish(self, driver: "BlockDriver") -> None:
+        self.batches = []
+
+    def extra_state(self) -> dict:
+        """The stage's own resume state besides the hidden states (key order is kept)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Put back what :meth:`extra_state` returned (``state`` also holds ``"hidden"``)."""
+
+    def restore_finished(self, hidden: list) -> None:
+        """The hidden states of a finished walk (kept by a stage whose :meth:`finish` keeps
+        them); by default there are none to put back."""
+
+    def state_dict(self) -> dict:
+        return {"hidden": [b.held() for b in self.batches], **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.batches:
+            restore_hidden(self.batches, state["hidden"])
+        else:
+            self.restore_finished(state["hidden"])
+        self.load_extra_state(state)
 
 
 def restore_hidden(batches: list[BlockBatch], hidden: list[torch.Tensor]) -> None:
