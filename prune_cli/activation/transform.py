@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.core.errors import RecipeError
 from prune_cli.model.structure import decoder_blocks
 
@@ -60,7 +61,7 @@ class RotatedNorm(nn.Module):
 
 def _reader(block: nn.Module, name: str) -> nn.Linear:
     module = block.get_submodule(name)
-    return module.linear if hasattr(module, "linear") else module  # a sparsifier wraps it
+    return module.linear if isinstance(module, SparseInputLinear) else module  # a sparsifier wraps it
 
 
 def block_sites(block: nn.Module, prefix: str):
@@ -171,7 +172,7 @@ def strip_transform(model: nn.Module) -> dict[str, RotatedNorm]:
     found = rotated_norms(model)
     for name, module in found.items():
         model.set_submodule(name, module.norm)
-        for reader, f in zip(module._readers, module._folded):
+        for reader, f in zip(module._readers, module._folded, strict=False):
             reader.weight.copy_(f.to(reader.weight.device))
     return found
 
@@ -189,5 +190,5 @@ def plain_norms(model: nn.Module):
         with torch.no_grad():
             for name, module in found.items():
                 model.set_submodule(name, module)
-                for reader, w in zip(module._readers, rotated[name]):
+                for reader, w in zip(module._readers, rotated[name], strict=False):
                     reader.weight.copy_(w)

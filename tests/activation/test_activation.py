@@ -6,10 +6,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from prune_cli.activation import build_activation_method
-from prune_cli.stages.activation import GRID, greedy_allocation
-from prune_cli.activation.methods import RSparse, quantile_threshold
+from prune_cli.activation.base import quantile_threshold
 from prune_cli.activation.modules import SparseInputLinear, count_sparsity
+from prune_cli.activation.rsparse import RSparse
 from prune_cli.cli import app
+from prune_cli.stages.activation import GRID, greedy_allocation
 from tests.methods.helpers import correlated_inputs
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32", "--device", "cpu"]
@@ -136,7 +137,7 @@ def test_cli_greedy_allocation_and_composition(tmp_path, tiny_llama_dir):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["weight_sparsity"] == pytest.approx(0.5)
-    targets = [l["target_sparsity"] for l in report["activation"]["layers"]]
+    targets = [layer["target_sparsity"] for layer in report["activation"]["layers"]]
     assert len(set(targets)) > 1  # greedy gives per-layer sparsities
 
 
@@ -153,7 +154,7 @@ def test_wina_topk_keeps_exact_count_per_token():
 
 
 def test_wina_released_uses_sibling_norms():
-    from prune_cli.activation.methods import column_norms
+    from prune_cli.activation.base import column_norms
 
     k, q = linear(64, 16, seed=1), linear(64, 64, seed=2)
     method = build_activation_method("wina", {"variant": "released"})
@@ -300,9 +301,9 @@ def test_every_linear_meets_its_sparsity_on_the_calibration_tokens(name):
 def test_forward_order_stages_sample_the_same_tokens_and_leave_the_generator_as_one_pass():
     """Each stage's pass rewinds the token-sampling generator: every stage reads the same sampled
     tokens, and the next block starts from the state a single pass leaves."""
-    from prune_cli.stages.activation import _fit_in_forward_order, activation_targets, uniform_allocation
     from prune_cli.calibrators import layerwise
     from prune_cli.model.structure import decoder_blocks
+    from prune_cli.stages.activation import _fit_in_forward_order, activation_targets, uniform_allocation
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama", layers=1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prune_cli.activation import build_activation_method
-from prune_cli.activation.methods import quantile_threshold
+from prune_cli.activation.base import quantile_threshold
 from prune_cli.gpu.torch_backend import TorchBackend
 from tests.gpu import kernel_model as km
 from tests.methods.helpers import correlated_inputs
