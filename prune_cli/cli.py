@@ -708,15 +708,12 @@ def eval_command(
     _setup_logging(verbose)
     with _cli_boundary(debug, as_json):
         from prune_cli.core.errors import RecipeError
-        from prune_cli.recipe.config import BOS_MODES, DEVICES, DTYPE_NAMES, EvaluationConfig
+        from prune_cli.recipe.config import EvaluationConfig
+        from prune_cli.recipe.settings import check_value, setting
         from prune_cli.run.pipeline import evaluate_checkpoint
 
-        if device not in DEVICES:
-            raise RecipeError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if dtype not in DTYPE_NAMES:
-            raise RecipeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-        if bos not in BOS_MODES:
-            raise RecipeError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+        for key, value in (("device", device), ("dtype", dtype), ("bos", bos)):
+            check_value(setting(key), value)  # as compress checks them: the choices, did you mean
         names = _parse_tasks(tasks)
         if no_ppl and not names:
             raise RecipeError("--no-ppl leaves nothing to evaluate", hint="give --tasks, or drop --no-ppl")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from prune_cli.core.errors import RecipeError
 from prune_cli.recipe import settings
 from prune_cli.recipe.config import DEFAULTS, resolve
-from prune_cli.core.errors import RecipeError
 
 
 def _leaves(tree: dict, prefix: str = "") -> set[str]:
@@ -61,3 +61,58 @@ def test_the_cli_help_is_the_settings_help_with_default_and_choices():
     assert helps["--calib-samples"] == settings.cli_help("calibration.samples") == "Calibration windows (default 32)."
     assert helps["--device"] == "Where blocks are computed: auto, cpu, cuda (default auto)."
     assert helps["--eval-seqlen"].endswith(f"(default {settings.setting('evaluation.seqlen').default}).")
+
+
+def test_closed_choices_are_read_from_the_modules_that_define_them():
+    """The table reads them from the source (so that the command line imports no torch); they
+    are the imported modules' values."""
+    from prune_cli.calibrators.sampling import BOS_MODES
+    from prune_cli.core.dtypes import DTYPES
+    from prune_cli.gpu.backend import BACKEND_NAMES
+    from prune_cli.model import moe
+
+    assert settings.choices("backend") == BACKEND_NAMES
+    assert settings.choices("dtype") == settings.choices("save_dtype") == ("auto", *DTYPES)
+    assert settings.choices("bos") == BOS_MODES
+    assert settings.choices("moe.fallback") == moe.FALLBACKS
+    assert settings.setting("moe.fallback").default == moe.DEFAULT_FALLBACK
+    assert settings.setting("moe.min_tokens").default == moe.DEFAULT_MIN_TOKENS
+
+
+def test_the_method_help_names_every_registered_method():
+    from prune_cli.activation import ACTIVATION_METHODS
+    from prune_cli.methods import WEIGHT_METHODS
+
+    weights, activations = settings.setting("method").help.removeprefix("Method: ").split(";")
+    assert set(weights.split(" (")[0].split(", ")) == set(WEIGHT_METHODS)
+    assert set(activations.strip().split(" (")[0].split(", ")) == set(ACTIVATION_METHODS)
+    named = settings.setting("activation.method").help.removeprefix("Activation sparsity method: ").rstrip(".")
+    assert set(named.split(", ")) == set(ACTIVATION_METHODS)
+
+
+def test_the_config_defaults_are_the_table_defaults():
+    import dataclasses
+
+    from prune_cli.recipe.config import ActivationConfig, CalibrationConfig, EvaluationConfig, OwlSettings, RunConfig
+
+    def recorded(value):
+        return [str(v) for v in value] if isinstance(value, tuple) else value
+
+    for cls, section in ((CalibrationConfig, "calibration"), (EvaluationConfig, "evaluation")):
+        for f in dataclasses.fields(cls):
+            assert recorded(getattr(cls(), f.name)) == settings.setting(f"{section}.{f.name}").default, f.name
+    activation = ActivationConfig("wina", 0.4)
+    for leaf in ("options", "allocation", "max_tokens"):
+        assert getattr(activation, leaf) == settings.setting(f"activation.{leaf}").default
+    assert OwlSettings().validation_windows == settings.setting("layerwise.validation_windows").default
+    config = RunConfig(method=None, pattern=None)
+    for key in ("device", "dtype", "save_dtype", "backend", "bos", "name", "description", "method_options"):
+        assert getattr(config, key) == settings.setting(key).default, key
+    assert config.moe.to_dict() == {"min_tokens": settings.setting("moe.min_tokens").default,
+                                    "fallback": settings.setting("moe.fallback").default}
+
+
+def test_an_owl_value_is_checked_against_its_range():
+    for key, value in (("m", 0.5), ("lambda", 0.7), ("m", "x")):
+        with pytest.raises(RecipeError, match=rf"layerwise.{key} must be 'auto' or a number in \["):
+            resolve({"version": 1, "method": "wanda", "sparsity": 0.5, "layerwise": {"method": "owl", key: value}}, None)
