@@ -294,6 +294,10 @@ class ALPS(WeightMethod):
         if not isinstance(self.compare_sparsegpt, bool):
             raise RecipeError(f"alps compare_sparsegpt must be true or false, got {self.compare_sparsegpt!r}")
 
+    @property
+    def unstructured_scope(self) -> str:
+        return self.scope
+
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
         # torch only (cuBLAS / CPU BLAS matrix products and torch's sort); ``backend`` is unused

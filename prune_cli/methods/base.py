@@ -98,6 +98,13 @@ class WeightMethod(ABC):
             raise RecipeError(f"{self.name} has no {pattern_kind(pattern)} pattern",
                               hint=f"{self.name} prunes {' or '.join(pattern_kind(p) for p in self.patterns)}")
 
+    @property
+    def unstructured_scope(self) -> str:
+        """Where an unstructured pattern's count is exact: ``row`` (``floor(in * s)`` removed in
+        every row) or ``matrix`` (``floor(out * in * s)`` over the whole matrix; SparseGPT: over
+        each tile of ``blocksize`` columns, the whole matrix when it is no wider)."""
+        return "row"
+
     def for_layer(self, local_name: str) -> WeightMethod:
         """The method to apply to the Linear ``local_name`` (relative to its block); a composite
         method may leave some layers to its base."""
@@ -129,6 +136,10 @@ class ScoreMethod(WeightMethod):
 
     def selection_scope(self) -> str:
         return "row"
+
+    @property
+    def unstructured_scope(self) -> str:
+        return self.selection_scope()
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
         score = self.score(weight, stats)

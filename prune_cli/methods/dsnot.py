@@ -153,6 +153,11 @@ class DSnoT(WeightMethod):
         return self.base_method().updates_weights
 
     @property
+    def unstructured_scope(self) -> str:
+        """Swaps are one-for-one within a row: the base's counts stay."""
+        return self.base_method().unstructured_scope
+
+    @property
     def patterns(self) -> tuple[type, ...]:  # type: ignore[override]
         """Swaps keep the base's pattern (N:M swaps stay inside an M-group)."""
         return self.base_method().patterns

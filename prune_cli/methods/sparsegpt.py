@@ -123,6 +123,10 @@ class SparseGPT(WeightMethod):
         if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
             raise RecipeError(f"sparsegpt blocksize must be a positive integer, got {self.blocksize}")
 
+    @property
+    def unstructured_scope(self) -> str:
+        return "matrix"  # per tile of ``blocksize`` columns (see WeightMethod.unstructured_scope)
+
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: SparsityPattern, backend=None) -> PruneResult:
         # cuBLAS/cuSOLVER (or CPU BLAS) through torch: no custom kernel for the OBS sweep
         if stats is None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from prune_cli.activation import build_activation_method
+from prune_cli.activation import ACTIVATION_METHODS, build_activation_method
 from prune_cli.activation.base import quantile_threshold
 from prune_cli.activation.modules import SparseInputLinear, count_sparsity
 from prune_cli.activation.rsparse import RSparse
@@ -99,8 +99,8 @@ def test_count_sparsity_reports_compute_including_low_rank():
     assert counted.overall("compute") == pytest.approx(1 - 4 * 64 / (32 * 32))
 
 
-@pytest.mark.parametrize("method,extra", [("teal", []), ("wina", []), ("rsparse", [])])
-def test_cli_activation_export_load_eval(tmp_path, tiny_llama_dir, method, extra):
+@pytest.mark.parametrize("method", ACTIVATION_METHODS.names())
+def test_cli_activation_export_load_eval(tmp_path, tiny_llama_dir, method):
     out = tmp_path / "o"
     r = CliRunner().invoke(app, ["compress", str(tiny_llama_dir), "--method", method, "--sparsity", "0.4", *SMALL, "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output

@@ -3,8 +3,8 @@ import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.core.errors import RecipeError
+from prune_cli.core.patterns import Unstructured
 from prune_cli.methods import build_method
-from prune_cli.core.patterns import NM, Unstructured
 
 
 def stats_with_norms(norms):
@@ -42,22 +42,6 @@ def test_unknown_option_did_you_mean():
     assert "'scope'" in info.value.hint
     with pytest.raises(RecipeError):
         build_method("magnitude", {"scope": "column"})
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4), NM(4, 8)])
-def test_wanda_properties(dtype, pattern):
-    w = torch.randn(12, 64).to(dtype)
-    s = InputStats(64, frozenset({Stat.SQ_NORM}))
-    s.update(torch.randn(100, 64))
-    res = build_method("wanda").prune(w, s, pattern)
-    assert res.weight.dtype == dtype
-    assert torch.equal(res.weight == 0, ~res.mask) or bool((w == 0).any())
-    if isinstance(pattern, NM):
-        assert (res.mask.reshape(12, -1, pattern.m).sum(-1) == pattern.n_keep).all()
-    else:
-        assert ((~res.mask).sum(1) == int(64 * 0.6)).all()
-    assert torch.equal(res.weight[res.mask], w[res.mask])
 
 
 def test_wanda_uses_activation_norms():
