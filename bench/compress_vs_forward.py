@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from prune_cli.calibrators import layerwise  # noqa: E402
 from prune_cli.recipe.config import resolve  # noqa: E402
 from prune_cli.model.structure import decoder_blocks  # noqa: E402
-from prune_cli.run.pipeline import calibrate_and_prune  # noqa: E402
+from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
 from prune_cli.recipe.plan import build_plan  # noqa: E402
 
 from bundled_setup import add_window_flags, load_bundled  # noqa: E402

@@ -25,7 +25,7 @@ from prune_cli.stages.allocation import allocate_owl  # noqa: E402
 from prune_cli.calibrators.sampling import validation_windows  # noqa: E402
 from prune_cli.recipe.config import resolve  # noqa: E402
 from prune_cli.stages.evaluate import perplexity  # noqa: E402
-from prune_cli.run.pipeline import calibrate_and_prune  # noqa: E402
+from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
 from prune_cli.recipe.plan import build_plan  # noqa: E402
 
 from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402

@@ -357,7 +357,7 @@ def main() -> None:
     from prune_cli.model.source import bundled_source
     from prune_cli.streaming.loader import load_model
     from prune_cli.core.patterns import NM
-    from prune_cli.run.pipeline import calibrate_and_prune
+    from prune_cli.stages.pruning import calibrate_and_prune
     from prune_cli.recipe.plan import build_plan
 
     torch.set_num_threads(os.cpu_count() or 1)

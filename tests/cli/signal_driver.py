@@ -32,16 +32,16 @@ def _pause(flag: str) -> None:
 
 def _patch(stage: str, flag: str) -> None:
     if stage == "load":
-        import prune_cli.run.pipeline as pipeline
+        import prune_cli.run.job as job
 
-        original = pipeline.open_model
+        original = job.open_model
 
         def load_then_pause(*args, **kwargs):
             result = original(*args, **kwargs)
             _pause(flag)
             return result
 
-        pipeline.open_model = load_then_pause
+        job.open_model = load_then_pause
     elif stage == "calibration":
         from prune_cli.calibrators import layerwise
 

@@ -271,12 +271,12 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, tiny_llama_dir):
      ("not-ours", "refusing to replace")],
 )
 def test_output_problems_are_found_before_any_work(tmp_path, tiny_llama_dir, monkeypatch, case, needle, dry):
-    import prune_cli.run.pipeline as pipeline
+    import prune_cli.run.job as job
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(pipeline, "open_model", no_loading)
+    monkeypatch.setattr(job, "open_model", no_loading)
     (tmp_path / "file").write_text("x")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "data.csv").write_text("1,2\n")
@@ -305,10 +305,11 @@ def test_dry_run_with_a_good_output_writes_nothing(tmp_path, tiny_llama_dir):
 @pytest.mark.parametrize("flag", ["--seqlen", "--eval-seqlen"])
 @pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
 def test_windows_beyond_the_context_are_refused_before_loading(tmp_path, tiny_llama_dir, monkeypatch, flag, dry):
-    import prune_cli.run.pipeline as pipeline
+    import prune_cli.run.dry_run as dry_run
+    import prune_cli.run.job as job
 
-    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("weights loaded"))
-    monkeypatch.setattr(pipeline, "meta_model", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr(job, "open_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(dry_run, "meta_model", lambda *a, **k: pytest.fail("model built"))
     result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", flag, "2048", "-o", tmp_path / "o",
                  *(["--dry-run"] if dry else []))
     one_line_error(result, 2, f"{flag} 2048 is longer than the model's context (1024 tokens")

@@ -174,9 +174,9 @@ SWEEP = ["--calib-samples", "2", "--seqlen", "16", "--eval-windows", "1", "--eva
 
 
 def _no_runs(monkeypatch):
-    import prune_cli.run.pipeline as pipeline
+    import prune_cli.run.sweep as sweep
 
-    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: pytest.fail("a point ran before every point was checked"))
+    monkeypatch.setattr(sweep, "compress", lambda *a, **k: pytest.fail("a point ran before every point was checked"))
 
 
 @pytest.mark.parametrize("case,needle", [("existing-folder", "wanda-0.6"), ("keep-is-a-file", "is not a folder"),
@@ -199,9 +199,9 @@ def test_sweep_checks_every_point_before_the_first_runs(tmp_path, tiny_llama_dir
 
 
 def _second_point_fails(monkeypatch, exc: BaseException) -> None:
-    import prune_cli.run.pipeline as pipeline
+    import prune_cli.run.sweep as sweep
 
-    real, calls = pipeline.compress, []
+    real, calls = sweep.compress, []
 
     def compress(request, events=None):
         calls.append(request)
@@ -209,7 +209,7 @@ def _second_point_fails(monkeypatch, exc: BaseException) -> None:
             raise exc
         return real(request, events)
 
-    monkeypatch.setattr(pipeline, "compress", compress)
+    monkeypatch.setattr(sweep, "compress", compress)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
@@ -316,9 +316,9 @@ def test_an_output_name_too_long_is_said_so(tmp_path, tiny_llama_dir, monkeypatc
     """An --output name the file system cannot hold (or whose staging folder it cannot) is exit
     2 saying the name is too long, run and dry run alike, before any work (it was an internal
     error, or a misleading 'cannot write in' the parent)."""
-    import prune_cli.run.pipeline as pipeline
+    import prune_cli.run.job as job
 
-    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(job, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
     before = fingerprint(tmp_path)
     result = run("compress", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.5", *FAST, "-o", tmp_path / ("o" * length),
                  *(["--dry-run"] if dry else []))

@@ -268,12 +268,12 @@ def test_moe_models_are_refused_under_several_ranks():
     from types import SimpleNamespace
 
     from prune_cli.core.errors import BadInputError
-    from prune_cli.run.pipeline import _check_data_parallel
+    from prune_cli.run.claim import check_data_parallel
 
     request = SimpleNamespace(config=SimpleNamespace(activation=None), resume=False)
     with pytest.raises(BadInputError, match="mixture-of-experts models run in one process"):
-        _check_data_parallel(request, SimpleNamespace(num_local_experts=8))
-    _check_data_parallel(request, SimpleNamespace(num_local_experts=None))
+        check_data_parallel(request, SimpleNamespace(num_local_experts=8))
+    check_data_parallel(request, SimpleNamespace(num_local_experts=None))
 
 
 def test_stored_per_expert_weights_are_stacked_into_the_fused_tensors_as_transformers_does(tmp_path):

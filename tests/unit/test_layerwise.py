@@ -8,7 +8,7 @@ from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.recipe.config import resolve
 from prune_cli.methods import build_method
 from prune_cli.model.structure import block_linears, decoder_blocks
-from prune_cli.run.pipeline import calibrate_and_prune
+from prune_cli.stages.pruning import calibrate_and_prune
 from prune_cli.recipe.plan import build_plan
 from tests.tiny_models import VOCAB, tiny_model
 
