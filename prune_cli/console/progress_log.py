@@ -1,6 +1,6 @@
 """Progress for logs that are not a terminal (CI): timestamped, rate-limited lines with ETA.
 
-A terminal gets rich's live bars (``prune_cli.cli.RichEvents``). A CI log gets lines, and one
+A terminal gets rich's live bars (``prune_cli.console.display.RichEvents``). A CI log gets lines, and one
 line per block and stage is too many (an 80-block model walked five times prints 400) and says
 nothing about time. Each line here carries the wall-clock time, the time since the run
 started, the stage's count and percentage, its elapsed time and an ETA::
@@ -18,8 +18,8 @@ its number of blocks. The ETA is the stage's elapsed time scaled by the remainin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 PREFIX = "[prune-cli]"
 
