@@ -22,8 +22,7 @@ import warnings
 import torch
 
 from prune_cli.core.errors import NotEnoughTextError, RecipeError
-
-BOS_MODES = ("auto", "always", "never")  # see resolve_bos; the recipe key `bos` takes these
+from prune_cli.core.names import BOS_MODES
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,13 @@ from typing import Protocol, Union, runtime_checkable
 import torch
 
 from prune_cli.core.errors import BackendUnavailableError, UnknownNameError
+from prune_cli.core.names import BACKEND_NAMES
 from prune_cli.core.patterns import SparsityPattern
 from prune_cli.gpu.availability import CupyUnavailable
 from prune_cli.gpu.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "torch", "cupy")
 
 
 def gpu_extra_hint(torch_cuda: str | None = None) -> str:

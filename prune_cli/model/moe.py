@@ -48,6 +48,7 @@ from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from prune_cli.calibrators import layerwise
+from prune_cli.core.names import MOE_DEFAULT_FALLBACK, MOE_DEFAULT_MIN_TOKENS, MOE_FALLBACKS
 
 
 @lru_cache(maxsize=None)
@@ -261,14 +262,10 @@ def complete_expert_stats(block: nn.Module, batches, linears: dict, wanted: dict
     return stats, magnitude, records
 
 
-# mixture-of-experts fallback (prune_cli.model.moe; here so that reading the settings imports no torch)
-FALLBACKS = ("all-tokens", "magnitude")
-
-
-DEFAULT_MIN_TOKENS = 128
-
-
-DEFAULT_FALLBACK = "all-tokens"
+# the recipe's moe keys: what an expert routed too few calibration tokens falls back to
+FALLBACKS = MOE_FALLBACKS
+DEFAULT_MIN_TOKENS = MOE_DEFAULT_MIN_TOKENS
+DEFAULT_FALLBACK = MOE_DEFAULT_FALLBACK
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@
 * :mod:`prune_cli.recipe.schema` -> the JSON Schema of a recipe file
   (``prune_cli/schemas/recipe.v1.schema.json``).
 
-Closed choices defined elsewhere (backend names, dtype names, BOS modes, the mixture-of-experts
-fallbacks) are read from their modules' source (:mod:`prune_cli.recipe.source_constants`), so
-that reading this table imports no torch. Method names are the method registries'
+Closed choices (backend names, dtype names, BOS modes, the mixture-of-experts fallbacks) come
+from :mod:`prune_cli.core.names`, where they are defined once for the modules that act on them;
+it imports nothing, so reading this table imports no torch. Method names are the method registries'
 (``registries``): they are checked where the methods are built, in
 :mod:`prune_cli.recipe.config`, with the other rules that relate several keys (an N:M pattern
 and a sparsity, OWL and a pattern, a gate and the evaluation, ...). The sparsity's range is the
@@ -32,15 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from prune_cli.core.errors import RecipeError, kind_of
+from prune_cli.core.names import BACKEND_NAMES, BOS_MODES, DTYPE_NAMES
+from prune_cli.core.names import MOE_DEFAULT_FALLBACK as DEFAULT_FALLBACK
+from prune_cli.core.names import MOE_DEFAULT_MIN_TOKENS as DEFAULT_MIN_TOKENS
+from prune_cli.core.names import MOE_FALLBACKS as FALLBACKS
 from prune_cli.core.registry import did_you_mean
-from prune_cli.recipe.source_constants import literal, literal_keys
 
-BACKEND_NAMES = literal("prune_cli.gpu.backend", "BACKEND_NAMES")
-DTYPE_CHOICES = ("auto", *literal_keys("prune_cli.core.dtypes", "DTYPES"))
-BOS_MODES = literal("prune_cli.calibrators.sampling", "BOS_MODES")
-FALLBACKS = literal("prune_cli.model.moe", "FALLBACKS")
-DEFAULT_FALLBACK = literal("prune_cli.model.moe", "DEFAULT_FALLBACK")
-DEFAULT_MIN_TOKENS = literal("prune_cli.model.moe", "DEFAULT_MIN_TOKENS")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 WEIGHT_METHODS = "prune_cli.methods:WEIGHT_METHODS"  # the registries a method name is looked up in
 ACTIVATION_METHODS = "prune_cli.activation:ACTIVATION_METHODS"
 

@@ -63,9 +63,9 @@ def test_the_cli_help_is_the_settings_help_with_default_and_choices():
     assert helps["--eval-seqlen"].endswith(f"(default {settings.setting('evaluation.seqlen').default}).")
 
 
-def test_closed_choices_are_read_from_the_modules_that_define_them():
-    """The table reads them from the source (so that the command line imports no torch); they
-    are the imported modules' values."""
+def test_closed_choices_are_the_ones_the_modules_act_on():
+    """One definition (prune_cli.core.names, which imports no torch): the table's choices are the
+    names the backend resolver, the dtypes, the BOS sampler and the MoE fallback act on."""
     from prune_cli.calibrators.sampling import BOS_MODES
     from prune_cli.core.dtypes import DTYPES
     from prune_cli.gpu.backend import BACKEND_NAMES
