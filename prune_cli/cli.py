@@ -337,44 +337,16 @@ def verify_command(
                              f"pruned layers match its report{note}", highlight=False, soft_wrap=True)
 
 
-
-def method_summary(cls) -> str:
-    """The first line of a method class's own docstring (a dataclass without one gets a
-    generated ``Name(field: type = default)`` text, which is no description)."""
-    doc = cls.__dict__.get("__doc__") or ""
-    if not doc.strip() or doc.startswith(f"{cls.__name__}("):
-        return "(no description)"
-    return doc.strip().splitlines()[0]
-
-
-def method_options(cls) -> str:
-    """``name=default, ...`` of a method's recipe options (``-O`` / ``method_options:``)."""
-    import dataclasses  # noqa: PLC0415 - only for `methods`
-
-    return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init)
-
-
 @app.command("methods")
 def methods_command() -> None:
     """List every weight and activation method, with its options (-O KEY=VALUE)."""
-    import textwrap  # noqa: PLC0415 - only for `methods`
-
     from prune_cli.activation import ACTIVATION_METHODS  # noqa: PLC0415 - imports torch; --help must not
     from prune_cli.methods import WEIGHT_METHODS  # noqa: PLC0415 - imports torch; --help must not
+    from prune_cli.methods.catalog import ACTIVATION_TITLE, WEIGHT_TITLE, catalog_lines  # noqa: PLC0415 - likewise
 
-    width, indent = max(40, stdout.width), " " * 13
-
-    def say(first: str, text: str) -> None:  # hanging indent, wrapped at the terminal's width
-        for line in textwrap.wrap(text, width - 1, initial_indent=first, subsequent_indent=indent):
-            stdout.print(line, markup=False, highlight=False, soft_wrap=True)
-
-    for title, registry in (("weight methods (--method; prune the weights)", WEIGHT_METHODS),
-                            ("activation methods (--method; skip small inputs at run time)", ACTIVATION_METHODS)):
-        stdout.print(title, markup=False, highlight=False, soft_wrap=True)
-        for name in registry:
-            cls = registry.get(name)
-            say(f"  {name:<10} ", method_summary(cls))
-            say(indent, f"options: {method_options(cls) or '(none)'}")
+    sections = ((WEIGHT_TITLE, WEIGHT_METHODS), (ACTIVATION_TITLE, ACTIVATION_METHODS))
+    for line in catalog_lines(sections, max(40, stdout.width)):
+        stdout.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

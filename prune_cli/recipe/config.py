@@ -473,16 +473,15 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     merged = _merge(merged, clean)
     _check_types(merged)
 
-
     if merged["method"] in ACTIVATION_METHODS:
         # `--method wina --sparsity 0.4`: activation sparsity only
+        activation_method = ACTIVATION_METHODS.get(merged["method"])
         if merged["activation"]["method"]:
             raise RecipeError("give the activation method either as `method` or under `activation`, not both")
         merged["activation"] = {**merged["activation"], "method": merged["method"], "sparsity": merged["sparsity"],
                                 "options": {**merged["activation"]["options"], **merged["method_options"]}}
         merged["method"], merged["sparsity"], merged["method_options"] = None, None, {}
-        if (merged["pattern"] or "unstructured").strip().lower() != "unstructured":
-            raise RecipeError("activation methods have no N:M pattern", hint="drop --pattern")
+        activation_method.check_pattern_text(merged["pattern"])  # the patterns it declares
     activation = _activation(merged["activation"])
     if not merged["method"] and activation is None:
         raise RecipeError("no method given", hint="pass --method NAME or --recipe FILE")
