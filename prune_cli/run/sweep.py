@@ -29,7 +29,8 @@ from prune_cli.model.structure import check_prunable
 from prune_cli.recipe.config import resolve
 from prune_cli.recipe.plan import build_plan
 from prune_cli.run import baseline
-from prune_cli.run.pipeline import CompressRequest, compress
+from prune_cli.run.job import CompressRequest
+from prune_cli.run.pipeline import compress
 from prune_cli.streaming.loader import meta_model
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 
@@ -83,7 +83,7 @@ class Allocation:
 
 
 def with_block_sparsities(plan: Plan, sparsities: list[float]) -> Plan:
-    layers = tuple(replace(l, pattern=Unstructured(float(sparsities[l.block]))) for l in plan.layers)
+    layers = tuple(replace(lp, pattern=Unstructured(float(sparsities[lp.block]))) for lp in plan.layers)
     return replace(plan, layers=layers)
 
 
@@ -103,7 +103,7 @@ class OwlScoresStage(HiddenStage):
 
     def on_block(self, index: int, block) -> None:
         linears = block_linears(block)
-        wanted = {l.local_name: frozenset({Stat.SQ_NORM}) for l in self.plan.for_block(index)}
+        wanted = {lp.local_name: frozenset({Stat.SQ_NORM}) for lp in self.plan.for_block(index)}
         name = self.driver.name(index)
         if not routed_experts(block):
             stats: dict[str, InputStats] = layerwise.collect_input_stats(
@@ -155,10 +155,10 @@ class OwlCandidatesStage(Stage):
     def on_block(self, index: int, block) -> None:
         linears = block_linears(block)
         mine = self.plan.for_block(index)
-        dense = {l.local_name: linears[l.local_name].weight.detach().clone() for l in mine}
+        dense = {lp.local_name: linears[lp.local_name].weight.detach().clone() for lp in mine}
         scores = block_scores(linears, self.norms[index])
         try:
-            for sparsities, stream in zip(self.candidates, self.streams):
+            for sparsities, stream in zip(self.candidates, self.streams, strict=False):
                 for layer in mine:
                     weight = linears[layer.local_name].weight
                     keep = select(scores[layer.local_name], Unstructured(float(sparsities[layer.block])))
@@ -186,7 +186,7 @@ class OwlCandidatesStage(Stage):
         return {"streams": [[b.held() for b in stream] for stream in self.streams], "ppl": self.ppl}
 
     def load_state_dict(self, state: dict) -> None:
-        for stream, hidden in zip(self.streams, state["streams"]):
+        for stream, hidden in zip(self.streams, state["streams"], strict=False):
             restore_hidden(stream, hidden)
         self.ppl = state["ppl"]
 
@@ -207,7 +207,7 @@ def allocate_owl(
     ``model``: a model in memory or a :class:`~prune_cli.streaming.driver.BlockDriver` (two walks: the
     dense pre-pass, then all candidates at once). ``also``: stages that ride along the dense
     pre-pass (the dense evaluation); ``walk``: options of both walks (progress, timings)."""
-    if any(isinstance(l.pattern, NM) for l in plan.layers):
+    if any(isinstance(lp.pattern, NM) for lp in plan.layers):
         raise RecipeError("OWL allocates unstructured sparsity; it cannot be combined with an N:M pattern")
     driver = as_driver(model, device)
     ms = (settings.m,) if settings.m is not None else settings.m_grid
@@ -236,7 +236,7 @@ def allocate_owl(
     driver.walk([evaluated], **walk)
     grid: list[dict] = []
     best = None
-    for (m, lam, sparsities), ppl in zip(candidates, evaluated.ppl):
+    for (m, lam, sparsities), ppl in zip(candidates, evaluated.ppl, strict=False):
         grid.append({"m": m, "lambda": lam, "validation_ppl": ppl})
         log.info("OWL M=%s lambda=%s: validation ppl %.3f", m, lam, ppl)
         if best is None or ppl < best[0] or (math.isclose(ppl, best[0]) and lam < best[2]):

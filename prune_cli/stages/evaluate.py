@@ -11,8 +11,8 @@ way, and a dense and a compressed evaluation can ride along the walk that prunes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ class Perplexity:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens}
 
     @classmethod
-    def from_sums(cls, total_nll: float, tokens: int) -> "Perplexity":
+    def from_sums(cls, total_nll: float, tokens: int) -> Perplexity:
         mean = total_nll / tokens
         return cls(math.exp(mean) if mean < 700 else float("inf"), mean, tokens)
 

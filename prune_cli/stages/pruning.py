@@ -7,8 +7,8 @@ and SparseGPT's reference code)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ def _prune_block(layer_plans: list[LayerPlan], linears: dict, stats: dict, backe
     results = {}
     for method, group in by_method.values():
         jobs = [(linears[lp.local_name].weight.data, stats.get(lp.local_name), lp.pattern) for lp in group]
-        for lp, result in zip(group, method.prune_group(jobs, backend)):
+        for lp, result in zip(group, method.prune_group(jobs, backend), strict=False):
             results[lp.local_name] = result
     return results
 

@@ -34,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,8 +44,9 @@ from torch import nn
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.layerwise import BlockBatch
 from prune_cli.calibrators.spill import SpilledBatch, spill, value
-from prune_cli.checkpoint.weights import WeightSource
 from prune_cli.checkpoint.model_state import materialize, source_name, state_names, tied_names
+from prune_cli.checkpoint.resume import ResumeState
+from prune_cli.checkpoint.weights import WeightSource
 from prune_cli.core import stopping
 from prune_cli.model.structure import decoder_blocks
 
@@ -93,13 +96,13 @@ class Placement:
 class Stage:
     """One piece of per-block work in a walk (see the module docstring)."""
 
-    def begin(self, driver: "BlockDriver") -> None:
+    def begin(self, driver: BlockDriver) -> None:
         """Before the first block: capture (or restore) this stage's streams."""
 
     def on_block(self, index: int, block: nn.Module) -> None:
         """Block ``index`` is in place on the driver's device."""
 
-    def finish(self, driver: "BlockDriver") -> None:
+    def finish(self, driver: BlockDriver) -> None:
         """After the last block."""
 
     def state_dict(self) -> dict:
@@ -128,11 +131,11 @@ class HiddenStage(Stage):
         self.batch_size = batch_size
         self.batches: list[BlockBatch] = []
 
-    def begin(self, driver: "BlockDriver") -> None:
+    def begin(self, driver: BlockDriver) -> None:
         self.driver = driver
         self.batches = driver.capture(self.windows, self.batch_size)
 
-    def finish(self, driver: "BlockDriver") -> None:
+    def finish(self, driver: BlockDriver) -> None:
         self.batches = []
 
     def extra_state(self) -> dict:
@@ -163,7 +166,7 @@ def restore_hidden(batches: list[BlockBatch], hidden: list[torch.Tensor]) -> Non
 
     if len(hidden) != len(batches):
         raise RuntimeError(f"resume state holds {len(hidden)} batches, the capture made {len(batches)}")
-    for batch, h in zip(batches, hidden):
+    for batch, h in zip(batches, hidden, strict=False):
         batch.hidden = h if isinstance(batch, SpilledBatch) else value(h)
 
 
@@ -174,7 +177,7 @@ class _Replay(nn.Module):
     """Stands in for decoder block ``index`` in :meth:`BlockDriver.head_logits`: passes the hidden
     states on, and the last one returns the stored output of the real last block instead."""
 
-    def __init__(self, driver: "BlockDriver", last: bool):
+    def __init__(self, driver: BlockDriver, last: bool):
         super().__init__()
         self._driver = driver
         self._last = last
@@ -204,8 +207,8 @@ class BlockDriver:
         self.prepare_block: list[Callable[[int, nn.Module], None]] = []
         self.tuple_output = False
         self._replayed: torch.Tensor | None = None
-        self.resume = None  # a prune_cli.checkpoint.resume.ResumeState: walks keep and resume their state
-        self.spill_folder = None  # a folder: captured hidden states are kept there, not in memory
+        self.resume: ResumeState | None = None  # walks keep and resume their state
+        self.spill_folder: Path | None = None  # a folder: captured hidden states are kept there, not in memory
         self._walks = 0
         if weights is not None:
             self.templates = list(self.found.modules)
@@ -385,7 +388,7 @@ class BlockDriver:
         if resume is not None:
             done = resume.finished_states(walk_id)
             if done is not None:
-                for stage, state in zip(stages, done):
+                for stage, state in zip(stages, done, strict=False):
                     stage.load_state_dict(state)
                 for index in order:
                     if progress is not None:
@@ -398,7 +401,7 @@ class BlockDriver:
         start = 0
         if resume is not None and (current := resume.current_states(walk_id)) is not None:
             start, states = current
-            for stage, state in zip(stages, states):
+            for stage, state in zip(stages, states, strict=False):
                 stage.load_state_dict(state)
             for index in order[:start]:
                 if progress is not None:
@@ -450,8 +453,6 @@ class _Clock:
         if self.timings is None:
             yield
             return
-        import time
-
         key = what if isinstance(what, str) else getattr(what, "timing_key", None)
         start = time.perf_counter()
         try:
