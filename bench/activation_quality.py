@@ -21,14 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402
 
 from prune_cli.activation import build_activation_method  # noqa: E402
-from prune_cli.stages.activation import activation_targets, allocate, calibrate_activation  # noqa: E402
 from prune_cli.activation.modules import count_sparsity, unwrap_all  # noqa: E402
 from prune_cli.activation.transform import apply_transform, rotations_for, strip_transform  # noqa: E402
+from prune_cli.stages.activation import activation_targets, allocate, calibrate_activation  # noqa: E402
 from prune_cli.stages.evaluate import perplexity  # noqa: E402
-
-from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402
 
 RUNS = [
     ("teal (uniform)", "teal", {}, "uniform"),

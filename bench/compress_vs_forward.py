@@ -20,14 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 
 from prune_cli.calibrators import layerwise  # noqa: E402
-from prune_cli.recipe.config import resolve  # noqa: E402
 from prune_cli.model.structure import decoder_blocks  # noqa: E402
-from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
+from prune_cli.recipe.config import resolve  # noqa: E402
 from prune_cli.recipe.plan import build_plan  # noqa: E402
-
-from bundled_setup import add_window_flags, load_bundled  # noqa: E402
+from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
 
 
 @torch.no_grad()

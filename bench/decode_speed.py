@@ -22,13 +22,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from prune_cli.activation import build_activation_method  # noqa: E402
-from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation  # noqa: E402
 from prune_cli.activation.modules import count_sparsity, unwrap_all  # noqa: E402
 from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, tokenize  # noqa: E402
 from prune_cli.calibrators.sources import bundled_text  # noqa: E402
 from prune_cli.model.source import bundled_source  # noqa: E402
-from prune_cli.streaming.loader import load_model  # noqa: E402
 from prune_cli.runtime import prepare_decode  # noqa: E402
+from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation  # noqa: E402
+from prune_cli.streaming.loader import load_model  # noqa: E402
 
 
 @torch.no_grad()

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
+from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.core.selection import select
 from prune_cli.gpu.backend import resolve_backend
 from prune_cli.gpu.torch_backend import TorchBackend
-from prune_cli.core.selection import select
-from prune_cli.core.patterns import NM, Unstructured
 
 
 @dataclass

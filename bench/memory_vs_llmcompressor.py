@@ -48,10 +48,9 @@ def their_side(gguf_dir: str, gguf_file: str, windows_path: str, modifier_name: 
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from llmcompressor import oneshot
     from llmcompressor.modifiers import pruning
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _forbid_network()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -100,12 +99,12 @@ def main() -> None:
         their_side(*args.their_side)
         return
 
+    import torch
+
     from prune_cli.calibrators.sampling import calibration_windows, fingerprint, tokenize
     from prune_cli.calibrators.sources import bundled_text
     from prune_cli.model.source import bundled_source
     from prune_cli.streaming.loader import load_tokenizer
-
-    import torch
 
     source = bundled_source()
     windows = calibration_windows(tokenize(load_tokenizer(source), bundled_text("calibration").text), SAMPLES, SEQLEN, 0)

@@ -22,13 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from bundled_setup import add_window_flags, load_bundled  # noqa: E402
 
 from prune_cli.core.allocator import keep_freed_memory  # noqa: E402
 from prune_cli.recipe.config import resolve  # noqa: E402
-from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
 from prune_cli.recipe.plan import build_plan  # noqa: E402
-
-from bundled_setup import add_window_flags, load_bundled  # noqa: E402
+from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
 
 RUNS = [
     ("wanda", {"method": "wanda"}, None),

@@ -20,15 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402
 
-from prune_cli.stages.allocation import allocate_owl  # noqa: E402
 from prune_cli.calibrators.sampling import validation_windows  # noqa: E402
 from prune_cli.recipe.config import resolve  # noqa: E402
+from prune_cli.recipe.plan import build_plan  # noqa: E402
+from prune_cli.stages.allocation import allocate_owl  # noqa: E402
 from prune_cli.stages.evaluate import perplexity  # noqa: E402
 from prune_cli.stages.pruning import calibrate_and_prune  # noqa: E402
-from prune_cli.recipe.plan import build_plan  # noqa: E402
-
-from bundled_setup import add_run_filter, add_window_flags, load_bundled, wanted  # noqa: E402
 
 LEVELS = [("50%", {"sparsity": 0.5}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7}), ("2:4", {"pattern": "2:4"})]
 REF_RELEASED = {"mode": "reference", "skip": r"^mlp\."}

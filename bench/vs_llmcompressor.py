@@ -124,15 +124,14 @@ def worker(gguf_dir: str, gguf_file: str, tmp: str) -> None:
 
     import copy
 
+    import llmcompressor
     import transformers
     from datasets import Dataset
-    from torch import nn
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import llmcompressor
     from llmcompressor import oneshot
     from llmcompressor.modifiers import pruning
     from loguru import logger
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Their modifiers log "Sparsifying NAME using N samples" per Linear: collect these to check
     # that every targeted Linear was pruned from all calibration windows.
@@ -352,13 +351,13 @@ def main() -> None:
     import prune_cli
     from prune_cli.calibrators.sampling import calibration_windows, evaluation_windows, fingerprint, tokenize
     from prune_cli.calibrators.sources import bundled_text
-    from prune_cli.recipe.config import resolve
-    from prune_cli.stages.evaluate import perplexity
-    from prune_cli.model.source import bundled_source
-    from prune_cli.streaming.loader import load_model
     from prune_cli.core.patterns import NM
-    from prune_cli.stages.pruning import calibrate_and_prune
+    from prune_cli.model.source import bundled_source
+    from prune_cli.recipe.config import resolve
     from prune_cli.recipe.plan import build_plan
+    from prune_cli.stages.evaluate import perplexity
+    from prune_cli.stages.pruning import calibrate_and_prune
+    from prune_cli.streaming.loader import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cpu")

@@ -31,8 +31,8 @@ remembers the names of the blocks it was given.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import nn
@@ -50,8 +50,8 @@ from prune_cli.core.finite import (
 
 # Block -> its full name (e.g. ``model.layers.5``) and index, recorded by capture_block_inputs
 # and by register_block (the block driver, for each block it materialises).
-_BLOCK_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-_BLOCK_INDEX: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_BLOCK_NAMES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+_BLOCK_INDEX: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
 def register_block(block: nn.Module, index: int, name: str | None = None) -> None:
@@ -86,7 +86,7 @@ def _overflow_hint(dtype: torch.dtype) -> str:
     return "the weights are finite but the activations exceed float32's range: the checkpoint's weights are likely mis-scaled"
 
 
-def check_block_outputs(block: nn.Module, batches: list["BlockBatch"], name: str | None = None,
+def check_block_outputs(block: nn.Module, batches: list[BlockBatch], name: str | None = None,
                         what: str = "calibration activations") -> None:
     """Raise :class:`NonFiniteError` unless the hidden states of ``batches`` (just computed by
     ``block``) are all finite: naming a non-finite parameter of the block if there is one
@@ -202,7 +202,7 @@ class BlockBatch:
         """The current hidden states, kept as they are by later assignments."""
         return self.hidden
 
-    def copy(self) -> "BlockBatch":
+    def copy(self) -> BlockBatch:
         return replace(self)
 
 

@@ -15,10 +15,10 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data.topics import topics
-from typing import Callable, Iterable, Iterator
 
 from prune_cli.core.errors import BadInputError, NotEnoughTextError, kind_of
 
@@ -113,11 +113,9 @@ def split_pieces(blocks: Iterable[str], size: int) -> Iterator[str]:
 
 def _cut(buffer: str, size: int) -> int:
     for pattern in (_CUT, _SPACE):
-        last = None
-        for last in pattern.finditer(buffer, size // 2, size):
-            pass
-        if last is not None:
-            return last.start()
+        matches = list(pattern.finditer(buffer, size // 2, size))
+        if matches:
+            return matches[-1].start()
     return size
 
 

@@ -37,7 +37,7 @@ class FileTensor:
     device: str
 
     @classmethod
-    def write(cls, path: Path, tensor: torch.Tensor) -> "FileTensor":
+    def write(cls, path: Path, tensor: torch.Tensor) -> FileTensor:
 
         tmp = path.with_name(path.name + ".tmp")
         save_file({_KEY: tensor.detach().contiguous()}, str(tmp))
@@ -48,7 +48,7 @@ class FileTensor:
 
         return load_file(str(self.path), device=self.device)[_KEY]
 
-    def link(self, path: Path) -> "FileTensor":
+    def link(self, path: Path) -> FileTensor:
         """The same tensor under another name (a hard link; a copy across file systems)."""
         path = Path(path)
         try:
@@ -101,7 +101,7 @@ class SpilledBatch(BlockBatch):
         """A handle that outlives later assignments (a link to the current file)."""
         return self._held.link(self._folder / f"kept-{os.getpid()}-{next(_counter)}.safetensors")
 
-    def copy(self) -> "SpilledBatch":
+    def copy(self) -> SpilledBatch:
         return SpilledBatch(self.held(), self.args, self.kwargs, self._folder, self.layer_kwargs)
 
     def __del__(self) -> None:

@@ -119,7 +119,7 @@ class InputStats:
             self.xtx = g if self.xtx is None else self.xtx.add_(g)
             self.xtx_tokens += x.shape[0]
 
-    def merge(self, other: "InputStats") -> "InputStats":
+    def merge(self, other: InputStats) -> InputStats:
         """Sum of two partial statistics over disjoint token sets (a new object)."""
         if other.in_features != self.in_features or other.wanted != self.wanted:
             raise ValueError("cannot merge statistics of different shape or kind")
@@ -141,7 +141,7 @@ class InputStats:
             block=self.block,
         )
 
-    def permuted(self, perm: torch.Tensor) -> "InputStats":
+    def permuted(self, perm: torch.Tensor) -> InputStats:
         """The same statistics with the channels in the order ``perm`` (channel ``c`` of the
         result is channel ``perm[c]`` here); derived quantities are not carried over."""
         def take(t: torch.Tensor | None, both: bool = False) -> torch.Tensor | None:

@@ -39,10 +39,10 @@ _DSNOT_THREADS = 128  # PC_DSNOT_THREADS in dsnot.cu: one warp per row
 _DSNOT_ROWS_PER_BLOCK = _DSNOT_THREADS // 32
 
 _lock = threading.Lock()
-_instances: dict[int, "CupyBackend"] = {}
+_instances: dict[int, CupyBackend] = {}
 
 
-def get_cupy_backend(device: torch.device) -> "CupyBackend":
+def get_cupy_backend(device: torch.device) -> CupyBackend:
     """The backend for ``device`` (compiled once per process and device).
 
     Raises :class:`CupyUnavailable` when CuPy cannot use the device or the kernels do not build.

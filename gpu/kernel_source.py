@@ -8,7 +8,7 @@ This module imports nothing beyond the standard library.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -39,7 +39,7 @@ def _names() -> dict[str, tuple[str, ...]]:
 KERNELS: dict[str, tuple[str, ...]] = _names()
 
 
-@lru_cache(maxsize=None)
+@cache
 def module_source(module: str) -> str:
     """The full source of one module: ``common.cu`` followed by ``<module>.cu``."""
     if module not in KERNELS:

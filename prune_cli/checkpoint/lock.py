@@ -52,12 +52,12 @@ class Owner:
     stopped: bool = False  # the run ended, keeping its staging folder for --resume
 
     @classmethod
-    def current(cls) -> "Owner":
+    def current(cls) -> Owner:
         pid = os.getpid()
         return cls(pid, socket.gethostname(), _boot_id(), _start_ticks(pid), time.strftime("%Y-%m-%d %H:%M:%S"))
 
     @classmethod
-    def read(cls, path: Path) -> "Owner | None":
+    def read(cls, path: Path) -> Owner | None:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(int(data["pid"]), str(data["host"]), str(data.get("boot_id", "")),
@@ -123,7 +123,7 @@ class OutputLock:
         self.fd: int | None = None
         self.previous: Owner | None = None  # the dead holder of a stale lock we took over
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
 
         while True:
             try:

@@ -5,7 +5,7 @@ names, tied parameters, and filling a module's tensors from a :class:`WeightSour
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from accelerate import init_empty_weights

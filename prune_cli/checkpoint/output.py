@@ -422,7 +422,7 @@ class OutputTarget:
             return "resumable"
         return "previous" if self.output.exists() else "absent"
 
-    def __enter__(self) -> "OutputTarget":
+    def __enter__(self) -> OutputTarget:
         check_output(self.output, self.overwrite)
         try:
             self._make_parents()

@@ -5,7 +5,7 @@ expert that the model holds fused (:class:`MergedTensor`)."""
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ class RenamedWeights(WeightSource):
     experts tensors). Tensors are asked for by model name; a merged one is built from its parts
     when it is read (one block's experts at a time)."""
 
-    def __init__(self, inner: WeightSource, stored_by_model: dict[str, "str | MergedTensor"]):
+    def __init__(self, inner: WeightSource, stored_by_model: dict[str, str | MergedTensor]):
         super().__init__()
         self.inner = inner
         self.description = inner.description
@@ -36,7 +36,7 @@ class RenamedWeights(WeightSource):
     def stored_dtype(self) -> torch.dtype | None:
         return self.inner.stored_dtype
 
-    def layout(self) -> dict[str, "str | MergedTensor"]:
+    def layout(self) -> dict[str, str | MergedTensor]:
         return {name: stored for name, stored in self._names.items() if stored != name}
 
     def stored_shape(self, name: str) -> tuple[int, ...] | None:
@@ -91,13 +91,13 @@ def _merge_operations(converter) -> int | None | str:
     return "unsupported"
 
 
-def _pattern_regex(pattern: str) -> "re.Pattern":
+def _pattern_regex(pattern: str) -> re.Pattern:
     """A converter source pattern (``.experts.*.w1.weight``) as a regex capturing the index."""
 
     return re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
 
 
-def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, "str | MergedTensor"] | None:
+def checkpoint_renames(model: nn.Module, stored: Iterable[str]) -> dict[str, str | MergedTensor] | None:
     """Model name -> stored name (or :class:`MergedTensor`) for the stored tensors transformers
     renames or merges on load, ``{}`` when none is, or ``None`` when some stored tensor is
     converted in another way than stacking experts (then the checkpoint cannot be read tensor

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ class WeightSource:
     def close(self) -> None:
         """Release open files (also done when the source is garbage collected)."""
 
-    def layout(self) -> dict[str, "str | MergedTensor"]:
+    def layout(self) -> dict[str, str | MergedTensor]:
         """Model name -> stored name (or :class:`MergedTensor`) where the checkpoint stores a
         tensor under another name or in parts (:class:`RenamedWeights`); an export writes
         them back that way, as ``save_pretrained`` does. ``{}``: stored as named."""
@@ -324,7 +324,7 @@ class LayeredWeights(WeightSource):
     def stored_dtype(self) -> torch.dtype | None:
         return self.base.stored_dtype
 
-    def layout(self) -> dict[str, "str | MergedTensor"]:
+    def layout(self) -> dict[str, str | MergedTensor]:
         return self.base.layout()
 
     def stored_shape(self, name: str) -> tuple[int, ...] | None:

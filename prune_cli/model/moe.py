@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -51,13 +51,13 @@ from prune_cli.calibrators import layerwise
 from prune_cli.core.names import MOE_DEFAULT_FALLBACK, MOE_DEFAULT_MIN_TOKENS, MOE_FALLBACKS
 
 
-@lru_cache(maxsize=None)
+@cache
 def _standard_forward_source() -> str:
 
     return inspect.getsource(MixtralExperts.forward)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _forward_source(cls: type) -> str | None:
     try:
         return inspect.getsource(cls.forward)
@@ -92,7 +92,7 @@ class ExpertLinear(nn.Linear):
     it writes into the fused tensor. ``state_dict()`` holds nothing for it (the fused tensor
     is saved by its owner)."""
 
-    def __init__(self, experts: "RoutedExperts", tensor: str, index: int, out_features: int, in_features: int):
+    def __init__(self, experts: RoutedExperts, tensor: str, index: int, out_features: int, in_features: int):
         nn.Module.__init__(self)  # not nn.Linear's: it would register a weight of its own
         self.in_features, self.out_features = in_features, out_features
         self.tensor, self.index = tensor, index

@@ -114,15 +114,15 @@ def check_prunable(model: nn.Module, include: tuple[str, ...], activation: bool 
     model" would otherwise leave most of its weights dense and say nothing. Activation sparsity
     on GPT-2's Conv1D layers is refused too (its runtime wraps ``nn.Linear`` modules only)."""
 
-    block = decoder_blocks(model).modules[0]
+    blocks = decoder_blocks(model)
+    block = blocks.modules[0]
     if activation and any(isinstance(m, Conv1DLinear) for m in block.modules()):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__}: activation sparsity on Conv1D layers (GPT-2) is not supported yet",
             hint="weight pruning (wanda, sparsegpt, magnitude, dsnot) works on this model",
         )
 
-    path = decoder_blocks(model).path
-    experts = [f"{path}.0.{n}" for n in block_linears(block) if expert_of(block, n) is not None]
+    experts = [f"{blocks.path}.0.{n}" for n in block_linears(block) if expert_of(block, n) is not None]
     if activation and any(not include or any(re.search(p, n) for p in include) for n in experts):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__}: activation sparsity on mixture-of-experts experts is not supported yet",

@@ -27,14 +27,10 @@ from pathlib import Path
 import torch
 
 from prune_cli.checkpoint.files import check_checkpoint_folder, tensor_digests
+from prune_cli.checkpoint.model_state import check_stored_shapes, empty_model
 from prune_cli.checkpoint.output import REPORT_FILE, REPORT_FORMAT
-from prune_cli.checkpoint.weights import (
-    RenamedWeights,
-    SafetensorsWeights,
-    check_stored_shapes,
-    checkpoint_renames,
-    empty_model,
-)
+from prune_cli.checkpoint.renames import RenamedWeights, checkpoint_renames
+from prune_cli.checkpoint.weights import SafetensorsWeights
 from prune_cli.core.errors import CheckpointError
 from prune_cli.core.records import REPORT_SCHEMA_VERSION
 from prune_cli.model.conv1d import stored_transposed

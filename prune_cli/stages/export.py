@@ -27,10 +27,11 @@ from prune_cli.activation.modules import unwrap_all
 from prune_cli.activation.transform import rotated_norms, round_transformed, strip_transform
 from prune_cli.checkpoint.files import tensor_digests
 from prune_cli.checkpoint.model_card import recorded_source, source_facts, write_model_card
+from prune_cli.checkpoint.model_state import state_names, tied_names
 from prune_cli.checkpoint.output import OWNER_FILE, REPORT_FILE, WORK_FOLDER, fix_modes
 from prune_cli.checkpoint.portable import drop_loading_leftovers, make_portable, write_legacy_rope
 from prune_cli.checkpoint.shards import StreamingCheckpoint, TensorSpec
-from prune_cli.checkpoint.weights import SAFETENSORS_DTYPES, LayeredWeights, SafetensorsWeights, state_names, tied_names
+from prune_cli.checkpoint.weights import SAFETENSORS_DTYPES, LayeredWeights, SafetensorsWeights
 from prune_cli.core.dtypes import DTYPE_NAMES_BY_DTYPE
 from prune_cli.core.records import json_ready
 from prune_cli.model.conv1d import stored_shape

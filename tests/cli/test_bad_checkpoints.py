@@ -235,7 +235,7 @@ def test_a_header_declaring_a_70_gb_tensor_is_refused_before_reading(tmp_path, t
     assert fingerprint(tmp_path) == before
 
 
-def test_verify_refuses_a_header_declaring_another_shape_before_reading(tmp_path, checkpoint):
+def test_verify_refuses_a_header_declaring_another_shape_before_reading(tmp_path, checkpoint):  # noqa: F811 - the fixture
     import shutil as _shutil
 
     folder = tmp_path / "ckpt"

@@ -23,8 +23,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from prune_cli.checkpoint.output import OWNER_FILE
 from prune_cli.checkpoint.lock import OutputLock, Owner
+from prune_cli.checkpoint.output import OWNER_FILE
 from prune_cli.cli import app
 
 runner = CliRunner()

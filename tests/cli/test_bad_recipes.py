@@ -8,6 +8,7 @@ helpers) and check that nothing was written next to ``--output``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 

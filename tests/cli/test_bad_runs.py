@@ -98,8 +98,8 @@ def test_an_activation_file_without_a_threshold_is_named(teal_checkpoint, tmp_pa
 def _stopped_run(monkeypatch, tiny_llama_dir, out: Path, calib: Path) -> None:
     """A run to ``out`` stopped (as by Ctrl-C) after its first block: its resume state is kept."""
     from prune_cli.core import stopping
-    from prune_cli.streaming.driver import BlockDriver
     from prune_cli.core.errors import InterruptedRun
+    from prune_cli.streaming.driver import BlockDriver
 
     real = BlockDriver.block
 

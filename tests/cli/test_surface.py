@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from prune_cli.activation import ACTIVATION_METHODS
 from prune_cli.cli import app
-from prune_cli.methods.catalog import method_summary
 from prune_cli.methods import WEIGHT_METHODS
+from prune_cli.methods.catalog import method_summary
 
 runner = CliRunner()
 

@@ -42,9 +42,9 @@ def _ours(folder, tasks, limit) -> dict:
     import torch
 
     from prune_cli.model.source import ModelSource
-    from prune_cli.streaming.loader import open_model
-    from prune_cli.stages.tasks import TaskRun
     from prune_cli.recipe.tasks import TaskSettings
+    from prune_cli.stages.tasks import TaskRun
+    from prune_cli.streaming.loader import open_model
 
     opened = open_model(ModelSource("folder", str(folder)), "auto", torch.device("cpu"), True)
     run_ = TaskRun(TaskSettings(tuple(tasks), limit=limit), opened.tokenizer, opened.config, None)
@@ -78,9 +78,9 @@ def test_on_the_bundled_model_scores_equal_lm_evals_and_beat_chance(tmp_path):
     """SmolLM2-135M, dequantised from its GGUF and saved as a plain folder, scored by lm-eval's HF
     model and by prune-cli's walk: the same numbers, and the multiple-choice accuracy is above
     the 0.25 of guessing (the suite is a real signal, not noise)."""
-    from prune_cli.streaming.loader import load_model
-    from prune_cli.model.structure import prepare_for_save
     from prune_cli.model.source import resolve_source
+    from prune_cli.model.structure import prepare_for_save
+    from prune_cli.streaming.loader import load_model
 
     model, tokenizer = load_model(resolve_source(None), "float32", offline=True)
     prepare_for_save(model)

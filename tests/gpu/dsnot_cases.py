@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.core.patterns import NM, Unstructured
 from prune_cli.gpu.torch_backend import TorchBackend
 from prune_cli.methods import build_method
 from prune_cli.methods.dsnot import _Part, _Rows, _SwapState
-from prune_cli.core.patterns import NM, Unstructured
 from tests.gpu import kernel_model as km
 
 ALL_STATS = frozenset({Stat.SQ_NORM, Stat.MEAN_VAR, Stat.GRAM})

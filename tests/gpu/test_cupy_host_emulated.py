@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import prune_cli.gpu
-from prune_cli.core.selection import select
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.core.selection import select
+from prune_cli.gpu.torch_backend import TorchBackend
 from tests.gpu import dsnot_cases as dc
 from tests.gpu.fake_cupy import FakeTorchStream, make_fake_cupy
-from prune_cli.gpu.torch_backend import TorchBackend
 
 REF = TorchBackend()
 
@@ -270,7 +270,6 @@ def test_activation_threshold_fallbacks_and_errors(emulated):
 
 def test_key_to_float_inverts_the_order_key(emulated):
     from prune_cli.gpu.cupy_backend import key_to_float
-
     from tests.gpu import kernel_model as km
 
     values = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 3e38, -3e38, float("inf"), float("-inf"), 0.1])
@@ -324,8 +323,8 @@ def test_whole_compress_with_the_emulated_backend(emulated, monkeypatch, tiny_ll
     score tied with the cut-off within rounding may differ; on this model none does."""
     from safetensors.torch import load_file
 
-    from prune_cli.recipe.config import resolve
     from prune_cli.gpu import backend as backend_module
+    from prune_cli.recipe.config import resolve
     from prune_cli.run.pipeline import CompressRequest, compress
 
     backend, log = emulated

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune_cli.core.selection import select
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.core.selection import select
 from tests.gpu import dsnot_cases as dc
 
 pytestmark = [

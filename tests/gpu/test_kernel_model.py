@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from prune_cli.gpu import launch
-from prune_cli.core.selection import select
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.core.selection import select
+from prune_cli.gpu import launch
 from tests.gpu import dsnot_cases as dc
 from tests.gpu import kernel_model as km
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.core.selection import select
 from prune_cli.gpu.backend import Backend
 from prune_cli.gpu.torch_backend import TorchBackend
-from prune_cli.core.selection import select
 from prune_cli.methods.wanda import Wanda
-from prune_cli.core.patterns import NM, Unstructured
 
 B = TorchBackend()
 

@@ -91,11 +91,11 @@ def test_two_ranks_agree_bit_for_bit_and_with_one_process(tmp_path, tiny_llama_d
 
 
 def test_activation_sparsity_is_refused_with_several_processes(monkeypatch):
+    from types import SimpleNamespace
+
     from prune_cli.recipe.config import resolve
     from prune_cli.run.claim import check_data_parallel
     from prune_cli.run.job import CompressRequest
-
-    from types import SimpleNamespace
 
     request = CompressRequest(resolve(None, {"method": "teal", "sparsity": 0.5}), None, None)
     with pytest.raises(BadInputError, match="one process"):

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from prune_cli.cli import app
 from prune_cli.core.errors import RecipeError
-from prune_cli.methods import build_method
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.methods import build_method
 from tests.methods.helpers import correlated_inputs, recon_error, stats_for
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.7), NM(2, 4), NM(4, 8)]
@@ -92,8 +92,8 @@ def test_bad_options(options):
 def test_every_wrong_option_value_is_a_recipe_error():
     """As tests/unit/test_config.py does for the other methods: every wrongly typed value of every
     option is a one-line recipe error, never a crash."""
-    from tests.unit.test_config import WRONG_VALUES, _resolve_only_bad_input
     from prune_cli.methods.alps import ALPS
+    from tests.unit.test_config import WRONG_VALUES, _resolve_only_bad_input
 
     for field in [f.name for f in dataclasses.fields(ALPS)] + ["nope"]:
         for value in WRONG_VALUES:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prune_cli.methods import build_method
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.methods import build_method
 from tests.methods.helpers import correlated_inputs, recon_error, stats_for
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.7), NM(2, 4), NM(4, 8)]

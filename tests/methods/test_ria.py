@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from prune_cli.cli import app
 from prune_cli.core.errors import RecipeError
-from prune_cli.methods import build_method
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.methods import build_method
 from prune_cli.methods.permutation import (
     LAYOUTS,
     Fold,

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
+from prune_cli.core.patterns import NM, Unstructured
 from prune_cli.methods import build_method
 from prune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from prune_cli.core.patterns import NM, Unstructured
 from tests.methods.helpers import correlated_inputs, recon_error, stats_for
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from prune_cli.stages.allocation import allocate_owl, outlier_ratio, owl_sparsities
-from prune_cli.recipe.config import OwlSettings, resolve
 from prune_cli.core.errors import RecipeError
 from prune_cli.core.patterns import Unstructured
+from prune_cli.recipe.config import OwlSettings, resolve
 from prune_cli.recipe.plan import build_plan
+from prune_cli.stages.allocation import allocate_owl, outlier_ratio, owl_sparsities
 from tests.tiny_models import VOCAB, tiny_model
 
 

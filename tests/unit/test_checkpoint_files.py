@@ -264,8 +264,8 @@ def test_eval_report_not_json_exit_2(teal_copy):
 
 
 def test_file_names_agree_with_the_runtime():
-    from prune_cli.checkpoint import files as checkpoint_files
     from prune_cli import runtime
+    from prune_cli.checkpoint import files as checkpoint_files
 
     assert checkpoint_files.ACTIVATION_FILE == runtime.ACTIVATION_FILE
     assert checkpoint_files.REPORT_FILE == runtime.REPORT_FILE

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prune_cli.recipe.config import DEFAULTS, load_recipe, resolve
 from prune_cli.core.errors import BadInputError, PatternError, RecipeError, UnknownNameError
 from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.recipe.config import DEFAULTS, load_recipe, resolve
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

@@ -242,8 +242,8 @@ def test_sampled_linear_inputs_are_checked():
 @pytest.mark.parametrize("buffer", ["threshold", "channel_scale", "lowrank_u"])
 def test_nonfinite_sparsifier_is_named_before_it_is_installed(buffer):
     from prune_cli.activation import build_activation_method
-    from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation
     from prune_cli.activation.modules import SparseInputLinear
+    from prune_cli.stages.activation import activation_targets, calibrate_activation, uniform_allocation
 
     model = tiny_model("llama", layers=1)
     targets = activation_targets(model, lambda n: True)

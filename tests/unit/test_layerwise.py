@@ -5,11 +5,11 @@ import torch
 
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.stats import InputStats, Stat
-from prune_cli.recipe.config import resolve
 from prune_cli.methods import build_method
 from prune_cli.model.structure import block_linears, decoder_blocks
-from prune_cli.stages.pruning import calibrate_and_prune
+from prune_cli.recipe.config import resolve
 from prune_cli.recipe.plan import build_plan
+from prune_cli.stages.pruning import calibrate_and_prune
 from tests.tiny_models import VOCAB, tiny_model
 
 

@@ -9,8 +9,9 @@ import re
 import pytest
 import yaml
 
-from prune_cli.recipe.config import Override, load_recipe, resolve
 from prune_cli.core.errors import RecipeError
+from prune_cli.core.patterns import NM, Unstructured
+from prune_cli.recipe.config import Override, load_recipe, resolve
 from prune_cli.recipe.llmcompressor import (
     ignore_regex,
     is_llmcompressor_recipe,
@@ -19,7 +20,6 @@ from prune_cli.recipe.llmcompressor import (
     target_regex,
     to_prune_cli,
 )
-from prune_cli.core.patterns import NM, Unstructured
 
 LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

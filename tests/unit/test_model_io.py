@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from prune_cli.core.errors import ModelNotFoundError, UnsupportedArchitectureError
+from prune_cli.model.source import resolve_source
 from prune_cli.model.structure import block_linears, decoder_blocks
 from prune_cli.streaming.loader import load_model
-from prune_cli.model.source import resolve_source
 from tests.tiny_models import tiny_model
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from prune_cli.core.errors import PatternError
-from prune_cli.methods import select
 from prune_cli.core.patterns import NM, Unstructured, parse_pattern
+from prune_cli.methods import select
 
 
 def test_parse_pattern_types():
