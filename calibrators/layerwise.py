@@ -108,7 +108,7 @@ def _same(a, b) -> bool:
     if a is b:
         return True
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return False
     try:

@@ -55,7 +55,7 @@ def symmetric_gram(x: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
     blocks = max(1, min(blocks, d))
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
     edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in zip(edges, edges[1:], strict=False):
         band = x[:, lo:hi].T @ x[:, lo:]  # (hi - lo, d - lo)
         square = band[:, : hi - lo]  # the diagonal block: its upper triangle, mirrored
         out[lo:hi, lo:hi] = square.triu() + square.triu(1).T

@@ -111,7 +111,7 @@ class TorchBackend:
         Scores ``S[t, j] = |x[t, j]| * scale[j]`` (``|x[t, j]|`` without a scale; torch's type
         promotion, so fp32 for a bf16/fp16 ``x`` and an fp32 ``scale``); returns
         ``float(S.flatten().kthvalue(k).values)`` (NaN sorts last). ``1 <= k <= numel``, else
-        ``ValueError``. The threshold of :func:`prune_cli.activation.methods.quantile_threshold`.
+        ``ValueError``. The threshold of :func:`prune_cli.activation.base.quantile_threshold`.
         """
         numel = x.numel()
         if not 1 <= k <= numel:

@@ -140,9 +140,9 @@ def compress(
     with cli_boundary(debug, as_json):
         from prune_cli.checkpoint.output import REPORT_FILE, output_path  # noqa: PLC0415 - imports torch; --help must not
         from prune_cli.recipe.config import load_recipe, resolve  # noqa: PLC0415 - imports torch; --help must not
-        from prune_cli.run.pipeline import CompressRequest  # noqa: PLC0415 - imports torch; --help must not
+        from prune_cli.run.dry_run import dry_run as run_dry  # noqa: PLC0415 - imports torch; --help must not
+        from prune_cli.run.job import CompressRequest  # noqa: PLC0415 - imports torch; --help must not
         from prune_cli.run.pipeline import compress as run_compress  # noqa: PLC0415 - imports torch; --help must not
-        from prune_cli.run.pipeline import dry_run as run_dry  # noqa: PLC0415 - imports torch; --help must not
 
         recipe_data = load_recipe(recipe) if recipe else None
         method_options = parse_options(option or [])
@@ -228,7 +228,7 @@ def eval_command(
     setup_logging(verbose)
     with cli_boundary(debug, as_json):
         from prune_cli.recipe.config import EvaluationConfig  # noqa: PLC0415 - imports torch; --help must not
-        from prune_cli.run.pipeline import evaluate_checkpoint  # noqa: PLC0415 - imports torch; --help must not
+        from prune_cli.run.evaluation import evaluate_checkpoint  # noqa: PLC0415 - imports torch; --help must not
 
         for key, value in (("device", device), ("dtype", dtype), ("bos", bos)):
             check_value(setting(key), value)  # as compress checks them: the choices, did you mean

@@ -93,7 +93,7 @@ class StreamingCheckpoint:
         self.specs = {s.name: s for s in specs}
         self._where: dict[str, tuple[int, int]] = {}  # name -> (file index, absolute offset)
         self._fds: list[int] = []
-        for index, (name, group) in enumerate(zip(self.files, groups)):
+        for index, (name, group) in enumerate(zip(self.files, groups, strict=False)):
             head, ranges = _header(group)
             path = self.folder / name
             if resume:

@@ -357,7 +357,7 @@ class MergedTensor:
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored parts of ``tensor`` (the inverse of :meth:`build`): views, by stored name."""
         pieces = [tensor] if self.concat_dim is None else tensor.chunk(len(self.parts), dim=self.concat_dim)
-        return {name: piece[e] for part, piece in zip(self.parts, pieces) for e, name in enumerate(part)}
+        return {name: piece[e] for part, piece in zip(self.parts, pieces, strict=False) for e, name in enumerate(part)}
 
     def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of each stored part of a tensor of ``shape``."""

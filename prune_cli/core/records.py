@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 
 import prune_cli
 
 
 def versions() -> dict:
-    import transformers
 
 
     return {
@@ -58,7 +61,6 @@ def masks_digest(layers: list[LayerRecord]) -> str | None:
     """One hash of every pruned layer's mask: the first 16 hex digits of the sha256 of the
     layers' names and mask hashes in order (``None`` when no mask was recorded). Two runs with
     the same inputs and seed give the same value."""
-    import hashlib
 
     if not layers or any(r.mask_sha256 is None for r in layers):
         return None
@@ -70,7 +72,6 @@ def masks_digest(layers: list[LayerRecord]) -> str | None:
 
 def tensor_sha256(t) -> str:
     """First 16 hex digits of the sha256 of a tensor's bytes (on the CPU, contiguous)."""
-    import hashlib
 
     data = t.detach().contiguous().cpu()
     if data.dtype == torch.bool:
@@ -96,7 +97,6 @@ def json_ready(data):
     """A copy of ``data`` that strict JSON parsers accept: every NaN / ±inf number becomes
     ``null`` and its path is listed under ``"non_finite"`` with what it was (e.g.
     ``{"ppl.compressed": "inf"}``), so a reader can tell "not measured" from "diverged"."""
-    import math
 
     flagged: dict[str, str] = {}
 
@@ -128,9 +128,8 @@ def validate_report(report: dict) -> None:
     """Check a sparsity report (``sparsity.json``, ``compress --json``) against its JSON Schema
     (:data:`REPORT_SCHEMA`), or an eval report (``eval --json``) against :data:`EVAL_SCHEMA`; raises ``jsonschema.ValidationError`` naming the path that is wrong.
     Needs ``jsonschema`` (the ``test`` extra)."""
-    import json
 
-    import jsonschema
+    import jsonschema  # noqa: PLC0415 - optional dependency (tests only)
 
     path = EVAL_SCHEMA if report.get("format") == "prune-cli/eval-report" else REPORT_SCHEMA
     schema = json.loads(path.read_text(encoding="utf-8"))

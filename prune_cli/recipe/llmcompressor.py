@@ -517,7 +517,7 @@ def _per_layer(values: list[float], targets: list[str], key: str, recipe: dict, 
     else:
         raise RecipeError(f"{key}: a per-layer list needs targets that are the decoder layers, got {targets!r}",
                           hint="targets: ['re:model.layers.\\d+$'] (one value per decoder layer), or use one sparsity")
-    recipe["overrides"] = [{"blocks": [b], "sparsity": v} for b, v in zip(blocks, values)]
+    recipe["overrides"] = [{"blocks": [b], "sparsity": v} for b, v in zip(blocks, values, strict=False)]
     reading.parts.append(f"per-layer sparsity {values} -> overrides for blocks {blocks}")
 
 

@@ -49,7 +49,7 @@ def dry_run(request: CompressRequest) -> dict:
     model = meta_model(source, request.config.dtype, offline)
     check_prunable(model, config.targets.include, config.activation is not None)
     if config.activation is not None:
-        if getattr(build_activation_method(config.activation.method, config.activation.options), "transform", False):
+        if build_activation_method(config.activation.method, config.activation.options).transforms_model:
             check_supported(model)
     if not check_resumable(request, source, device, backend):
         tokens = read_tokens(config, load_tokenizer(source, offline), hf_config, offline)

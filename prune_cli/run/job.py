@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from prune_cli.activation import build_activation_method
-from prune_cli.activation.methods import ActivationMethod
+from prune_cli.activation import ActivationMethod, build_activation_method
 from prune_cli.activation.transform import check_supported
 from prune_cli.calibrators.sources import Text
 from prune_cli.checkpoint.output import OutputTarget
@@ -109,7 +108,7 @@ def load_job(request: CompressRequest, source: ModelSource, device: torch.device
     if config.activation is not None:
         act_method = build_activation_method(config.activation.method, config.activation.options)
         act_targets = activation_targets(model, config.targets)
-        if getattr(act_method, "transform", False):
+        if act_method.transforms_model:
             check_supported(model)  # fail before any walk, not after
     t = read_tokens(config, opened.tokenizer, opened.config, offline)
     return Job(opened, saved, plan, act_method, act_targets, t.cal_text, t.cal_windows, t.val_windows, t.eval_text,

@@ -38,8 +38,6 @@ from prune_cli.gpu.backend import resolve_backend
 from prune_cli.model.source import offline_requested, resolve_source
 from prune_cli.recipe.plan import with_overrides
 from prune_cli.run.claim import check_data_parallel, claim_output, claimed_on_rank_0
-from prune_cli.run.dry_run import dry_run  # noqa: F401 - re-exported (prune_cli.cli)
-from prune_cli.run.evaluation import evaluate_checkpoint  # noqa: F401 - re-exported (prune_cli.cli)
 from prune_cli.run.events import Events, timed
 from prune_cli.run.fingerprint import dense_baseline, run_fingerprint
 from prune_cli.run.inputs import check_context, resolve_device, window_lengths
@@ -56,7 +54,7 @@ from prune_cli.streaming.loader import load_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompressRequest", "Events", "compress", "dry_run", "evaluate_checkpoint"]
+__all__ = ["CompressRequest", "Events", "compress"]
 
 
 def compress(request: CompressRequest, events: Events | None = None) -> dict:
@@ -269,7 +267,7 @@ def _stage_activation(run: Run, evaluation: Evaluation, output: Output) -> dict:
         with progress.walk("eval dense") as step:
             driver.walk(evaluation.pending, progress=step, timings=timings)
     prepare: Callable[[int, nn.Module], None] | None = None
-    if getattr(method, "transform", False):
+    if method.transforms_model:
         if driver.streamed:
             def prepare(index: int, block: nn.Module) -> None:
                 transform_block(block, driver.name(index))

@@ -15,8 +15,12 @@ sparsity, and the dense perplexity as a dashed line.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import math
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -85,10 +89,8 @@ def run_sweep(model: str | None, recipe: dict | None, base_overrides: dict, grid
     last: dict | None = None
     started = time.perf_counter()
     try:
-        import contextlib
-
         with baseline.scoped(scratch) if scratch is not None else contextlib.nullcontext():
-            for point, config in zip(grid, configs):
+            for point, config in zip(grid, configs, strict=False):
                 log.info("sweep: %s", _label(point))
                 output = keep / _label(point) if keep is not None else None
                 request = CompressRequest(config, model, output, overwrite, offline, max_memory=max_memory)
@@ -101,7 +103,6 @@ def run_sweep(model: str | None, recipe: dict | None, base_overrides: dict, grid
         raise
     finally:
         if scratch is not None:
-            import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
     return _report(configs[0], last, dense, runs, started)
@@ -171,8 +172,6 @@ def _report(first, last: dict, dense: dict, runs: list[dict], started: float) ->
 def check_plot_path(path: Path) -> None:
     """Refuse a ``--plot`` path that cannot be written, and a missing matplotlib, before the
     sweep runs (both were found after every point had run)."""
-    import importlib.util
-    import os
 
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -191,10 +190,10 @@ def check_plot_path(path: Path) -> None:
 def plot(report: dict, path: Path, title: str | None = None) -> Path:
     """Perplexity against sparsity (see the module docstring) as a PNG at ``path``."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - optional dependency (the plot extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - likewise
     except ImportError:
         raise RecipeError("the sweep plot needs matplotlib", hint="pip install 'prune-cli[plot]'") from None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -217,7 +216,7 @@ def plot(report: dict, path: Path, title: str | None = None) -> Path:
     if _ok(dense):
         ax.axhline(dense, color="gray", linestyle="--", label=f"dense ({dense:.2f})")
     if finite:
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: PLC0415 - optional dependency (the plot extra)
 
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from prune_cli.checkpoint.files import check_checkpoint_folder, tensor_digests
 from prune_cli.checkpoint.model_state import check_stored_shapes, empty_model
@@ -128,7 +129,6 @@ def _check_activation_file(folder: Path) -> None:
     """Every buffer of the checkpoint's activation file (thresholds, channel scales, low-rank
     factors, WINA's rotations) is finite (:func:`prune_cli.runtime.check_activation_buffers`),
     one tensor in memory at a time."""
-    from safetensors import safe_open
 
 
     path = folder / ACTIVATION_FILE

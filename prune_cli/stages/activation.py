@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prune_cli.activation.methods import ActivationMethod
+from prune_cli.activation import ActivationMethod
 from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.calibrators import layerwise, spill
 from prune_cli.core.errors import RecipeError
@@ -319,8 +319,7 @@ class ActivationStage(HiddenStage):
             )
             for t, module in fitted:
                 self.records[t.name] = {
-                    "name": t.name, "target_sparsity": round(self.sparsity[t.name], 6), "threshold": float(module.threshold),
-                    "rank": module.rank, **({"alpha": module.alpha} if hasattr(module, "alpha") else {}),
+                    "name": t.name, "target_sparsity": round(self.sparsity[t.name], 6), **self.method.fit_record(module),
                 }
         if index + 1 < self.driver.n_blocks:
             layerwise.propagate(block, self.batches, name=self.driver.name(index))

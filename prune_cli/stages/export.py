@@ -21,6 +21,8 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from prune_cli.activation.modules import unwrap_all
@@ -169,7 +171,6 @@ class ScratchBlocks:
 
     @torch.no_grad()
     def write_block(self, index: int, block: nn.Module) -> None:
-        from safetensors.torch import save_file
 
         prefix = self.driver.name(index)
         tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
@@ -232,7 +233,6 @@ class CheckpointWriter:
         wrapped = {f"{prefix}.{name}": m for name, m in wrappers.items()}
         tensors = activation_tensors(wrapped, rotations)
         if tensors:
-            from safetensors.torch import save_file
 
             save_file(tensors, str(self.work / f"activation-{index:05d}.safetensors"))
         self.blocks.add(index)
@@ -273,7 +273,6 @@ class CheckpointWriter:
     def _merge_activation(self) -> None:
         """Concatenate the per-block activation files into ``activation_sparsity.safetensors``
         (one block's tensors in memory at a time)."""
-        from safetensors import safe_open
 
 
         parts = sorted(self.work.glob("activation-*.safetensors"))

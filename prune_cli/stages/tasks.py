@@ -32,9 +32,14 @@ hub for their datasets unless they are in the local datasets cache.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -85,7 +90,7 @@ metric_list:
 
 def _require_lm_eval():
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401, PLC0415 - optional dependency (the eval extra)
     except ImportError:
         raise BadInputError("scoring tasks needs lm-eval-harness, which is not installed",
                             hint="pip install 'prune-cli[eval]' (lm-eval==0.4.13)") from None
@@ -113,7 +118,7 @@ class _LMBase:
     """What lm-eval reads from its model besides the three request methods."""
 
     def _init(self, tokenizer) -> None:
-        from lm_eval.api.model import CacheHook
+        from lm_eval.api.model import CacheHook  # noqa: PLC0415 - optional dependency (the eval extra)
 
         self._rank, self._world_size = 0, 1
         self.cache_hook = CacheHook(None)
@@ -145,7 +150,7 @@ class _LMBase:
 
 def _make_lm(answer):
     """An ``lm_eval.api.model.LM`` whose ``loglikelihood`` is ``answer(list of (context, continuation))``."""
-    from lm_eval.api.model import LM
+    from lm_eval.api.model import LM  # noqa: PLC0415 - optional dependency (the eval extra)
 
     class _Answering(_LMBase, LM):
         def __init__(self, tokenizer):
@@ -163,7 +168,7 @@ def _no_git_lookup():
     """lm-eval records the git commit of the working folder in its results (``git describe``
     in a subprocess), which prune-cli never reads: outside a git folder git prints ``fatal: not
     a git repository`` on our stderr. The lookup is replaced by None for the call."""
-    import lm_eval.evaluator as evaluator
+    import lm_eval.evaluator as evaluator  # noqa: PLC0415 - optional dependency (the eval extra)
 
     real = getattr(evaluator, "get_git_commit_hash", None)
     if real is None:  # another lm-eval layout: nothing to replace
@@ -192,7 +197,6 @@ class TaskSuite:
         self._task_manager = None
 
     def close(self) -> None:
-        import shutil
 
         shutil.rmtree(self._folder, ignore_errors=True)
 
@@ -203,7 +207,7 @@ class TaskSuite:
         return self._task_manager
 
     def _new_manager(self):
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # noqa: PLC0415 - optional dependency (the eval extra)
 
         include = [str(self._folder), *(str(p) for p in self.settings.include_path)]
         offline_only = all(t in OFFLINE_TASKS for t in self.settings.tasks)
@@ -217,20 +221,17 @@ class TaskSuite:
         return manager
 
     def _evaluate(self, lm) -> dict:
-        import os
 
-        import lm_eval
+        import lm_eval  # noqa: PLC0415 - optional dependency (the eval extra)
 
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
-            import datasets
+            import datasets  # noqa: PLC0415 - optional dependency (the data extra)
 
             datasets.disable_progress_bars()
         except ImportError:  # pragma: no cover - lm-eval depends on datasets
             pass
-        import contextlib
-        import io
 
         saved = {k: os.environ.get(k) for k in _QUIET_ENV}
         os.environ.update(_QUIET_ENV)
@@ -356,7 +357,7 @@ class TaskStage(EvalStage):
     def finish(self, driver: BlockDriver) -> None:
         answers: list[tuple[float, bool] | None] = [None] * len(self.encoded.spans)
         with driver.rounded_head(self.head_dtype), driver.head_on_device():
-            for batch, ids, rows in zip(self.batches, self.encoded.batches, self.encoded.rows):
+            for batch, ids, rows in zip(self.batches, self.encoded.batches, self.encoded.rows, strict=False):
                 for r, index in enumerate(rows):
                     start, end = self.encoded.spans[index]
                     row = ids[r : r + 1].to(driver.device)
@@ -402,13 +403,11 @@ class TaskRun:
 
     def fingerprint(self) -> dict:
         """The settings and the exact token ids of the requests (what the scores depend on)."""
-        import hashlib
 
         digest = hashlib.sha256()
         for batch in self.encoded.batches:
             digest.update(batch.numpy().tobytes())
         digest.update(repr(self.encoded.spans).encode())
-        from importlib.metadata import version
 
         return {**self.suite.settings.to_dict(), "requests": digest.hexdigest()[:16], "lm_eval": version("lm_eval")}
 
@@ -425,7 +424,7 @@ class TaskRun:
 
     def results(self, which: str) -> dict:
         """lm-eval's results for the answers the finished stage ``which`` computed."""
-        return self.suite.results(dict(zip(self.suite.requests(), self.stages[which].answers)))
+        return self.suite.results(dict(zip(self.suite.requests(), self.stages[which].answers, strict=False)))
 
     def report(self) -> dict:
         """The report's ``tasks`` part: settings, request and token counts, per scored model its

@@ -158,7 +158,7 @@ def test_gemv_shape_errors():
 def test_activation_threshold_is_the_quantile_threshold(dtype):
     """The k-th smallest of |x| (* scale) over all entries: the value quantile_threshold (the
     TEAL / WINA threshold) has always used, and a member of the scores."""
-    from prune_cli.activation.methods import quantile_threshold
+    from prune_cli.activation.base import quantile_threshold
 
     g = torch.Generator().manual_seed(2)
     x = (torch.randint(-4, 5, (3, 41, 70), generator=g).float() * 0.25).to(dtype)
