@@ -92,6 +92,12 @@ def decoder_blocks(model: nn.Module) -> Blocks:
     return found
 
 
+def as_blocks(model_or_blocks: nn.Module | Blocks) -> Blocks:
+    """``model_or_blocks`` if it is already the :class:`Blocks` (a walk passes the driver's),
+    else the decoder blocks found in the model."""
+    return model_or_blocks if isinstance(model_or_blocks, Blocks) else decoder_blocks(model_or_blocks)
+
+
 def fused_weights(block: nn.Module) -> dict[str, str]:
     """Weight tensors of ``block`` with three or more dimensions held outside ``nn.Linear``:
     ``name -> module type``. These are mixture-of-experts weights that transformers fuses into one

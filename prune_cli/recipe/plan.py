@@ -10,7 +10,7 @@ from prune_cli.core.errors import RecipeError
 from prune_cli.core.patterns import SparsityPattern, Unstructured
 from prune_cli.methods import WeightMethod, build_method
 from prune_cli.model.moe import router_names
-from prune_cli.model.structure import Blocks, block_linears, decoder_blocks
+from prune_cli.model.structure import Blocks, as_blocks, block_linears
 from prune_cli.recipe.config import Override, RunConfig
 
 
@@ -56,9 +56,10 @@ class Plan:
         ]
 
 
-def build_plan(model: nn.Module, config: RunConfig) -> Plan:
-    """Select the target Linears inside the decoder blocks and check the pattern fits each."""
-    blocks: Blocks = decoder_blocks(model)
+def build_plan(model: nn.Module | Blocks, config: RunConfig) -> Plan:
+    """Select the target Linears inside the decoder blocks (``model``'s, or the driver's
+    :class:`Blocks`) and check the pattern fits each."""
+    blocks = as_blocks(model)
     method = build_method(config.method, config.method_options)
     config.targets.check_selections(linear_names(blocks))
     layers = []

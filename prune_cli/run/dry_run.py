@@ -48,6 +48,7 @@ def dry_run(request: CompressRequest) -> dict:
         preflight(output_path(request.output), request.overwrite)
     model = meta_model(source, request.config.dtype, offline)
     check_prunable(model, config.targets.include, config.activation is not None)
+    blocks = decoder_blocks(model)  # found once: the plan, the targets and the summary read it
     if config.activation is not None:
         if build_activation_method(config.activation.method, config.activation.options).transforms_model:
             check_supported(model)
@@ -57,11 +58,10 @@ def dry_run(request: CompressRequest) -> dict:
             tokens.tasks.suite.close()
     out: dict = {"model": source.describe(), "method": config.method, "method_options": config.method_options, "layers": []}
     if config.method:
-        plan = build_plan(model, config)
+        plan = build_plan(blocks, config)
         out.update(blocks=f"{plan.blocks_path} x{plan.n_blocks}", target_params=plan.target_params, layers=plan.rows())
     if config.activation:
-        targets = activation_targets(model, config.targets)
-        blocks = decoder_blocks(model)
+        targets = activation_targets(blocks, config.targets)
         out["activation"] = config.activation.to_dict()
         out.setdefault("blocks", f"{blocks.path} x{len(blocks)}")
         out.setdefault("target_params", sum(t.params for t in targets))

@@ -103,11 +103,12 @@ def load_job(request: CompressRequest, source: ModelSource, device: torch.device
     if target is not None:
         target.check_free_space(checkpoint_bytes(weight_specs(opened.driver, saved)))
     check_prunable(model, config.targets.include, config.activation is not None)
-    plan = build_plan(model, config) if config.method else None
+    blocks = opened.driver.found  # the blocks the driver walks
+    plan = build_plan(blocks, config) if config.method else None
     act_targets = act_method = None
     if config.activation is not None:
         act_method = build_activation_method(config.activation.method, config.activation.options)
-        act_targets = activation_targets(model, config.targets)
+        act_targets = activation_targets(blocks, config.targets)
         if act_method.transforms_model:
             check_supported(model)  # fail before any walk, not after
     t = read_tokens(config, opened.tokenizer, opened.config, offline)

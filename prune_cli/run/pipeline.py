@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +49,6 @@ from prune_cli.stages.allocation import allocate_owl
 from prune_cli.stages.evaluate import EvalStage, Perplexity
 from prune_cli.stages.export import WORK_FOLDER, CheckpointWriter, RoundStage, ScratchBlocks, needs_rounding
 from prune_cli.stages.pruning import PruneStage
-from prune_cli.streaming.driver import Stage
 from prune_cli.streaming.loader import load_config
 
 log = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ def _stage_plan_evaluation(run: Run) -> Evaluation:
         out.dense_eval = EvalStage(local_eval, ev.batch_size, check_finite=True)
         out.compressed_eval = EvalStage(local_eval, ev.batch_size, tally=out.tally, head_dtype=head_dtype)
     out.pending = [out.dense_eval] if out.dense_eval else []
-    rounds = cast(Stage, RoundStage(job.save_dtype))  # a stage by its methods (begin, on_block, finish, state)
+    rounds = RoundStage(job.save_dtype)
     out.finishing = ([rounds] if rounding else []) + ([out.compressed_eval] if out.compressed_eval else [])
     if job.tasks is not None:
         out.dense_tasks = job.tasks.dense_stage()

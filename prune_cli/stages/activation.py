@@ -34,7 +34,7 @@ from prune_cli.activation.modules import SparseInputLinear
 from prune_cli.calibrators import layerwise, spill
 from prune_cli.core.errors import RecipeError
 from prune_cli.core.finite import check_finite_parameters, check_finite_tensor
-from prune_cli.model.structure import block_linears, decoder_blocks
+from prune_cli.model.structure import Blocks, as_blocks, block_linears
 from prune_cli.recipe.plan import linear_names
 from prune_cli.streaming.driver import HiddenStage, Stage, as_driver
 
@@ -52,11 +52,11 @@ class Target:
     params: int
 
 
-def activation_targets(model: nn.Module, selects) -> list[Target]:
+def activation_targets(model: nn.Module | Blocks, selects) -> list[Target]:
     """The Linears of the decoder blocks whose inputs get sparsified. ``selects``: the recipe's
     :class:`~prune_cli.recipe.config.Targets` (each of its patterns must select a Linear) or any
-    ``full name -> bool``."""
-    blocks = decoder_blocks(model)
+    ``full name -> bool``. ``model``: the model, or the driver's :class:`Blocks`."""
+    blocks = as_blocks(model)
     if hasattr(selects, "check_selections"):
 
         selects.check_selections(linear_names(blocks))

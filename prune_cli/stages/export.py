@@ -39,6 +39,7 @@ from prune_cli.core.records import json_ready
 from prune_cli.model.conv1d import stored_shape
 from prune_cli.model.structure import prepare_for_save
 from prune_cli.runtime import ACTIVATION_FILE, activation_tensors
+from prune_cli.streaming.driver import Stage
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def round_block(block: nn.Module, dtype: torch.dtype) -> None:
             tensor.data.copy_(tensor.data.to(dtype))
 
 
-class RoundStage:
+class RoundStage(Stage):
     """A walk stage: :func:`round_block` on every block (the export's dtype, before the
     compressed evaluation sees the block)."""
 
@@ -139,14 +140,8 @@ class RoundStage:
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
 
-    def begin(self, driver) -> None:
-        pass
-
     def on_block(self, index: int, block: nn.Module) -> None:
         round_block(block, self.dtype)
-
-    def finish(self, driver) -> None:
-        pass
 
     def state_dict(self) -> dict:
         return {}
