@@ -103,7 +103,7 @@ def test_calibrate_activation_passes_the_backend_to_every_fit():
 def test_compress_hands_its_backend_to_the_activation_stage(monkeypatch, tiny_llama_dir, method):
     """compress() gives the resolved backend to the activation stage: with the model backend
     standing in for CuPy, every threshold comes from it and the report is unchanged."""
-    import prune_cli.gpu.backend as backend_module
+    from prune_cli.run import pipeline
     from prune_cli.recipe.config import resolve
     from prune_cli.run.pipeline import CompressRequest, compress
 
@@ -111,7 +111,7 @@ def test_compress_hands_its_backend_to_the_activation_stage(monkeypatch, tiny_ll
                  "evaluation": {"enabled": False}}
     want = compress(CompressRequest(resolve(None, {**overrides, "backend": "torch"}), str(tiny_llama_dir), None))
     model_backend = ThresholdModelBackend()
-    monkeypatch.setattr(backend_module, "resolve_backend", lambda name, device: (model_backend, None))
+    monkeypatch.setattr(pipeline, "resolve_backend", lambda name, device: (model_backend, None))  # compress() resolves it there
     got = compress(CompressRequest(resolve(None, overrides), str(tiny_llama_dir), None))
     layers = want["activation"]["layers"]
     assert model_backend.calls == len(layers) > 0

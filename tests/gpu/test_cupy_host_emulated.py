@@ -323,14 +323,14 @@ def test_whole_compress_with_the_emulated_backend(emulated, monkeypatch, tiny_ll
     score tied with the cut-off within rounding may differ; on this model none does."""
     from safetensors.torch import load_file
 
-    from prune_cli.gpu import backend as backend_module
     from prune_cli.recipe.config import resolve
+    from prune_cli.run import pipeline
     from prune_cli.run.pipeline import CompressRequest, compress
 
     backend, log = emulated
-    real_resolve = backend_module.resolve_backend
+    real_resolve = pipeline.resolve_backend
     monkeypatch.setattr(
-        backend_module, "resolve_backend",
+        pipeline, "resolve_backend",  # where compress() resolves its backend
         lambda name, device: (backend, None) if name == "cupy" else real_resolve(name, device),
     )
     reports, weights = {}, {}
