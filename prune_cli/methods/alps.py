@@ -75,6 +75,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -323,7 +324,7 @@ class ALPS(WeightMethod):
         keep = project(state.B, pattern, self.scope)
         B, steps = refine_on_support(state.B * keep, C, gram, keep, self.pcg_steps, self.pcg_rtol)
         pruned = ((B / scale) * keep).to(weight.dtype)
-        info = {
+        info: dict[str, Any] = {  # counts, the stop reason and float objectives
             "iterations": state.iterations,
             "restarts": state.restarts,
             "stopped": state.stopped,

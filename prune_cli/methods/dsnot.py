@@ -359,9 +359,9 @@ class DSnoT(WeightMethod):
         first = 0
         for part in parts:  # write the taken swaps into each Linear's What / keep
             rows_here = part.W.shape[0]
-            c, r = taken[:, first : first + rows_here].nonzero(as_tuple=True)
-            j, k = j_cols[c, first + r], k_cols[c, first + r]
-            part.What[r, j] = w_j[c, first + r]
+            cycle, r = taken[:, first : first + rows_here].nonzero(as_tuple=True)
+            j, k = j_cols[cycle, first + r], k_cols[cycle, first + r]
+            part.What[r, j] = w_j[cycle, first + r]
             part.What[r, k] = 0
             part.keep[r, j] = True
             part.keep[r, k] = False
@@ -398,6 +398,7 @@ def _in_base_order(job: Job, result: PruneResult) -> Job:
     if perm is None:
         return job
     weight, stats, pattern = job
+    assert stats is not None  # prune_group refuses jobs without statistics before this
     return weight[:, perm], stats.permuted(perm), pattern
 
 
@@ -411,6 +412,7 @@ class _Part:
 
     def __init__(self, job: Job, initial: PruneResult, base: WeightMethod, m: int):
         weight, stats, _ = job
+        assert stats is not None  # prune_group refuses jobs without statistics before this
         self.stats = stats
         self.W = weight.detach().float()
         self.What = initial.weight.float()
@@ -465,6 +467,21 @@ class _Rows:
     (``(R, in)`` each): ``W``, ``What``, ``keep`` (updated in place), ``regrow_metric``,
     ``prune_metric``, ``base_score``, ``err`` (``(R,)``) and, guarded, the Gram matrices ``G``
     (``(n_inputs, in, in)``) with each row's index ``gid`` into them and ``Gd = d G``."""
+
+    sizes: list[int]
+    parts: list[_Part]
+    W: torch.Tensor
+    What: torch.Tensor
+    keep: torch.Tensor
+    regrow_metric: torch.Tensor
+    prune_metric: torch.Tensor
+    err: torch.Tensor
+    base_score: torch.Tensor
+    G: torch.Tensor | None  # guarded only (None otherwise), as Gd and gid
+    Gd: torch.Tensor | None
+    gid: torch.Tensor | None
+    G_flat: torch.Tensor  # guarded only (not set otherwise), as gram_offset
+    gram_offset: torch.Tensor
 
     @classmethod
     def stack(cls, parts: list[_Part], guarded: bool) -> _Rows:
@@ -557,6 +574,8 @@ class _SwapState:
         if self.method.mode == "reference":
             self.active = take  # the first refused swap stops the row
         else:
+            # guarded (mode != reference): _Rows.stack built the Gram matrices
+            assert d.G is not None and d.Gd is not None and d.gid is not None
             a, b = -w_j, what_k
             G, n, base = d.G_flat, d.G.shape[-1], d.gram_offset
             dE = (

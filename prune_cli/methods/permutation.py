@@ -145,7 +145,7 @@ def text_config(model: nn.Module):
 
 def layout_for(config) -> _Layout | None:
     """The verified fold layout of ``config``'s model type, or None (logged once by the caller)."""
-    return LAYOUTS.get(getattr(config, "model_type", None)) if config is not None else None
+    return LAYOUTS.get(getattr(config, "model_type", "")) if config is not None else None  # "" is no layout
 
 
 def _heads(config) -> tuple[int, int, int] | None:
@@ -180,9 +180,9 @@ def block_folds(linears: dict[str, nn.Linear], config) -> dict[str, Fold]:
         first = {"0": 0, "q+k": (n_heads + kv) * hd, "2hd": 2 * hd}[offset]
         query_heads = torch.arange(kv).unsqueeze(1) * n_rep + torch.arange(n_rep)  # (kv, n_rep)
         groups = query_heads.unsqueeze(2) * hd + torch.arange(hd)  # (kv, n_rep, hd)
-        rows = first + torch.arange(kv).unsqueeze(1) * (stride * hd) + torch.arange(hd)  # (kv, hd)
-        if linears[consumer].in_features == n_heads * hd and linears[producer].out_features >= int(rows.max()) + 1:
-            folds[consumer] = Fold(consumer, groups, ((producer, rows),))
+        kv_rows = first + torch.arange(kv).unsqueeze(1) * (stride * hd) + torch.arange(hd)  # (kv, hd)
+        if linears[consumer].in_features == n_heads * hd and linears[producer].out_features >= int(kv_rows.max()) + 1:
+            folds[consumer] = Fold(consumer, groups, ((producer, kv_rows),))
         else:
             log.debug("%s: shapes do not match the config's heads; its input is not permuted", consumer)
     return folds

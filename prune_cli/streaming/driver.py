@@ -210,6 +210,7 @@ class BlockDriver:
         self.resume: ResumeState | None = None  # walks keep and resume their state
         self.spill_folder: Path | None = None  # a folder: captured hidden states are kept there, not in memory
         self._walks = 0
+        self.templates: list[nn.Module] | None  # the blocks' meta templates when streamed
         if weights is not None:
             self.templates = list(self.found.modules)
             self.dtype = dtype or torch.float32
@@ -278,8 +279,9 @@ class BlockDriver:
                     continue
                 owner, _, leaf = name.rpartition(".")
                 holder = self.model.get_submodule(owner) if owner else self.model
-                tensor = holder._parameters.get(leaf)
+                tensor: torch.Tensor | None = holder._parameters.get(leaf)
                 tensor = holder._buffers.get(leaf) if tensor is None else tensor
+                assert tensor is not None  # state_names lists only parameters and buffers that are set
                 if tensor.is_floating_point() and tensor.dtype != dtype:
                     # streamed: the original is read back from the checkpoint (no second copy)
                     saved.append((tensor, name if self.weights is not None else tensor.detach().clone()))
@@ -291,8 +293,10 @@ class BlockDriver:
             with torch.no_grad():
                 for tensor, original in saved:
                     if isinstance(original, str):
-
+                        assert self.weights is not None  # names were saved only when streamed
                         found = source_name(self.weights, original, self.base_prefix)
+                        if found is None:  # a head tensor the source lacks: the source's lookup error, as before
+                            raise KeyError(found)
                         original = self.weights.read([found])[found]
                     tensor.data.copy_(original)
 
@@ -304,6 +308,7 @@ class BlockDriver:
         """Block ``index`` in place on the device for the duration: materialised from the source
         (streamed) or moved there (resident); dropped, or moved back, after."""
         if self.templates is not None:
+            assert self.weights is not None  # templates exist only when streamed
             block = copy.deepcopy(self.templates[index])
             materialize(block, self.name(index), self.weights, self.dtype, torch.device("cpu"), self.base_prefix)
             token = self.placement.move(block, self.device)

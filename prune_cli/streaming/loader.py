@@ -180,7 +180,7 @@ def load_model(source: ModelSource, dtype: str = "float32", offline: bool = Fals
         raise UnsupportedArchitectureError(
             f"transformers cannot build this model ({exc})", hint="check the model's config.json"
         ) from None
-    model = model.to(DTYPES[dtype]).eval()  # type: ignore[arg-type]  # transformers types .to() narrowly
+    model = model.to(DTYPES[dtype]).eval()
     linearize(model)
     tokenizer = load_tokenizer(source, offline)
     decoder_blocks(model)  # fail early on unsupported layouts
@@ -226,7 +226,7 @@ def compute_dtype(requested: str, stored: torch.dtype | None, device: torch.devi
     float32 when it is read (memory is per block, so that costs two blocks, not the model)."""
     if requested != "auto":
         return DTYPES[requested], None
-    dtype = stored if stored in DTYPE_NAMES_BY_DTYPE else torch.float32
+    dtype = stored if stored is not None and stored in DTYPE_NAMES_BY_DTYPE else torch.float32
     if device.type == "cpu" and dtype != torch.float32 and not fast_low_precision_on_cpu(dtype):
         return torch.float32, (f"computing in float32: the checkpoint is {DTYPE_NAMES_BY_DTYPE[dtype]}, which this CPU "
                                "has no fast matrix kernels for (pass --dtype to force it)")
@@ -237,7 +237,7 @@ def save_dtype(requested: str, stored: torch.dtype | None) -> torch.dtype:
     """The exported weights' dtype: ``auto`` is the checkpoint's own (a GGUF source: bfloat16)."""
     if requested != "auto":
         return DTYPES[requested]
-    return stored if stored in DTYPE_NAMES_BY_DTYPE else torch.bfloat16
+    return stored if stored is not None and stored in DTYPE_NAMES_BY_DTYPE else torch.bfloat16
 
 
 def local_folder(source: ModelSource, offline: bool) -> Path:
