@@ -44,7 +44,6 @@ a value of the wrong type (``method: [wanda]``) is a one-line RecipeError naming
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -63,6 +62,15 @@ from prune_cli.model.moe import MoeOptions
 from prune_cli.recipe import llmcompressor as llmcompressor_recipe
 from prune_cli.recipe import settings
 from prune_cli.recipe.tasks import TaskSettings
+from prune_cli.recipe.values import (
+    auto_number,
+    file_paths,
+    linear_regexes,
+    string_value,
+    task_limits,
+    task_names,
+)
+from prune_cli.recipe.yaml_text import DuplicateKeyError, RecipeLoader, recipe_text
 
 RECIPE_VERSION = 1
 
@@ -256,18 +264,6 @@ _kind = settings.kind_of  # how a wrongly typed value is named in an error: "a l
 _QUOTE_HINT = settings.QUOTE_HINT
 
 
-def _str(value: Any, key: str, optional: bool = False) -> str | None:
-    """``value`` if it is a string (or ``None`` when ``optional``); else a :class:`RecipeError`
-    naming ``key``. Names (method, device, ...) must be strings before they are looked up:
-    a YAML list or mapping is unhashable and would escape as a TypeError."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        scalar = not isinstance(value, (list, dict, type(None)))
-        raise RecipeError(f"{key} must be a string, got {_kind(value)}", hint=_QUOTE_HINT if scalar else None)
-    return value
-
-
 def _check_types(merged: dict) -> None:
     """Check the type (and allowed values) of every scalar setting of the merged recipe before
     any is used (:func:`prune_cli.recipe.settings.check`), so that a wrongly typed YAML value
@@ -329,66 +325,16 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
     return out
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first_line: int):
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.line, self.first_line = key, line, first_line
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any nesting level.
-
-    PyYAML keeps the last value silently, so ``sparsity: 0.5`` ... ``sparsity: 0.7`` would run
-    at 0.7 with nobody noticing. Keys brought in by a ``<<: *anchor`` merge are not counted:
-    overriding them with an explicit key is what merge keys are for.
-    """
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                try:
-                    if key in seen:
-                        raise _DuplicateKey(key, line, seen[key])
-                    seen[key] = line
-                except TypeError:  # an unhashable key: SafeConstructor reports it below
-                    continue
-        return super().construct_mapping(node, deep=deep)
-
-
-def _recipe_text(path: Path) -> str:
-    """The recipe file decoded as UTF-8, or a :class:`RecipeError` saying why it is not text."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
-    if b"\x00" in data:
-        raise RecipeError(f"{path} is a binary file, not a YAML recipe",
-                          hint="pass a YAML file, e.g. recipes/wanda-50.yaml")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(
-            f"{path}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            hint="save the recipe as UTF-8",
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
-
-
 def load_recipe(path: Path) -> dict:
     """Read a recipe file (UTF-8 YAML, strict keys, no duplicate keys, checked version); returns
     the raw mapping. Every problem with the file is a :class:`RecipeError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}", hint="pass a YAML file, e.g. recipes/wanda-50.yaml")
-    text = _recipe_text(path)
+    text = recipe_text(path)
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as exc:
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
         raise RecipeError(
             f"{path}: duplicate key {exc.key!r} at line {exc.line} (first at line {exc.first_line})",
             hint="give each key once per mapping",
@@ -407,52 +353,6 @@ def load_recipe(path: Path) -> dict:
         )
     _merge(DEFAULTS, data)  # key check with did-you-mean
     return data
-
-
-def _auto(value: Any) -> float | None:
-    """An ``auto-number`` setting's value (checked against the table): ``None`` for ``auto``."""
-    return None if value in ("auto", None) else float(value)
-
-def _paths(value: Any, key: str) -> tuple[Path, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (str, Path)):
-        value = [value]
-    if not isinstance(value, list):
-        raise RecipeError(f"{key} must be a list of file paths, got {_kind(value)}")
-    for i, item in enumerate(value):
-        if not isinstance(item, (str, Path)):
-            raise RecipeError(f"{key} must be a list of file paths, but item {i} is {_kind(item)}")
-    return tuple(Path(v) for v in value)
-
-
-REGEX_PREFIX = "re:"  # an explicit "this is a regular expression" mark; every pattern already is one
-
-
-def _regexes(value: Any, key: str) -> tuple[str, ...]:
-    """Regular expressions, searched in full Linear names. ``re:PATTERN`` is read as ``PATTERN``
-    (the patterns are regular expressions anyway; taken literally, the prefix would match no
-    name). An empty pattern (it would match every name) and a pattern listed twice are refused."""
-    single = isinstance(value, str)
-    if single:
-        value = [value]
-    if not isinstance(value, list):
-        raise RecipeError(f"{key} must be a list of regular expressions, got {_kind(value)}")
-    out: list[str] = []
-    for i, pattern in enumerate(value):
-        if not isinstance(pattern, str):
-            raise RecipeError(f"{key} must be a list of regular expressions, but item {i} is {_kind(pattern)}")
-        regex = pattern[len(REGEX_PREFIX):] if pattern.startswith(REGEX_PREFIX) else pattern
-        if not regex:
-            raise RecipeError(f"{key if single else f'{key}[{i}]'} is an empty pattern", hint="name Linears, e.g. 'mlp\\.down_proj'")
-        try:
-            re.compile(regex)
-        except re.error as exc:
-            raise RecipeError(f"{key}: bad regular expression {pattern!r} ({exc})") from None
-        if regex in out:
-            raise RecipeError(f"{key} lists {pattern!r} twice (items {out.index(regex)} and {i})")
-        out.append(regex)
-    return tuple(out)
 
 
 def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
@@ -502,11 +402,11 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
     if cal["text"] and cal["dataset"]:
         raise RecipeError("give calibration text files or a dataset, not both")
     _check_calibration_source(cal)
-    _check_text_files(_paths(cal["text"], "calibration.text"), _paths(ev["text"], "evaluation.text"), ev["enabled"])
+    _check_text_files(file_paths(cal["text"], "calibration.text"), file_paths(ev["text"], "evaluation.text"), ev["enabled"])
     gates = _gates(merged["gates"])
     if gates.active and not ev["enabled"]:
         raise RecipeError("a quality gate needs the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
-    tasks = _task_names(ev["tasks"], "evaluation.tasks")
+    tasks = task_names(ev["tasks"], "evaluation.tasks")
     if tasks and not ev["enabled"]:
         raise RecipeError("scoring tasks is part of the evaluation", hint="drop --no-eval (evaluation.enabled: false)")
     ungated = sorted(gates.gated_tasks() - set(tasks))
@@ -519,8 +419,8 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
         pattern=pattern,
         activation=activation,
         targets=Targets(
-            _regexes(merged["targets"]["include"], "targets.include"),
-            _regexes(merged["targets"]["exclude"], "targets.exclude"),
+            linear_regexes(merged["targets"]["include"], "targets.include"),
+            linear_regexes(merged["targets"]["exclude"], "targets.exclude"),
         ),
         owl=owl,
         overrides=overrides,
@@ -529,7 +429,7 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
             seqlen=cal["seqlen"],
             seed=cal["seed"],
             batch_size=cal["batch_size"],
-            text=_paths(cal["text"], "calibration.text"),
+            text=file_paths(cal["text"], "calibration.text"),
             dataset=cal["dataset"],
             split=cal["split"],
             column=cal["column"],
@@ -540,11 +440,11 @@ def resolve(recipe: dict | None, overrides: dict | None) -> RunConfig:
             windows=ev["windows"],
             seqlen=ev["seqlen"],
             batch_size=ev["batch_size"],
-            text=_paths(ev["text"], "evaluation.text"),
+            text=file_paths(ev["text"], "evaluation.text"),
             tasks=tasks,
             task_limit=ev["task_limit"],
             num_fewshot=ev["num_fewshot"],
-            task_include_path=_paths(ev["task_include_path"], "evaluation.task_include_path"),
+            task_include_path=file_paths(ev["task_include_path"], "evaluation.task_include_path"),
         ),
         device=merged["device"],
         dtype=merged["dtype"],
@@ -562,7 +462,7 @@ def _check_calibration_source(cal: dict) -> None:
     """``calibration.split``, ``column`` and ``chat_template`` select within a dataset or
     ``.jsonl`` files: given (other than their defaults) where the calibration text has none,
     they would be ignored without a word, so they are refused."""
-    paths = _paths(cal["text"], "calibration.text")
+    paths = file_paths(cal["text"], "calibration.text")
     jsonl = any(p.suffix == ".jsonl" for p in paths)
     source = "plain text files (no .jsonl)" if paths else "the bundled text"
     if cal["chat_template"] and not jsonl:
@@ -599,33 +499,8 @@ def _gates(section: dict) -> Gates:
         raise RecipeError(f"gates.max_ppl_ratio must be a positive number, got {ratio!r}",
                           hint="e.g. --max-ppl-ratio 1.5: the compressed perplexity at most 1.5x the dense")
     return Gates(max_ppl_ratio=None if ratio is None else float(ratio),
-                 min_task_score=_task_limits(section["min_task_score"], "gates.min_task_score"),
-                 max_task_drop=_task_limits(section["max_task_drop"], "gates.max_task_drop"))
-
-
-def _task_limits(value: Any, key: str) -> dict[str, float]:
-    """``{TASK[:METRIC]: number}`` (a gate per task metric; at least the setting's minimum)."""
-    minimum = settings.setting(key).minimum
-    if not isinstance(value, dict):
-        raise RecipeError(f"{key} must be a mapping of TASK[:METRIC] to a number, got {_kind(value)}")
-    out = {}
-    for name, limit in value.items():
-        if not isinstance(name, str) or not name.split(":")[0]:
-            raise RecipeError(f"{key}: task names must be strings, got {name!r}")
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
-                or (minimum is not None and limit < minimum):
-            raise RecipeError(f"{key}.{name} must be a {'non-negative ' if minimum is not None else ''}number, got {limit!r}",
-                              hint="e.g. --max-task-drop prune_cloze=0.05 (absolute, in the metric's units)")
-        out[name] = float(limit)
-    return out
-
-
-def _task_names(value: Any, key: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise RecipeError(f"{key} must be a list of task names, got {value!r}", hint="e.g. tasks: [prune_cloze]")
-    return tuple(dict.fromkeys(v.strip() for v in value))
+                 min_task_score=task_limits(section["min_task_score"], "gates.min_task_score"),
+                 max_task_drop=task_limits(section["max_task_drop"], "gates.max_task_drop"))
 
 
 def _activation(section: dict) -> ActivationConfig | None:
@@ -647,7 +522,7 @@ def _owl(section: dict, pattern: SparsityPattern) -> OwlSettings | None:
         return None
     if not isinstance(pattern, Unstructured):
         raise RecipeError("layerwise owl needs an unstructured pattern", hint="drop --pattern N:M or --layerwise owl")
-    return OwlSettings(m=_auto(section["m"]), lam=_auto(section["lambda"]), validation_windows=section["validation_windows"])
+    return OwlSettings(m=auto_number(section["m"]), lam=auto_number(section["lambda"]), validation_windows=section["validation_windows"])
 
 
 SPARSITY = settings.setting("sparsity")
@@ -675,8 +550,8 @@ def _overrides(entries: Any, pattern: SparsityPattern) -> tuple[Override, ...]:
             raise RecipeError(f"overrides[{i}].blocks must be block indices")
         match = entry.get("match")
         if match is not None:
-            _str(match, f"overrides[{i}].match")
-            (match,) = _regexes(match, f"overrides[{i}].match")
+            string_value(match, f"overrides[{i}].match")
+            (match,) = linear_regexes(match, f"overrides[{i}].match")
         if not blocks and match is None:
             raise RecipeError(f"overrides[{i}] needs blocks or match")
         out.append(Override(float(sparsity), tuple(blocks), match))
