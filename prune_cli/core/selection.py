@@ -18,6 +18,13 @@ def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") ->
 
     Ties are broken by index: among equal scores the lower index is removed first (a stable
     ascending sort), so every backend produces the same mask bit for bit.
+
+    How it is computed: ``Unstructured`` selects by threshold in O(n) instead of sorting
+    (see :func:`_remove_lowest`): the k-th smallest score ``t`` (``torch.kthvalue``, per row
+    or over the flattened matrix), every score below ``t`` removed, and of the scores equal
+    to ``t`` the lowest indices, as many as still needed; this is exactly the first ``k`` of
+    the stable ascending sort, ties, -0.0 == +0.0 and ±inf included. A score holding NaN
+    (which the sort places last) takes the sort itself. ``NM`` sorts each group of ``m``.
     """
     out_features, in_features = score.shape
     keep = torch.ones_like(score, dtype=torch.bool)
@@ -25,13 +32,20 @@ def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") ->
         if scope == "row":
             k = int(in_features * pattern.sparsity)
             if k:
-                order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-                keep.scatter_(1, order, False)
+                if _has_nan(score):
+                    order = torch.sort(score, dim=1, stable=True).indices[:, :k]
+                    keep.scatter_(1, order, False)
+                else:
+                    keep = ~_remove_lowest(score, k)
         elif scope == "matrix":
             k = int(score.numel() * pattern.sparsity)
             if k:
-                order = torch.sort(score.reshape(-1), stable=True).indices[:k]
-                keep.view(-1)[order] = False
+                flat = score.reshape(1, -1)
+                if _has_nan(score):
+                    order = torch.sort(flat[0], stable=True).indices[:k]
+                    keep.view(-1)[order] = False
+                else:
+                    keep = ~_remove_lowest(flat, k).view(out_features, in_features)
         else:
             raise ValueError(f"unknown scope {scope!r}")
         return keep
@@ -43,3 +57,27 @@ def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") ->
         keep.view(out_features, -1, pattern.m).scatter_(2, order, False)
         return keep
     raise TypeError(f"not a sparsity pattern: {pattern!r}")
+
+
+def _has_nan(score: torch.Tensor) -> bool:
+    """Whether ``score`` holds a NaN (then the threshold is undefined: the sort decides)."""
+    return score.is_floating_point() and bool(torch.isnan(score).any())
+
+
+def _remove_lowest(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """REMOVE mask of the ``k`` lowest scores of every row of ``rows`` (2-D, no NaN, ``k >= 1``).
+
+    Equal to marking the first ``k`` indices of ``torch.sort(rows, dim=1, stable=True)``:
+    with ``t`` the k-th smallest value of the row, every score ``< t`` comes before ``t`` in
+    the sort, and the scores ``== t`` follow in index order, so the lowest-index ones fill
+    the ``k - count(< t)`` places left. Comparisons treat -0.0 and +0.0 as equal, as the sort
+    does.
+    """
+    threshold = torch.kthvalue(rows, k, dim=1, keepdim=True).values
+    below = rows < threshold
+    still_needed = k - below.sum(dim=1, keepdim=True)
+    at_threshold = rows == threshold
+    # int32 running count is exact while a row is shorter than 2**31.
+    count_dtype = torch.int32 if rows.shape[1] < 2**31 else torch.int64
+    tie_rank = torch.cumsum(at_threshold, dim=1, dtype=count_dtype)
+    return below | (at_threshold & (tie_rank <= still_needed))

@@ -1,0 +1,164 @@
+"""The threshold selection of ``select`` gives the same masks as the stable sort it replaced."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+from prune_cli.core.patterns import NM, SparsityPattern, Unstructured
+from prune_cli.core.selection import select
+
+INF = float("inf")
+NAN = float("nan")
+SHAPES = [(1, 1), (1, 7), (1, 64), (7, 1), (5, 33), (16, 16), (3, 129), (64, 31)]
+SPARSITIES = [0.0, 0.001, 0.01, 0.5, 0.9, 0.999]
+SCOPES = ["row", "matrix"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def reference_select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") -> torch.Tensor:
+    """The sort-based ``select`` as it was before the threshold selection (kept verbatim)."""
+    out_features, in_features = score.shape
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if isinstance(pattern, Unstructured):
+        if scope == "row":
+            k = int(in_features * pattern.sparsity)
+            if k:
+                order = torch.sort(score, dim=1, stable=True).indices[:, :k]
+                keep.scatter_(1, order, False)
+        elif scope == "matrix":
+            k = int(score.numel() * pattern.sparsity)
+            if k:
+                order = torch.sort(score.reshape(-1), stable=True).indices[:k]
+                keep.view(-1)[order] = False
+        else:
+            raise ValueError(f"unknown scope {scope!r}")
+        return keep
+    if isinstance(pattern, NM):
+        pattern.check_fits(in_features)
+        groups = score.reshape(out_features, in_features // pattern.m, pattern.m)
+        prune = pattern.m - pattern.n_keep
+        order = torch.sort(groups, dim=2, stable=True).indices[:, :, :prune]
+        keep.view(out_features, -1, pattern.m).scatter_(2, order, False)
+        return keep
+    raise TypeError(f"not a sparsity pattern: {pattern!r}")
+
+
+def assert_same(score: torch.Tensor, sparsity: float, scope: str) -> None:
+    pattern = Unstructured(sparsity)
+    got = select(score, pattern, scope)
+    want = reference_select(score, pattern, scope)
+    assert got.dtype == torch.bool and got.shape == score.shape
+    assert torch.equal(got, want), (score.dtype, tuple(score.shape), sparsity, scope)
+
+
+def _generator(*key: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_random_scores(dtype, shape, scope):
+    score = torch.randn(shape, generator=_generator("random", dtype, shape, scope)).to(dtype)
+    for sparsity in SPARSITIES:
+        assert_same(score, sparsity, scope)
+        assert_same(score.abs(), sparsity, scope)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("levels", [1, 2, 3, 10])
+def test_heavy_ties(dtype, shape, scope, levels):
+    score = torch.randint(0, levels, shape, generator=_generator("ties", dtype, shape, scope, levels)).to(dtype)
+    for sparsity in SPARSITIES:
+        assert_same(score, sparsity, scope)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1.5, -3.0, INF, -INF])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_all_equal(value, scope):
+    score = torch.full((6, 25), value)
+    for sparsity in SPARSITIES:
+        assert_same(score, sparsity, scope)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_signed_zeros(dtype, scope):
+    # -0.0 and +0.0 compare equal: the sort keeps them in index order, so must the threshold.
+    gen = _generator("zeros", dtype, scope)
+    signs = torch.randint(0, 2, (9, 40), generator=gen).bool()
+    score = torch.where(signs, torch.tensor(-0.0), torch.tensor(0.0))
+    mixed = torch.where(torch.rand(9, 40, generator=gen) < 0.3, torch.randn(9, 40, generator=gen), score)
+    for candidate in (score.to(dtype), mixed.to(dtype)):
+        for sparsity in SPARSITIES:
+            assert_same(candidate, sparsity, scope)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_infinities(dtype, scope):
+    gen = _generator("inf", dtype, scope)
+    score = torch.randint(-1, 2, (8, 37), generator=gen).float()
+    score = torch.where(
+        score > 0, torch.tensor(INF), torch.where(score < 0, torch.tensor(-INF), torch.randn(8, 37, generator=gen))
+    )
+    for sparsity in SPARSITIES:
+        assert_same(score.to(dtype), sparsity, scope)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("nan_share", [0.01, 0.3, 1.0])
+def test_nan_counts_as_largest(dtype, scope, nan_share):
+    gen = _generator("nan", dtype, scope, nan_share)
+    score = torch.randint(0, 3, (7, 41), generator=gen).float()
+    score[torch.rand(7, 41, generator=gen) < nan_share] = NAN
+    score[0, 0] = NAN  # at least one NaN
+    score[1, :5] = torch.tensor([INF, -INF, 0.0, -0.0, NAN])
+    for sparsity in SPARSITIES:
+        assert_same(score.to(dtype), sparsity, scope)
+
+
+def test_sparsity_zero_is_a_no_op():
+    score = torch.randn(4, 9)
+    for scope in SCOPES:
+        assert select(score, Unstructured(0.0), scope).all()
+    # floor(1 * 0.5) == 0 weights of a one-column row: nothing removed
+    assert select(score[:, :1], Unstructured(0.5), "row").all()
+
+
+def test_large_row_and_matrix_match():
+    gen = _generator("large")
+    score = torch.randn(32, 4096, generator=gen)
+    score[:, ::7] = torch.randint(0, 4, (32, len(range(0, 4096, 7))), generator=gen).float()
+    for sparsity, scope in itertools.product([0.3, 0.5, 0.7], SCOPES):
+        assert_same(score, sparsity, scope)
+
+
+def test_non_contiguous_score():
+    score = torch.randint(0, 3, (40, 24), generator=_generator("transposed")).float().t()
+    for sparsity in SPARSITIES:
+        assert_same(score, sparsity, "row")
+        # the sort path could not view a transposed mask flat; compare with the contiguous copy
+        pattern = Unstructured(sparsity)
+        assert torch.equal(select(score, pattern, "matrix"), reference_select(score.contiguous(), pattern, "matrix"))
+
+
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4), NM(4, 8)])
+def test_nm_unchanged(pattern):
+    score = torch.randint(0, 3, (6, 32), generator=_generator("nm", pattern)).float()
+    score[0, 0] = NAN
+    assert torch.equal(select(score, pattern), reference_select(score, pattern))
+
+
+def test_unknown_scope_and_pattern():
+    with pytest.raises(ValueError, match="unknown scope"):
+        select(torch.randn(2, 4), Unstructured(0.5), "column")
+    with pytest.raises(TypeError, match="not a sparsity pattern"):
+        select(torch.randn(2, 4), "2:4", "row")  # type: ignore[arg-type]
