@@ -4,7 +4,7 @@
 # them with an import hook that import-linter cannot follow, so a copy is checked).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-bin="${1:-$root/.venv/bin}"
+bin="$(cd "${1:-$root/.venv/bin}" && pwd)"  # absolute: the check runs in a temporary folder
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 cp -r "$root/prune_cli" "$tmp/prune_cli"

@@ -103,8 +103,8 @@ def test_calibrate_activation_passes_the_backend_to_every_fit():
 def test_compress_hands_its_backend_to_the_activation_stage(monkeypatch, tiny_llama_dir, method):
     """compress() gives the resolved backend to the activation stage: with the model backend
     standing in for CuPy, every threshold comes from it and the report is unchanged."""
-    from prune_cli.run import pipeline
     from prune_cli.recipe.config import resolve
+    from prune_cli.run import pipeline
     from prune_cli.run.pipeline import CompressRequest, compress
 
     overrides = {"method": method, "sparsity": 0.4, "device": "cpu", "calibration": {"samples": 2, "seqlen": 16},
