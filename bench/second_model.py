@@ -2,7 +2,7 @@
 and Gemma 3 270M (sliding-window + global attention, 262k vocabulary, a tokenizer that adds BOS).
 
     python bench/second_model.py [--models smollm2 gemma3] [--seeds 0 1 2] [--only NAME ...]
-                                 [--out docs/second_model.json]
+                                 [--skip-no-bos] [--out docs/second_model.json]
 
 Every run is one ``prune-cli compress MODEL ... --json`` process (as a user runs it): calibration
 16 x 256 tokens of the bundled calibration text (seed from ``--seeds``), evaluation 8 x 256 tokens
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the method names to run")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "second_model.json")
+    parser.add_argument("--skip-no-bos", action="store_true", help="no extra --bos never run (a BOS model's)")
     args = parser.parse_args()
     cli = Path(sys.executable).with_name("prune-cli")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -117,7 +118,7 @@ def main() -> None:
                 for seed in args.seeds:
                     runs[f"seed {seed}"] = run_one(cli, model, [*method_args, "--seed", str(seed)], work)
                     print(name, method, f"seed {seed}", json.dumps(runs[f"seed {seed}"]["compressed"]), flush=True)
-                if any(r["bos"] for r in runs.values()):  # SmolLM2's windows have no BOS already
+                if not args.skip_no_bos and any(r["bos"] for r in runs.values()):  # SmolLM2's have no BOS already
                     runs["no bos, seed 0"] = run_one(cli, model, [*method_args, "--seed", "0", "--bos", "never"], work)
                     print(name, method, "no bos", runs["no bos, seed 0"]["compressed"], flush=True)
                 rows[method] = runs
