@@ -26,7 +26,6 @@ asked for (``cupy``) or may be chosen (``auto`` with a CUDA device).
 
 from __future__ import annotations
 
-import difflib
 import logging
 from typing import Protocol, Union, runtime_checkable
 
@@ -35,6 +34,7 @@ import torch
 from prune_cli.core.errors import BackendUnavailableError, UnknownNameError
 from prune_cli.core.names import BACKEND_NAMES
 from prune_cli.core.patterns import SparsityPattern
+from prune_cli.core.registry import closest
 from prune_cli.gpu.availability import CupyUnavailable
 from prune_cli.gpu.torch_backend import TorchBackend
 
@@ -173,10 +173,10 @@ def resolve_backend(name: str | None, device: DeviceLike) -> tuple[Backend, str 
     """
     key = (name or "auto").strip().lower()
     if key not in BACKEND_NAMES:
-        close = difflib.get_close_matches(key, BACKEND_NAMES, n=1)
+        close = closest(key, BACKEND_NAMES)
         raise UnknownNameError(
             f"unknown backend {name!r}",
-            hint=f"did you mean {close[0]!r}?" if close else f"backends: {', '.join(BACKEND_NAMES)}",
+            hint=f"did you mean {close!r}?" if close else f"backends: {', '.join(BACKEND_NAMES)}",
         )
     dev = normalize_device(device)
     if key == "torch":

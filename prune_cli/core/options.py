@@ -4,10 +4,10 @@ whose fields are its recipe options."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from prune_cli.core.errors import RecipeError
+from prune_cli.core.registry import closest
 
 
 def build_from_options(cls, options: dict[str, Any] | None):
@@ -15,8 +15,8 @@ def build_from_options(cls, options: dict[str, Any] | None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in options:
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"options of {cls.name}: {', '.join(fields) or 'none'}"
+            close = closest(key, fields)
+            hint = f"did you mean {close!r}?" if close else f"options of {cls.name}: {', '.join(fields) or 'none'}"
             raise RecipeError(f"unknown option {key!r} for method {cls.name}", hint=hint)
     try:
         obj = cls(**options)

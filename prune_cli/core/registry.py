@@ -11,11 +11,18 @@ from prune_cli.core.errors import UnknownNameError
 T = TypeVar("T")
 
 
+def closest(name: str, choices, cutoff: float = 0.6) -> str | None:
+    """The choice most like ``name`` (``difflib``'s ratio at least ``cutoff``), or ``None``."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    """The hint for an unknown name: the closest choice, if any, and every choice."""
+    close = closest(name, choices, cutoff=0.5)
     options = ", ".join(sorted(choices))
     if close:
-        return f"did you mean {close[0]!r}? (choices: {options})"
+        return f"did you mean {close!r}? (choices: {options})"
     return f"choices: {options}"
 
 
