@@ -10,6 +10,8 @@ a read and a write per batch and pass.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 from pathlib import Path
 
@@ -78,3 +80,71 @@ def human(n: float) -> str:
     if n < 1e6:
         return f"{n / 1e3:.0f} kB"
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+TRIM_FRACTION = 0.5  # of the memory limit: above it, freed memory goes back to the system after each block
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` (musl, macOS, Windows: their allocators differ)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory the C allocator holds but no longer uses back to the operating system;
+    whether this allocator can (glibc's ``malloc_trim(0)``: every whole free page of every arena).
+
+    Why it is needed: a CLI run keeps freed memory in the heap on purpose
+    (:func:`prune_cli.core.allocator.keep_freed_memory`: no ``mmap``-ed blocks, the heap top never
+    trimmed), which saves the page faults of re-allocating, but holds the high-water mark of
+    every transient, fragmented among live tensors. Streaming 40 blocks of a 0.9 GB model, the
+    live heap peaked at 364 MiB while the resident anonymous memory reached 620-660 MiB, inside
+    45 MiB of a 700 MiB cgroup (``tests/integration/test_memory_limit.py``); ``malloc_trim``
+    releases free pages whatever the trim threshold says. Why not always: memory handed back is
+    faulted in again by the next block, which cost that run 15-20% of its time."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def resident_anonymous_bytes() -> int | None:
+    """This process's resident anonymous memory (``RssAnon`` of ``/proc/self/status``): what a
+    memory limit cannot reclaim. ``None`` where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class FreedMemory:
+    """Keeps a streamed walk's resident memory near its live data when memory is tight.
+
+    :meth:`after_block` trims the allocator (:func:`release_freed_memory`) once the resident
+    anonymous memory exceeds ``fraction`` of ``limit`` (default: :func:`memory_limit`); with
+    room to spare it costs one read of ``/proc/self/status``. ``trims`` counts what it did."""
+
+    def __init__(self, limit: int | None = None, fraction: float = TRIM_FRACTION):
+        self.threshold = int((limit if limit is not None else memory_limit()) * fraction)
+        self.trims = 0
+
+    def after_block(self) -> bool:
+        resident = resident_anonymous_bytes()
+        if resident is None or resident <= self.threshold:
+            return False
+        if release_freed_memory():
+            self.trims += 1
+            return True
+        return False

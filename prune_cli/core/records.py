@@ -73,10 +73,9 @@ def masks_digest(layers: list[LayerRecord]) -> str | None:
 def tensor_sha256(t) -> str:
     """First 16 hex digits of the sha256 of a tensor's bytes (on the CPU, contiguous)."""
 
-    data = t.detach().contiguous().cpu()
-    if data.dtype == torch.bool:
-        data = data.to(torch.uint8)
-    return hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    data = t.detach().contiguous().cpu().reshape(-1)
+    # a bool is one byte holding 0 or 1, so its bytes are those of .to(uint8); hashed in place, not copied
+    return hashlib.sha256(data.view(torch.uint8).numpy()).hexdigest()[:16]
 
 
 @dataclass

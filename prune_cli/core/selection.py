@@ -27,28 +27,23 @@ def select(score: torch.Tensor, pattern: SparsityPattern, scope: str = "row") ->
     (which the sort places last) takes the sort itself. ``NM`` sorts each group of ``m``.
     """
     out_features, in_features = score.shape
-    keep = torch.ones_like(score, dtype=torch.bool)
     if isinstance(pattern, Unstructured):
         if scope == "row":
             k = int(in_features * pattern.sparsity)
-            if k:
-                if _has_nan(score):
-                    order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-                    keep.scatter_(1, order, False)
-                else:
-                    keep = ~_remove_lowest(score, k)
+            rows = score
         elif scope == "matrix":
             k = int(score.numel() * pattern.sparsity)
-            if k:
-                flat = score.reshape(1, -1)
-                if _has_nan(score):
-                    order = torch.sort(flat[0], stable=True).indices[:k]
-                    keep.view(-1)[order] = False
-                else:
-                    keep = ~_remove_lowest(flat, k).view(out_features, in_features)
+            rows = score.reshape(1, -1)
         else:
             raise ValueError(f"unknown scope {scope!r}")
-        return keep
+        if not k:
+            return torch.ones_like(score, dtype=torch.bool)
+        if _has_nan(score):
+            keep = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+            keep.scatter_(1, torch.sort(rows, dim=1, stable=True).indices[:, :k], False)
+            return keep.view(out_features, in_features)
+        return _remove_lowest(rows, k).logical_not_().view(out_features, in_features)
+    keep = torch.ones_like(score, dtype=torch.bool)
     if isinstance(pattern, NM):
         pattern.check_fits(in_features)
         groups = score.reshape(out_features, in_features // pattern.m, pattern.m)
@@ -80,4 +75,7 @@ def _remove_lowest(rows: torch.Tensor, k: int) -> torch.Tensor:
     # int32 running count is exact while a row is shorter than 2**31.
     count_dtype = torch.int32 if rows.shape[1] < 2**31 else torch.int64
     tie_rank = torch.cumsum(at_threshold, dim=1, dtype=count_dtype)
-    return below | (at_threshold & (tie_rank <= still_needed))
+    # in place: each temporary of a (out, in) matrix costs a mid-sized allocation the C
+    # allocator keeps, and a streamed run's resident memory is what a memory limit counts
+    at_threshold &= tie_rank <= still_needed
+    return below.logical_or_(at_threshold)

@@ -147,7 +147,7 @@ class ScoreMethod(WeightMethod):
             mask = backend.select_mask(score, pattern, self.selection_scope())
         else:
             mask = select(score, pattern, self.selection_scope())
-        return PruneResult(weight * mask.to(weight.dtype), mask)
+        return PruneResult(weight * mask, mask)  # bool promotes per element, no float copy of the mask
 
 
 # The registry of weight methods by their recipe/CLI names; ``prune_cli.methods`` registers them.

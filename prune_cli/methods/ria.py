@@ -139,4 +139,4 @@ class RIA(ScoreMethod):
             mask = backend.select_mask(score, pattern, self.selection_scope())
         else:
             mask = select(score, pattern, self.selection_scope())
-        return PruneResult(weight * mask.to(weight.dtype), mask)
+        return PruneResult(weight * mask, mask)  # bool promotes per element, no float copy of the mask

@@ -36,4 +36,4 @@ class Wanda(ScoreMethod):
         if stats is None:
             raise RuntimeError("wanda needs input statistics")
         mask = backend.wanda_mask(weight, stats.norm.to(weight.device), pattern)  # score fused, never stored
-        return PruneResult(weight * mask.to(weight.dtype), mask)
+        return PruneResult(weight * mask, mask)  # bool promotes per element, no float copy of the mask

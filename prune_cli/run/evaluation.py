@@ -8,6 +8,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from prune_cli.activation.modules import SparsityTally
@@ -36,7 +37,7 @@ def zero_fractions(prefix: str, block: nn.Module) -> list[LayerRecord]:
     records = []
     for local, linear in block_linears(block).items():
         w = linear.weight.data
-        zeros = float((w == 0).sum()) / w.numel()
+        zeros = float(w.numel() - torch.count_nonzero(w)) / w.numel()
         records.append(LayerRecord(f"{prefix}.{local}", (w.shape[0], w.shape[1]), "-", "measured", 0.0, zeros))
     return records
 

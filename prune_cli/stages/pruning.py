@@ -34,7 +34,7 @@ def check_mask(mask: torch.Tensor, pattern, name: str) -> None:
         if not bool((kept == pattern.n_keep).all()):
             raise RuntimeError(f"{name}: mask violates {pattern.describe()}")
     elif isinstance(pattern, Unstructured):
-        pruned = int((~mask).sum())
+        pruned = mask.numel() - int(mask.sum())
         expected = pattern.sparsity * mask.numel()
         if abs(pruned - expected) > out_features + 1:
             raise RuntimeError(f"{name}: pruned {pruned} weights, expected about {expected:.0f}")
@@ -131,7 +131,7 @@ class PruneStage(HiddenStage):
                 result = results.pop(lp.local_name)
                 check_mask(result.mask, lp.pattern, lp.name)
                 linear.weight.data.copy_(result.weight)
-                zeros = float((linear.weight.data == 0).sum()) / linear.weight.numel()
+                zeros = float(linear.weight.numel() - torch.count_nonzero(linear.weight.data)) / linear.weight.numel()
                 self.records.append(
                     LayerRecord(lp.name, (lp.out_features, lp.in_features), lp.method.name, lp.pattern.describe(),
                                 lp.pattern.target_sparsity, zeros, tensor_sha256(result.mask), tensor_sha256(linear.weight),

@@ -48,6 +48,7 @@ from prune_cli.checkpoint.model_state import materialize, source_name, state_nam
 from prune_cli.checkpoint.resume import ResumeState
 from prune_cli.checkpoint.weights import WeightSource
 from prune_cli.core import stopping
+from prune_cli.core.memory import FreedMemory
 from prune_cli.model.structure import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class BlockDriver:
         self.resume: ResumeState | None = None  # walks keep and resume their state
         self.spill_folder: Path | None = None  # a folder: captured hidden states are kept there, not in memory
         self._walks = 0
+        self.freed_memory = FreedMemory()  # under a tight memory limit, freed memory goes back after each block
         self.templates: list[nn.Module] | None  # the blocks' meta templates when streamed
         if weights is not None:
             self.templates = list(self.found.modules)
@@ -400,6 +402,8 @@ class BlockDriver:
                         progress(index)
                 return
         clock = _Clock(timings)
+        if self.streamed:
+            self.freed_memory.after_block()  # what loading and the last walk left behind
         for stage in stages:
             with clock(stage):
                 stage.begin(self)
@@ -431,6 +435,9 @@ class BlockDriver:
                     entered.__exit__(None, None, None)
                     raise
                 entered.__exit__(None, None, None)
+                if self.streamed:
+                    del block  # its tensors are free now: under a tight limit, hand them back
+                    self.freed_memory.after_block()
                 if resume is not None and position + 1 < len(order):
                     with clock("resume"):
                         resume.block_done(walk_id, position + 1, stages, force=stopping.pending())
