@@ -2,7 +2,8 @@
 calibration activations of a job take, and sizes as people write them (``--max-memory 8GB``).
 
 Everything else a streamed run holds is bounded by the model's shape, not its depth: the parts
-outside the decoder blocks (embeddings, final norm, ``lm_head``) and two blocks. The token
+outside the decoder blocks (embeddings, final norm; an untied ``lm_head`` only while the head is
+used, after a walk's blocks) and two blocks. The token
 windows' hidden states are what grows with the calibration settings; when their estimate exceeds
 the budget they are kept on disk (:mod:`prune_cli.calibrators.spill`), exactly, at the cost of
 a read and a write per batch and pass.

@@ -204,11 +204,14 @@ class CheckpointWriter:
         """Everything outside the decoder blocks (embeddings, final norm, lm_head)."""
         model = self.driver.model
         tied = tied_names(model)
-        for name in state_names(model):
-            if name.startswith(self._inside) or name in tied:
-                continue
-            tensor = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
-            self._write(name, tensor)
+        weights = self.driver.weights
+        stored = weights.stored_dtype if weights is not None else None
+        with self.driver.output_head(stored):  # a lazily read lm_head: as stored, not upcast
+            for name in state_names(model):
+                if name.startswith(self._inside) or name in tied:
+                    continue
+                tensor = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
+                self._write(name, tensor)
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         for stored, part in stored_tensors(self.layout, name, tensor).items():

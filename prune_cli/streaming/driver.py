@@ -211,6 +211,9 @@ class BlockDriver:
         self.resume: ResumeState | None = None  # walks keep and resume their state
         self.spill_folder: Path | None = None  # a folder: captured hidden states are kept there, not in memory
         self._walks = 0
+        self.lazy_output: tuple[str, nn.Module] | None = None  # (name, module): read on use (load_head)
+        self.narrow_input: nn.Module | None = None  # the input embedding kept in its stored dtype (load_head)
+        self._head_rounding: torch.dtype | None = None  # set inside rounded_head
         self.freed_memory = FreedMemory()  # under a tight memory limit, freed memory goes back after each block
         self.templates: list[nn.Module] | None  # the blocks' meta templates when streamed
         if weights is not None:
@@ -243,28 +246,106 @@ class BlockDriver:
 
     def load_head(self) -> list[str]:
         """Streamed: fill everything outside the blocks from the source (on the CPU, compute
-        dtype) and tie what the model ties. Returns the names filled."""
+        dtype) and tie what the model ties. Returns the names filled.
+
+        An untied output embedding (``lm_head``) is not among them: it is read when the head is
+        used (:meth:`head_on_device`) and dropped after, so no walk holds it while a block is in
+        memory. It is the largest tensor outside the blocks (vocabulary x hidden: 0.4 GB in
+        float32 for a 49k vocabulary at hidden 2048), and only the evaluations and the Fisher
+        weights use it, once per walk, after the blocks."""
         assert self.weights is not None
         tied = tied_names(self.model)
         inside = self.found.path + "."
         skip = [n for n in state_names(self.model) if n.startswith(inside)] + list(tied)
+        self.lazy_output = self._untied_output(tied, inside)
+        if self.lazy_output is not None:
+            name, module = self.lazy_output
+            skip += [f"{name}.{local}" for local in state_names(module)]
+        narrow = self._narrow_input(tied)
+        if narrow is not None:
+            skip.append(f"{narrow[0]}.weight")
         filled = materialize(self.model, "", self.weights, self.dtype, torch.device("cpu"), self.base_prefix, skip=skip)
+        if narrow is not None:
+            name, module, stored = narrow
+            filled += [f"{name}.{n}" for n in materialize(module, name, self.weights, stored, torch.device("cpu"), self.base_prefix)]
+            compute = self.dtype
+            module.register_forward_hook(lambda _m, _args, out: out.to(compute))
+            self.narrow_input = module
         for later, first in tied.items():
             if not later.startswith(inside):
                 owner, _, leaf = later.rpartition(".")
                 self.model.get_submodule(owner)._parameters[leaf] = self.model.get_parameter(first)
         return filled
 
-    # ------------------------------------------------------------------ placement
+    def _narrow_input(self, tied: dict[str, str]) -> tuple[str, nn.Embedding, torch.dtype] | None:
+        """``(name, module, stored dtype)`` of an input embedding kept in the checkpoint's narrower
+        dtype (bfloat16 / float16) while blocks compute in float32: a plain, untied
+        ``nn.Embedding`` only, whose lookup upcast afterwards is exactly the float32 lookup (a
+        subclass may compute on the weight, e.g. Gemma's scaling; a tied one is also the
+        ``lm_head``'s matrix). Half the memory of the largest tensor outside the blocks."""
+        stored = self.weights.stored_dtype if self.weights is not None else None
+        if stored not in (torch.bfloat16, torch.float16) or self.dtype != torch.float32:
+            return None
+        get = getattr(self.model, "get_input_embeddings", None)
+        module = get() if get is not None else None
+        if type(module) is not nn.Embedding:
+            return None
+        name = next((n for n, m in self.model.named_modules() if m is module), None)
+        if not name or f"{name}.weight" in tied or f"{name}.weight" in tied.values():
+            return None
+        return name, module, stored
+
+    def _untied_output(self, tied: dict[str, str], inside: str) -> tuple[str, nn.Module] | None:
+        """``(name, module)`` of the model's output embedding when it shares no tensor with
+        anything (untied) and lies outside the blocks; else ``None``."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        module = get() if get is not None else None
+        if module is None:
+            return None
+        name = next((n for n, m in self.model.named_modules() if m is module), None)
+        if not name or name.startswith(inside):
+            return None
+        own = {f"{name}.{local}" for local in state_names(module)}
+        shared = set(tied) | set(tied.values())
+        if not own or own & shared:
+            return None
+        return name, module
 
     @contextlib.contextmanager
-    def head_on_device(self):
-        """Everything outside the blocks on the device for the duration, then back."""
-        token = self.placement.move(self.model, self.device, exclude=[self.found.modules])
+    def output_head(self, dtype: torch.dtype | None = None):
+        """The lazily read output embedding (:meth:`load_head`) in memory for the duration, in
+        ``dtype`` (default: the compute dtype; rounded as :meth:`rounded_head` says while it is
+        in effect), then dropped again. Nothing to do when it is resident or already read."""
+        lazy = self.lazy_output
+        if lazy is None or not any(t.device.type == "meta" for t in lazy[1].parameters()):
+            yield
+            return
+        assert self.weights is not None  # only a streamed driver reads lazily
+        name, module = lazy
+        materialize(module, name, self.weights, dtype or self.dtype, torch.device("cpu"), self.base_prefix)
+        if self._head_rounding is not None and dtype is None:
+            with torch.no_grad():
+                for tensor in module.parameters():
+                    if tensor.is_floating_point() and tensor.dtype != self._head_rounding:
+                        for part in tensor.data.view(-1).split(_CHUNK):
+                            part.copy_(part.to(self._head_rounding))
         try:
             yield
         finally:
-            self.placement.restore(token)
+            module.to("meta")
+
+    # ------------------------------------------------------------------ placement
+
+    @contextlib.contextmanager
+    def head_on_device(self, output: bool = True):
+        """Everything outside the blocks on the device for the duration, then back; with
+        ``output=False`` without a lazily read output embedding (the embedding lookup alone)."""
+        with self.output_head() if output else contextlib.nullcontext():
+            token = self.placement.move(self.model, self.device, exclude=[self.found.modules])
+            try:
+                yield
+            finally:
+                self.placement.restore(token)
 
     @contextlib.contextmanager
     def rounded_head(self, dtype: torch.dtype | None):
@@ -273,6 +354,8 @@ class BlockDriver:
         if dtype is None:
             yield
             return
+        previous, self._head_rounding = self._head_rounding, dtype
+        swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its own data)
         saved = []  # (tensor, its original): clones in memory, or (streamed) names to read back
         inside = self.found.path + "."
         with torch.no_grad():
@@ -284,7 +367,15 @@ class BlockDriver:
                 tensor: torch.Tensor | None = holder._parameters.get(leaf)
                 tensor = holder._buffers.get(leaf) if tensor is None else tensor
                 assert tensor is not None  # state_names lists only parameters and buffers that are set
-                if tensor.is_floating_point() and tensor.dtype != dtype:
+                if tensor.device.type == "meta":  # the lazy output embedding: rounded when it is read
+                    continue
+                if self.narrow_input is not None and tensor is self.narrow_input.weight:
+                    # kept in its stored dtype (load_head): a wider dtype holds its values already;
+                    # a narrower other one gets a tensor of its own, in that dtype, for the duration
+                    if dtype != tensor.dtype and dtype in (torch.bfloat16, torch.float16):
+                        swapped.append((tensor, tensor.data))
+                        tensor.data = tensor.data.to(dtype)
+                elif tensor.is_floating_point() and tensor.dtype != dtype:
                     # streamed: the original is read back from the checkpoint (no second copy)
                     saved.append((tensor, name if self.weights is not None else tensor.detach().clone()))
                     for part in tensor.data.view(-1).split(_CHUNK):  # in place, a chunk at a time
@@ -292,6 +383,9 @@ class BlockDriver:
         try:
             yield
         finally:
+            self._head_rounding = previous
+            for tensor, data in swapped:
+                tensor.data = data
             with torch.no_grad():
                 for tensor, original in saved:
                     if isinstance(original, str):
@@ -341,7 +435,7 @@ class BlockDriver:
         if self.spill_folder is not None:
 
             keep = lambda batch: spill(batch, self.spill_folder)  # noqa: E731
-        with self.head_on_device():
+        with self.head_on_device(output=False):
             return layerwise.capture_block_inputs(self.model, self.found.modules, windows, batch_size, self.device, keep)
 
     @torch.no_grad()
