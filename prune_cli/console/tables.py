@@ -98,6 +98,12 @@ def print_plan(plan: dict) -> None:
         table.add_row(row["module"], "x".join(map(str, row["shape"])), row["method"], row["pattern"], f"{row['sparsity']:.3f}")
     print_table(table)
     stdout.print(f"{len(plan['layers'])} Linear modules, {plan['target_params']:,} weights targeted", highlight=False, soft_wrap=True)
+    if plan.get("memory"):
+        m = plan["memory"]
+        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        stdout.print(f"predicted peak memory {gb(m['predicted_peak'])} ({m['slack']} x: libraries {gb(m['libraries'])}, outside the "
+                     f"blocks {gb(m['outside_blocks'])}, two blocks {gb(m['two_blocks'])} or lm_head when used "
+                     f"{gb(m['lm_head_when_used'])}, activations {gb(m['activations'])})", highlight=False, soft_wrap=True)
 
 
 def print_eval_report(report: dict) -> None:

@@ -149,3 +149,14 @@ class FreedMemory:
             self.trims += 1
             return True
         return False
+
+
+_PROCESS: list[FreedMemory] = []
+
+
+def process_freed_memory() -> FreedMemory:
+    """The process's :class:`FreedMemory` (one memory limit per process): the driver checks it
+    between blocks, the weight methods between the Linears of a block."""
+    if not _PROCESS:
+        _PROCESS.append(FreedMemory())
+    return _PROCESS[0]

@@ -23,6 +23,7 @@ import torch
 
 from prune_cli.calibrators.stats import InputStats, Stat
 from prune_cli.core.errors import RecipeError
+from prune_cli.core.memory import process_freed_memory
 from prune_cli.core.options import build_from_options
 from prune_cli.core.patterns import NM, SparsityPattern, Unstructured
 from prune_cli.core.registry import Registry
@@ -123,8 +124,13 @@ class WeightMethod(ABC):
     def prune_group(self, jobs: list[Job], backend=None) -> list[PruneResult]:
         """Prune several Linears of one block (same method); a method that can share work
         between them (DSnoT's swap loop) overrides this. Results are in the order of ``jobs``
-        and equal to calling :meth:`prune` on each."""
-        return [self.prune(weight, stats, pattern, backend) for weight, stats, pattern in jobs]
+        and equal to calling :meth:`prune` on each. Under a tight memory limit what a Linear's
+        temporaries held goes back to the system before the next (:func:`process_freed_memory`)."""
+        results = []
+        for weight, stats, pattern in jobs:
+            results.append(self.prune(weight, stats, pattern, backend))
+            process_freed_memory().after_block()
+        return results
 
 
 class ScoreMethod(WeightMethod):

@@ -20,8 +20,9 @@ from prune_cli.run.claim import check_data_parallel
 from prune_cli.run.fingerprint import run_fingerprint
 from prune_cli.run.inputs import check_context, read_tokens, resolve_device, window_lengths
 from prune_cli.run.job import CompressRequest, load_job
+from prune_cli.run.memory_plan import predicted_peak
 from prune_cli.stages.activation import activation_targets
-from prune_cli.streaming.loader import load_config, load_tokenizer, meta_model
+from prune_cli.streaming.loader import compute_dtype, load_config, load_tokenizer, meta_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,18 @@ def dry_run(request: CompressRequest) -> dict:
              "pattern": f"activation {config.activation.allocation}", "sparsity": config.activation.sparsity}
             for t in targets
         ]
+    stored = _stored_dtype(hf_config) if source.kind not in ("gguf", "bundled") else None  # GGUF: dequantised to float32
+    compute, _ = compute_dtype(config.dtype, stored, device)
+    out["memory"] = predicted_peak(model, blocks, config, compute, stored, config.evaluation.enabled)
     return out
+
+
+def _stored_dtype(hf_config) -> torch.dtype | None:
+    """The checkpoint's dtype as its config declares it (``dtype`` / ``torch_dtype``), if any."""
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else None
 
 
 def check_resumable(request: CompressRequest, source: ModelSource, device: torch.device, backend: Backend) -> bool:

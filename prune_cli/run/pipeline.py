@@ -42,6 +42,7 @@ from prune_cli.run.events import Events, timed
 from prune_cli.run.fingerprint import dense_baseline, run_fingerprint
 from prune_cli.run.inputs import check_context, resolve_device, window_lengths
 from prune_cli.run.job import CompressRequest, load_job
+from prune_cli.run.memory_plan import activation_streams
 from prune_cli.run.report import ReportBuilder, add_achieved
 from prune_cli.run.state import Evaluation, Output, Pruned, Run
 from prune_cli.stages.activation import ActivationStage, allocate
@@ -194,14 +195,8 @@ def _activations_spill(run: Run) -> bool:
     config, job = run.config, run.job
     model_config: Any = job.driver.model.config
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    cal, ev = config.calibration, config.evaluation
-    streams = {
-        "calibration": cal.samples * cal.seqlen,
-        "evaluation": 2 * ev.windows * ev.seqlen if job.eval_windows is not None else 0,
-        "OWL candidates": 0 if job.val_windows is None or config.owl is None else
-        len(config.owl.m_grid) * len(config.owl.lambda_grid) * job.val_windows.numel(),
-        "fisher inputs": 8 * cal.seqlen if config.activation is not None and config.activation.allocation == "greedy" else 0,
-    }
+    streams = activation_streams(config, job.eval_windows is not None,
+                                 job.val_windows.numel() if job.val_windows is not None else 0)
     element = torch.empty((), dtype=job.opened.compute_dtype).element_size()
     sizes = memory.activation_bytes(text.hidden_size, element, job.driver.n_blocks, streams)
     total = sum(sizes.values())

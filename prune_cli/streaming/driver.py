@@ -48,7 +48,7 @@ from prune_cli.checkpoint.model_state import materialize, source_name, state_nam
 from prune_cli.checkpoint.resume import ResumeState
 from prune_cli.checkpoint.weights import WeightSource
 from prune_cli.core import stopping
-from prune_cli.core.memory import FreedMemory
+from prune_cli.core.memory import process_freed_memory
 from prune_cli.model.structure import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,42 @@ class _Replay(nn.Module):
         return (out,) if self._driver.tuple_output else out
 
 
+def narrow_input(model: nn.Module, tied: dict[str, str], stored: torch.dtype, compute: torch.dtype):
+    """``(name, module)`` of the input embedding a streamed run keeps in the checkpoint's narrower
+    ``stored`` dtype (bfloat16 / float16) while blocks compute in float32, else ``None``: a
+    plain, untied ``nn.Embedding`` only, whose lookup upcast afterwards is exactly the float32
+    lookup (a subclass may compute on the weight, e.g. Gemma's scaling; a tied one is also the
+    ``lm_head``'s matrix). Half the memory of the largest tensor outside the blocks.
+    ``tied``: :func:`~prune_cli.checkpoint.model_state.tied_names` of ``model``."""
+    if stored not in (torch.bfloat16, torch.float16) or compute != torch.float32:
+        return None
+    get = getattr(model, "get_input_embeddings", None)
+    module = get() if get is not None else None
+    if type(module) is not nn.Embedding:
+        return None
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if not name or f"{name}.weight" in tied or f"{name}.weight" in tied.values():
+        return None
+    return name, module
+
+
+def untied_output(model: nn.Module, tied: dict[str, str], inside: str) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of ``model``'s output embedding when it shares no tensor with anything
+    (untied) and lies outside the blocks (``inside``: their path and a dot), else ``None``: what
+    a streamed run reads only when the head is used (:meth:`BlockDriver.load_head`)."""
+    get = getattr(model, "get_output_embeddings", None)
+    module = get() if get is not None else None
+    if module is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if not name or name.startswith(inside):
+        return None
+    own = {f"{name}.{local}" for local in state_names(module)}
+    if not own or own & (set(tied) | set(tied.values())):
+        return None
+    return name, module
+
+
 class BlockDriver:
     """Walks the decoder blocks of ``model`` on ``device`` (see the module docstring).
 
@@ -214,7 +250,7 @@ class BlockDriver:
         self.lazy_output: tuple[str, nn.Module] | None = None  # (name, module): read on use (load_head)
         self.narrow_input: nn.Module | None = None  # the input embedding kept in its stored dtype (load_head)
         self._head_rounding: torch.dtype | None = None  # set inside rounded_head
-        self.freed_memory = FreedMemory()  # under a tight memory limit, freed memory goes back after each block
+        self.freed_memory = process_freed_memory()  # under a tight memory limit, freed memory goes back after each block
         self.templates: list[nn.Module] | None  # the blocks' meta templates when streamed
         if weights is not None:
             self.templates = list(self.found.modules)
@@ -257,16 +293,18 @@ class BlockDriver:
         tied = tied_names(self.model)
         inside = self.found.path + "."
         skip = [n for n in state_names(self.model) if n.startswith(inside)] + list(tied)
-        self.lazy_output = self._untied_output(tied, inside)
+        self.lazy_output = untied_output(self.model, tied, inside)
         if self.lazy_output is not None:
             name, module = self.lazy_output
             skip += [f"{name}.{local}" for local in state_names(module)]
-        narrow = self._narrow_input(tied)
+        stored = self.weights.stored_dtype
+        narrow = narrow_input(self.model, tied, stored, self.dtype) if stored is not None else None
         if narrow is not None:
             skip.append(f"{narrow[0]}.weight")
         filled = materialize(self.model, "", self.weights, self.dtype, torch.device("cpu"), self.base_prefix, skip=skip)
         if narrow is not None:
-            name, module, stored = narrow
+            name, module = narrow
+            assert stored is not None  # narrow_input needs a stored dtype
             filled += [f"{name}.{n}" for n in materialize(module, name, self.weights, stored, torch.device("cpu"), self.base_prefix)]
             compute = self.dtype
             module.register_forward_hook(lambda _m, _args, out: out.to(compute))
@@ -276,40 +314,6 @@ class BlockDriver:
                 owner, _, leaf = later.rpartition(".")
                 self.model.get_submodule(owner)._parameters[leaf] = self.model.get_parameter(first)
         return filled
-
-    def _narrow_input(self, tied: dict[str, str]) -> tuple[str, nn.Embedding, torch.dtype] | None:
-        """``(name, module, stored dtype)`` of an input embedding kept in the checkpoint's narrower
-        dtype (bfloat16 / float16) while blocks compute in float32: a plain, untied
-        ``nn.Embedding`` only, whose lookup upcast afterwards is exactly the float32 lookup (a
-        subclass may compute on the weight, e.g. Gemma's scaling; a tied one is also the
-        ``lm_head``'s matrix). Half the memory of the largest tensor outside the blocks."""
-        stored = self.weights.stored_dtype if self.weights is not None else None
-        if stored not in (torch.bfloat16, torch.float16) or self.dtype != torch.float32:
-            return None
-        get = getattr(self.model, "get_input_embeddings", None)
-        module = get() if get is not None else None
-        if type(module) is not nn.Embedding:
-            return None
-        name = next((n for n, m in self.model.named_modules() if m is module), None)
-        if not name or f"{name}.weight" in tied or f"{name}.weight" in tied.values():
-            return None
-        return name, module, stored
-
-    def _untied_output(self, tied: dict[str, str], inside: str) -> tuple[str, nn.Module] | None:
-        """``(name, module)`` of the model's output embedding when it shares no tensor with
-        anything (untied) and lies outside the blocks; else ``None``."""
-        get = getattr(self.model, "get_output_embeddings", None)
-        module = get() if get is not None else None
-        if module is None:
-            return None
-        name = next((n for n, m in self.model.named_modules() if m is module), None)
-        if not name or name.startswith(inside):
-            return None
-        own = {f"{name}.{local}" for local in state_names(module)}
-        shared = set(tied) | set(tied.values())
-        if not own or own & shared:
-            return None
-        return name, module
 
     @contextlib.contextmanager
     def output_head(self, dtype: torch.dtype | None = None):
