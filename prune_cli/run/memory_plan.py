@@ -31,6 +31,7 @@ from torch import nn
 
 from prune_cli.checkpoint.model_state import state_names, tied_names
 from prune_cli.core import memory
+from prune_cli.methods.permutation import text_config
 from prune_cli.model.structure import Blocks
 from prune_cli.recipe.config import RunConfig
 from prune_cli.streaming.driver import narrow_input, untied_output
@@ -54,8 +55,7 @@ def activation_streams(config: RunConfig, evaluates: bool, validation_tokens: in
 
 
 def _bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
-    return t.numel() * element
+    return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
 
 
 def predicted_peak(
@@ -84,14 +84,13 @@ def predicted_peak(
         else:
             outside += size
     block = max(sum(_bytes(p, compute) for p in b.parameters()) for b in blocks.modules)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = text_config(model)
     streams = activation_streams(config, evaluates)
     if head and (evaluates or streams["fisher inputs"] or config.owl is not None):
         head += config.evaluation.seqlen * int(text.vocab_size) * 4  # one window's float32 logits
     elif lazy is not None and stored is not None:  # only the export reads it, as stored
         head = sum(_bytes(t, stored) for t in lazy[1].parameters())
-    element = torch.empty((), dtype=compute).element_size()
-    activations = sum(memory.activation_bytes(int(text.hidden_size), element, len(blocks.modules),
+    activations = sum(memory.activation_bytes(int(text.hidden_size), compute.itemsize, len(blocks.modules),
                                               streams).values())
     parts: dict[str, float] = {"libraries": libraries, "outside_blocks": outside, "two_blocks": 2 * block, "lm_head_when_used": head,
              "activations": activations}

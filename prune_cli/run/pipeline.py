@@ -35,6 +35,7 @@ from prune_cli.core import distributed, memory
 from prune_cli.core.dtypes import DTYPE_NAMES_BY_DTYPE
 from prune_cli.core.errors import CheckpointError, InterruptedRun, NonFiniteError
 from prune_cli.gpu.backend import resolve_backend
+from prune_cli.methods.permutation import text_config
 from prune_cli.model.source import offline_requested, resolve_source
 from prune_cli.recipe.plan import with_overrides
 from prune_cli.run.claim import check_data_parallel, claim_output, claimed_on_rank_0
@@ -193,8 +194,7 @@ def _activations_spill(run: Run) -> bool:
     hidden states the walks keep) against ``--max-memory`` (default: a share of the machine's or
     cgroup's memory); says which."""
     config, job = run.config, run.job
-    model_config: Any = job.driver.model.config
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text: Any = text_config(job.driver.model)
     streams = activation_streams(config, job.eval_windows is not None,
                                  job.val_windows.numel() if job.val_windows is not None else 0)
     element = torch.empty((), dtype=job.opened.compute_dtype).element_size()

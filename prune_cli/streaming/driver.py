@@ -188,6 +188,18 @@ class _Replay(nn.Module):
         return (out,) if self._driver.tuple_output else out
 
 
+@torch.no_grad()
+def _round_in_place(tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """``tensor``'s values as ``dtype`` holds them, written back in place a chunk at a time."""
+    for part in tensor.data.view(-1).split(_CHUNK):
+        part.copy_(part.to(dtype))
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str | None:
+    """``module``'s name in ``model`` (by identity), or ``None``."""
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
 def narrow_input(model: nn.Module, tied: dict[str, str], stored: torch.dtype, compute: torch.dtype):
     """``(name, module)`` of the input embedding a streamed run keeps in the checkpoint's narrower
     ``stored`` dtype (bfloat16 / float16) while blocks compute in float32, else ``None``: a
@@ -201,7 +213,7 @@ def narrow_input(model: nn.Module, tied: dict[str, str], stored: torch.dtype, co
     module = get() if get is not None else None
     if type(module) is not nn.Embedding:
         return None
-    name = next((n for n, m in model.named_modules() if m is module), None)
+    name = _module_name(model, module)
     if not name or f"{name}.weight" in tied or f"{name}.weight" in tied.values():
         return None
     return name, module
@@ -215,7 +227,7 @@ def untied_output(model: nn.Module, tied: dict[str, str], inside: str) -> tuple[
     module = get() if get is not None else None
     if module is None:
         return None
-    name = next((n for n, m in model.named_modules() if m is module), None)
+    name = _module_name(model, module)
     if not name or name.startswith(inside):
         return None
     own = {f"{name}.{local}" for local in state_names(module)}
@@ -328,11 +340,9 @@ class BlockDriver:
         name, module = lazy
         materialize(module, name, self.weights, dtype or self.dtype, torch.device("cpu"), self.base_prefix)
         if self._head_rounding is not None and dtype is None:
-            with torch.no_grad():
-                for tensor in module.parameters():
-                    if tensor.is_floating_point() and tensor.dtype != self._head_rounding:
-                        for part in tensor.data.view(-1).split(_CHUNK):
-                            part.copy_(part.to(self._head_rounding))
+            for tensor in module.parameters():
+                if tensor.is_floating_point() and tensor.dtype != self._head_rounding:
+                    _round_in_place(tensor, self._head_rounding)
         try:
             yield
         finally:
@@ -382,8 +392,7 @@ class BlockDriver:
                 elif tensor.is_floating_point() and tensor.dtype != dtype:
                     # streamed: the original is read back from the checkpoint (no second copy)
                     saved.append((tensor, name if self.weights is not None else tensor.detach().clone()))
-                    for part in tensor.data.view(-1).split(_CHUNK):  # in place, a chunk at a time
-                        part.copy_(part.to(dtype))
+                    _round_in_place(tensor, dtype)
         try:
             yield
         finally:
