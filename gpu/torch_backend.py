@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from prune_cli.core.patterns import SparsityPattern
-from prune_cli.core.selection import select
+from prune_cli.core.selection import kth_smallest, select
 
 
 def kept_indices(keep: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ class TorchBackend:
         if not 1 <= k <= numel:
             raise ValueError(f"activation_threshold: k = {k} is outside [1, {numel}]")
         scores = x.abs() if scale is None else x.abs() * scale.to(x.device)
-        return float(scores.reshape(-1).kthvalue(k).values)
+        return float(kth_smallest(scores.reshape(-1), k))  # = kthvalue's, in fewer passes
 
     @staticmethod
     def _gemv(xs: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -176,3 +176,62 @@ def test_rows_selected_a_few_at_a_time_match(monkeypatch, chunk):
     for sparsity in [0.01, 0.5, 0.9]:
         assert_same(score, sparsity, "row")
         assert_same(score.t().contiguous().t(), sparsity, "row")  # non-contiguous rows too
+
+
+def _kth_cases() -> list[torch.Tensor]:
+    gen = _generator("kth", 0)
+    return [
+        torch.randn(5000, generator=gen).abs(),
+        torch.randint(0, 4, (3000,), generator=gen).float(),  # heavy ties
+        torch.cat([torch.full((700,), NAN), torch.randn(900, generator=gen)]),  # NaN sorts last
+        torch.randn(2000, generator=gen).sort().values,  # already sorted
+        torch.cat([torch.full((500,), INF), -torch.zeros(500), torch.zeros(500), torch.full((9,), -INF)]),
+        torch.randn(4096, generator=gen).to(torch.bfloat16),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_kth_smallest_is_kthvalue(monkeypatch, case):
+    """The bracketed k-th value equals ``kthvalue``'s for every k, on ties, NaN, +-0, +-inf and
+    sorted input; a sample of 64 makes small tensors take the bracketed path."""
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 64)
+    values = _kth_cases()[case]
+    n = values.numel()
+    for k in sorted({1, 2, 7, n // 3, n // 2, n - 300, n - 1, n}):
+        got, want = selection.kth_smallest(values, k), values.kthvalue(k).values
+        assert (torch.isnan(got) and torch.isnan(want)) or got == want, (k, got, want)
+
+
+def test_bracket_misses_fall_back_to_kthvalue(monkeypatch):
+    """A sample that never sees the values around the k-th (every 10th value is huge, the
+    sample reads exactly those) misses; ``kth_smallest`` then gives ``kthvalue``'s answer."""
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 100)
+    values = torch.arange(1000, dtype=torch.float32)
+    values[::10] += 1e6
+    assert selection.bracketed_kth(values, 500) is None
+    assert selection.kth_smallest(values, 500) == values.kthvalue(500).values
+    assert selection.bracketed_kth(torch.randn(1000, generator=_generator("hit", 0)), 500) is not None
+
+
+def test_matrix_scope_on_the_bracketed_path(monkeypatch):
+    """Matrix scope above the sampling size: the mask is the stable sort's, ties included."""
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 32)
+    score = torch.randint(0, 50, (40, 70), generator=_generator("matrix-bracket", 0)).float()
+    for sparsity in [0.01, 0.5, 0.9]:
+        assert_same(score, sparsity, "matrix")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4), NM(3, 4), NM(1, 2), NM(4, 8), NM(2, 8), NM(8, 16)])
+def test_nm_ranked_groups_match_the_sort(pattern, dtype):
+    """N:M without NaN ranks each group by comparisons (M <= 8) and sorts above that: both give
+    the stable sort's mask, with heavy ties, -0.0 beside +0.0 and +-inf."""
+    gen = _generator("nm-ranked", pattern, dtype)
+    score = torch.randint(-2, 3, (9, 64), generator=gen).to(dtype)
+    score[1] = -0.0
+    score[2, ::3] = INF
+    score[3, ::5] = -INF
+    score[4] = torch.randn(64, generator=gen).to(dtype)
+    keep = select(score, pattern)
+    assert keep.dtype == torch.bool
+    assert torch.equal(keep, reference_select(score, pattern))
