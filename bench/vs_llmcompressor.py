@@ -1,9 +1,12 @@
 """prune-cli vs. llm-compressor, side by side on the bundled model: time and perplexity.
 
-Methods: Wanda 50% unstructured, SparseGPT 50% unstructured, SparseGPT 2:4 — on the bundled
+Methods: Wanda 50% unstructured, SparseGPT 50% unstructured, SparseGPT 2:4, and our ALPS 2:4
+against their SparseGPT 2:4 (they have no ALPS; goal: perplexity <= 0.80x theirs) — on the bundled
 SmolLM2-135M-Instruct (fp32, dequantized from its GGUF file), CPU, the decoder blocks' Linear
-layers (never lm_head). Both sides get exactly the same token ids: calibration 32 x 512 (seed 0)
-and evaluation 16 x 512, built with prune-cli's own functions from the bundled text.
+layers (never lm_head). Both sides get exactly the same token ids: calibration 32 x 512 (seed 0,
+or each of --seeds: perplexities and their ratio are then means over the seeds, with the ratio's
+standard deviation) and evaluation 16 x 512, built with prune-cli's own functions from the
+bundled text.
 
 llm-compressor is never a dependency of prune-cli: it lives in its own venv, `.venv-bench`
 (it needs transformers <= 5.17; prune-cli pins 5.23). Set it up once, from the repo root:
@@ -15,7 +18,8 @@ llm-compressor is never a dependency of prune-cli: it lives in its own venv, `.v
 Run, from the repo root, with prune-cli's own venv (on a quiet machine):
 
     .venv/bin/python bench/vs_llmcompressor.py [--repeats 3] [--samples 32] [--seqlen 512]
-        [--eval-windows 16] [--batch-size 8] [--only wanda-50 sparsegpt-50 sparsegpt-2:4]
+        [--eval-windows 16] [--batch-size 8] [--only wanda-50 sparsegpt-50 sparsegpt-2:4 alps-2:4]
+        [--seeds 0 1 2]
         [--bench-python .venv-bench/bin/python] [--json FILE] [--verbose]
 
 Two processes: this one (prune-cli, .venv, transformers 5.23) and a worker started with
@@ -78,6 +82,14 @@ METHODS: dict[str, tuple[dict, str, dict, dict]] = {
         "SparseGPTModifier",
         {"sparsity": 0.5, "mask_structure": "2:4", "block_size": 128, "dampening_frac": 0.01},
         {"time": 0.75, "ppl": 1.02},
+    ),
+    # ALPS against their best 2:4 method (they have no ALPS): a perplexity goal only, the time
+    # ratio printed for what it is (a different algorithm)
+    "alps-2:4": (
+        {"method": "alps", "pattern": "2:4"},
+        "SparseGPTModifier",
+        {"sparsity": 0.5, "mask_structure": "2:4", "block_size": 128, "dampening_frac": 0.01},
+        {"ppl": 0.80},
     ),
 }
 
@@ -165,11 +177,18 @@ def worker(gguf_dir: str, gguf_file: str, tmp: str) -> None:
     if hasattr(pristine.config, "quantization_config"):
         del pristine.config.quantization_config
 
-    windows = torch.load(Path(tmp) / "windows.pt")
-    calibration: torch.Tensor = windows["calibration"]
-    dataset = Dataset.from_dict(
-        {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
-    )
+    datasets: dict[str, tuple] = {}
+
+    def calibration_set(name: str) -> tuple:
+        """The calibration windows of one seed (a .pt file in ``tmp``) as their Dataset."""
+        if name not in datasets:
+            calibration: torch.Tensor = torch.load(Path(tmp) / name)["calibration"]
+            dataset = Dataset.from_dict(
+                {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+            )
+            datasets[name] = (calibration, dataset)
+        return datasets[name]
+
     reply(
         {
             "ready": True,
@@ -197,6 +216,7 @@ def worker(gguf_dir: str, gguf_file: str, tmp: str) -> None:
         modifier = getattr(pruning, request["modifier"])(
             **request["kwargs"], targets=["Linear"], ignore=["re:.*lm_head"]
         )
+        calibration, dataset = calibration_set(request["windows"])
         model = copy.deepcopy(pristine)
         sparsified.clear()
         start = time.perf_counter()
@@ -328,6 +348,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size, both sides")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds (perplexities: mean over them)")
     parser.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to run (default: all)")
     parser.add_argument("--bench-python", default=str(DEFAULT_BENCH_PYTHON), help="python of the llm-compressor venv")
     parser.add_argument("--json", help="also write the results into this file (e.g. docs/vs_llmcompressor.json)")
@@ -365,13 +386,15 @@ def main() -> None:
 
     source = bundled_source()
     model, tokenizer = load_model(source)
-    cal = calibration_windows(tokenize(tokenizer, bundled_text("calibration").text), args.samples, args.seqlen, seed=0)
+    calibration_ids = tokenize(tokenizer, bundled_text("calibration").text)
+    cals = {seed: calibration_windows(calibration_ids, args.samples, args.seqlen, seed=seed) for seed in args.seeds}
     ev = evaluation_windows(tokenize(tokenizer, bundled_text("evaluation").text), args.eval_windows, args.seqlen)
     dense_fp = fingerprint_state(model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     with tempfile.TemporaryDirectory(prefix="vs-llmcompressor-") as tmp:
-        torch.save({"calibration": cal}, Path(tmp) / "windows.pt")
+        for seed, cal in cals.items():
+            torch.save({"calibration": cal}, Path(tmp) / f"windows-{seed}.pt")
         print("starting the llm-compressor worker (loading the model there) ...", file=sys.stderr, flush=True)
         theirs_proc = Worker(args.bench_python, source.location, source.gguf_file, tmp, args.verbose)
         try:
@@ -387,8 +410,9 @@ def main() -> None:
                 f"bundled model fp32 on CPU, threads ours {torch.get_num_threads()} / theirs {hello['threads']}; "
                 f"dense weights identical on both sides (sha256 {dense_fp})"
             )
+            seeds_text = ", ".join(f"seed {seed} ids {fingerprint(cal)}" for seed, cal in cals.items())
             print(
-                f"calibration {args.samples}x{args.seqlen} seed 0 (ids {fingerprint(cal)}), evaluation "
+                f"calibration {args.samples}x{args.seqlen} ({seeds_text}), evaluation "
                 f"{args.eval_windows}x{args.seqlen} (ids {fingerprint(ev)}), batch {args.batch_size}, repeats {args.repeats}"
             )
             print(f"dense ppl {dense_ppl:.4f}", flush=True)
@@ -397,69 +421,86 @@ def main() -> None:
             for name in names:
                 overrides, modifier, kwargs, goals = METHODS[name]
                 config = resolve(None, overrides)
-                ours_t, theirs_t = [], []
-                checks = {}
-                for r in range(args.repeats):
-                    last = r == args.repeats - 1
-                    model.load_state_dict(dense_state)
-                    plan = build_plan(model, config)
-                    start = time.perf_counter()
-                    calibrate_and_prune(model, plan, cal, args.batch_size, device)
-                    ours_t.append(time.perf_counter() - start)
-                    if last:  # keep our pruned weights before the model is reused below
-                        ours_weights = {f"{lp.name}.weight": model.get_submodule(lp.name).weight.detach().clone() for lp in plan.layers}
-                    answer = theirs_proc.request(modifier=modifier, kwargs=kwargs, batch_size=args.batch_size, save=last)
-                    theirs_t.append(answer["seconds"])
-                    checks = {"other_max_abs_diff": answer["other_max_abs_diff"], "network_attempts": answer["network_attempts"]}
-                    expected = {lp.name for lp in plan.layers}
-                    if set(answer["sparsified"]) != expected or set(answer["sparsified"].values()) != {args.samples}:
-                        seen = sorted(set(answer["sparsified"].values()))
-                        odd = sorted(set(answer["sparsified"]) ^ expected)[:4]
-                        raise SystemExit(
-                            f"{name}: llm-compressor sparsified {len(answer['sparsified'])} Linears with sample counts "
-                            f"{seen}; expected the {len(expected)} planned ones with {args.samples} samples each "
-                            f"(differing names, e.g. {odd})"
-                        )
-                    print(f"  {name} run {r + 1}/{args.repeats}: ours {ours_t[-1]:.2f} s, theirs {theirs_t[-1]:.2f} s", flush=True)
-
                 nm = (config.pattern.n_keep, config.pattern.m) if isinstance(config.pattern, NM) else None
-                # ours: evaluate our pruned weights
-                model.load_state_dict(dense_state)
-                model.load_state_dict(ours_weights, strict=False)
-                ours_ppl = perplexity(model, ev).ppl
-                ours_sp = sparsity_of(ours_weights, nm)
-                # theirs: their pruned block Linears into the same dense model, same evaluation
-                their_weights = torch.load(Path(tmp) / "theirs.pt")
-                if set(their_weights) != set(ours_weights):
-                    raise SystemExit(f"{name}: llm-compressor pruned a different set of Linears than prune-cli")
-                model.load_state_dict(dense_state)
-                model.load_state_dict(their_weights, strict=False)
-                theirs_ppl = perplexity(model, ev).ppl
-                theirs_sp = sparsity_of(their_weights, nm)
+                ours_t, theirs_t = [], []
+                per_seed = []
+                checks = {}
+                for seed, cal in cals.items():
+                    for r in range(args.repeats):
+                        last = r == args.repeats - 1
+                        model.load_state_dict(dense_state)
+                        plan = build_plan(model, config)
+                        start = time.perf_counter()
+                        calibrate_and_prune(model, plan, cal, args.batch_size, device)
+                        ours_t.append(time.perf_counter() - start)
+                        if last:  # keep our pruned weights before the model is reused below
+                            ours_weights = {f"{lp.name}.weight": model.get_submodule(lp.name).weight.detach().clone() for lp in plan.layers}
+                        answer = theirs_proc.request(
+                            modifier=modifier, kwargs=kwargs, batch_size=args.batch_size, save=last, windows=f"windows-{seed}.pt"
+                        )
+                        theirs_t.append(answer["seconds"])
+                        checks = {"other_max_abs_diff": answer["other_max_abs_diff"], "network_attempts": answer["network_attempts"]}
+                        expected = {lp.name for lp in plan.layers}
+                        if set(answer["sparsified"]) != expected or set(answer["sparsified"].values()) != {args.samples}:
+                            seen = sorted(set(answer["sparsified"].values()))
+                            odd = sorted(set(answer["sparsified"]) ^ expected)[:4]
+                            raise SystemExit(
+                                f"{name}: llm-compressor sparsified {len(answer['sparsified'])} Linears with sample counts "
+                                f"{seen}; expected the {len(expected)} planned ones with {args.samples} samples each "
+                                f"(differing names, e.g. {odd})"
+                            )
+                        print(f"  {name} seed {seed} run {r + 1}/{args.repeats}: ours {ours_t[-1]:.2f} s, theirs {theirs_t[-1]:.2f} s", flush=True)
+
+                    # ours: evaluate our pruned weights
+                    model.load_state_dict(dense_state)
+                    model.load_state_dict(ours_weights, strict=False)
+                    ours_ppl = perplexity(model, ev).ppl
+                    ours_sp = sparsity_of(ours_weights, nm)
+                    # theirs: their pruned block Linears into the same dense model, same evaluation
+                    their_weights = torch.load(Path(tmp) / "theirs.pt")
+                    if set(their_weights) != set(ours_weights):
+                        raise SystemExit(f"{name}: llm-compressor pruned a different set of Linears than prune-cli")
+                    model.load_state_dict(dense_state)
+                    model.load_state_dict(their_weights, strict=False)
+                    theirs_ppl = perplexity(model, ev).ppl
+                    theirs_sp = sparsity_of(their_weights, nm)
+                    per_seed.append({"seed": seed, "ours_ppl": ours_ppl, "theirs_ppl": theirs_ppl, "ppl_ratio": ours_ppl / theirs_ppl})
+                    print(f"  {name} seed {seed}: ppl ours {ours_ppl:.4f}, theirs {theirs_ppl:.4f}, ratio {ours_ppl / theirs_ppl:.4f}", flush=True)
 
                 ot, tt = spread(ours_t), spread(theirs_t)
                 time_ratio = ot["median"] / tt["median"]
-                ppl_ratio = ours_ppl / theirs_ppl
-                verdicts = {"time": time_ratio <= goals["time"]}
+                ratios = [s["ppl_ratio"] for s in per_seed]
+                ppl_ratio = statistics.mean(ratios)
+                ppl_ratio_sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+                ours_ppl = statistics.mean(s["ours_ppl"] for s in per_seed)
+                theirs_ppl = statistics.mean(s["theirs_ppl"] for s in per_seed)
+                verdicts = {}
+                if "time" in goals:
+                    verdicts["time"] = time_ratio <= goals["time"]
                 if "ppl" in goals:
                     verdicts["ppl"] = ppl_ratio <= goals["ppl"]
                 row = {
                     "method": name,
                     "ours": {"seconds": ot, "ppl": ours_ppl, "sparsity": ours_sp},
                     "theirs": {"seconds": tt, "ppl": theirs_ppl, "sparsity": theirs_sp, **checks},
+                    "seeds": per_seed,
                     "time_ratio": time_ratio,
                     "time_ratio_min_max": [ot["min"] / tt["max"], ot["max"] / tt["min"]],
                     "ppl_ratio": ppl_ratio,
+                    "ppl_ratio_sd": ppl_ratio_sd,
                     "goals": goals,
                     "met": verdicts,
                 }
                 results.append(row)
-                print(f"{name}")
+                many = len(per_seed) > 1
+                print(f"{name}" + (f" (perplexities: means over seeds {', '.join(map(str, cals))})" if many else ""))
                 print(f"  ours   time {fmt_time(ot)}  ppl {ours_ppl:10.4f}  zeros {fmt_sparsity(ours_sp)}")
                 print(f"  theirs time {fmt_time(tt)}  ppl {theirs_ppl:10.4f}  zeros {fmt_sparsity(theirs_sp)}")
-                goal_time = f"goal <= {goals['time']}: {'met' if verdicts['time'] else 'NOT met'}"
                 lo, hi = row["time_ratio_min_max"]
-                line = f"  ours/theirs time {time_ratio:.3f} (range {lo:.3f}..{hi:.3f}; {goal_time})  ppl {ppl_ratio:.4f}"
+                line = f"  ours/theirs time {time_ratio:.3f} (range {lo:.3f}..{hi:.3f}"
+                if "time" in goals:
+                    line += f"; goal <= {goals['time']}: {'met' if verdicts['time'] else 'NOT met'}"
+                line += f")  ppl {ppl_ratio:.4f}" + (f" +- {ppl_ratio_sd:.4f}" if many else "")
                 if "ppl" in goals:
                     line += f" (goal <= {goals['ppl']}: {'met' if verdicts['ppl'] else 'NOT met'})"
                 print(line)
@@ -490,7 +531,7 @@ def main() -> None:
             "versions": {"ours": ours_versions, "theirs": hello["versions"]},
             "threads": torch.get_num_threads(),
             "dense_fingerprint": dense_fp,
-            "calibration_ids": fingerprint(cal),
+            "calibration_ids": {str(seed): fingerprint(cal) for seed, cal in cals.items()},
             "evaluation_ids": fingerprint(ev),
             "dense_ppl": dense_ppl,
             "runs": results,
