@@ -68,6 +68,19 @@ def source_name(source: WeightSource, full: str, base_prefix: str) -> str | None
     return None
 
 
+def stored_names(module: nn.Module, prefix: str, source: WeightSource, base_prefix: str = "") -> list[str]:
+    """The source names :func:`materialize` would read for ``module``'s meta tensors (those the
+    source has; a missing one is materialize's error to raise)."""
+    names = []
+    for name in state_names(module):
+        current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
+        if current is not None and current.device.type == "meta":
+            found = source_name(source, _key(prefix, name), base_prefix)
+            if found is not None:
+                names.append(found)
+    return names
+
+
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     holder = module.get_submodule(owner) if owner else module

@@ -62,6 +62,14 @@ class RenamedWeights(WeightSource):
         entry = self._names[name]
         return self.inner.file_of(entry if isinstance(entry, str) else entry.parts[0][0])
 
+    def prefetch(self, names: Iterable[str]) -> int:
+        wanted = []
+        for n in names:
+            entry = self._names.get(n)
+            if entry is not None:
+                wanted += [x for part in entry.parts for x in part] if isinstance(entry, MergedTensor) else [entry]
+        return self.inner.prefetch(wanted)
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
         wanted = []

@@ -44,7 +44,7 @@ from torch import nn
 from prune_cli.calibrators import layerwise
 from prune_cli.calibrators.layerwise import BlockBatch
 from prune_cli.calibrators.spill import SpilledBatch, spill, value
-from prune_cli.checkpoint.model_state import materialize, source_name, state_names, tied_names
+from prune_cli.checkpoint.model_state import materialize, source_name, state_names, stored_names, tied_names
 from prune_cli.checkpoint.resume import ResumeState
 from prune_cli.checkpoint.weights import WeightSource
 from prune_cli.core import stopping
@@ -439,6 +439,16 @@ class BlockDriver:
             else:
                 self.placement.restore(token)
 
+    def read_ahead(self, index: int) -> int:
+        """Ask the source to start reading block ``index``'s tensors (streamed runs; a no-op
+        otherwise): called once the walk holds the block before it, so the disk works while
+        that block computes. The bytes go to the page cache, not into this process, so the
+        peak memory is unchanged; returns the bytes asked for."""
+        if self.templates is None or self.weights is None:
+            return 0
+        names = stored_names(self.templates[index], self.name(index), self.weights, self.base_prefix)
+        return self.weights.prefetch(names)
+
     # ------------------------------------------------------------------ streams
 
     def capture(self, windows: torch.Tensor, batch_size: int) -> list[BlockBatch]:
@@ -529,6 +539,8 @@ class BlockDriver:
                 with clock("read"):
                     entered = self.block(index)
                     block = entered.__enter__()
+                    if position + 1 < len(order):
+                        self.read_ahead(order[position + 1])
                 try:
                     if prepare is not None:
                         prepare(index, block)
