@@ -122,7 +122,7 @@ def _remove_lowest(rows: torch.Tensor, k: int) -> torch.Tensor:
 
 
 SAMPLE_SIZE = 1 << 16
-"""Scores :func:`kth_smallest` reads to bracket the k-th one (a strided view: no randomness)."""
+"""Scores :func:`kth_smallest` reads to bracket the k-th one."""
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -145,9 +145,11 @@ def bracketed_kth(values: torch.Tensor, k: int) -> torch.Tensor | None:
     """The k-th smallest of ``values`` (1-D) from a window around it, or None if the window
     misses it.
 
-    A strided sample of about ``SAMPLE_SIZE`` values (no randomness) gives two bracketing values
-    ``lo <= hi``: the sample's ranks ``r -+ 4 sqrt(m)`` around its own ``k/n`` quantile
-    ``r``. One pass counts ``n_lo = #(v < lo)``, one gathers the window ``lo <= v <= hi``. If
+    A sample of ``SAMPLE_SIZE`` values at fixed pseudo-random positions (seed 0: the same
+    positions every call; a strided sample is not enough, as a stride that divides a row length
+    reads the same few channels of flattened activations, whose scales differ by orders of
+    magnitude) gives two bracketing values ``lo <= hi``: the sample's ranks ``r -+ 4 sqrt(m)``
+    around its own ``k/n`` quantile ``r``. One pass counts ``n_lo = #(v < lo)``, one gathers the window ``lo <= v <= hi``. If
     ``n_lo < k <= n_lo + len(window)``, every value below the window precedes the answer in the
     sorted order and every value above it follows, so the answer is the ``(k - n_lo)``-th
     smallest of the window. NaN is in no window (``<`` and ``<=`` are false for it) and sorts
@@ -155,7 +157,8 @@ def bracketed_kth(values: torch.Tensor, k: int) -> torch.Tensor | None:
     sort does.
     """
     n = values.numel()
-    sample = values[:: max(1, n // SAMPLE_SIZE)]
+    positions = torch.randint(0, n, (SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+    sample = values[positions.to(values.device)]
     m = sample.numel()
     margin = 4 * int(m**0.5)
     rank = (k * m) // n

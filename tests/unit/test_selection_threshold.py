@@ -203,14 +203,26 @@ def test_kth_smallest_is_kthvalue(monkeypatch, case):
 
 
 def test_bracket_misses_fall_back_to_kthvalue(monkeypatch):
-    """A sample that never sees the values around the k-th (every 10th value is huge, the
-    sample reads exactly those) misses; ``kth_smallest`` then gives ``kthvalue``'s answer."""
-    monkeypatch.setattr(selection, "SAMPLE_SIZE", 100)
-    values = torch.arange(1000, dtype=torch.float32)
-    values[::10] += 1e6
+    """A sample that cannot see the values around the k-th (a sample of one) misses;
+    ``kth_smallest`` then gives ``kthvalue``'s answer."""
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 1)
+    values = torch.randn(1000, generator=_generator("miss", 0))
     assert selection.bracketed_kth(values, 500) is None
     assert selection.kth_smallest(values, 500) == values.kthvalue(500).values
-    assert selection.bracketed_kth(torch.randn(1000, generator=_generator("hit", 0)), 500) is not None
+
+
+def test_the_bracket_holds_on_flattened_activations():
+    """Flattened activations (tokens x channels) whose channel scales differ by 10^4, with a
+    row length (576) that a stride of n / 2^16 = 144 divides: the sample still brackets the
+    k-th value at every quantile (a strided sample read 4 of the 576 channels and missed)."""
+    gen = _generator("activations", 0)
+    scales = torch.logspace(-2, 2, 576)[torch.randperm(576, generator=gen)]
+    values = (torch.randn(16384, 576, generator=gen) * scales).abs().reshape(-1)
+    n = values.numel()
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        k = int(q * n)
+        found = selection.bracketed_kth(values, k)
+        assert found is not None and found == values.kthvalue(k).values, q
 
 
 def test_matrix_scope_on_the_bracketed_path(monkeypatch):
