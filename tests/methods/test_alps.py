@@ -230,14 +230,22 @@ def test_layer_error_never_worse_than_sparsegpt(pattern, seed, correlated):
     assert recon_error(w, alps.weight, x) <= recon_error(w, sparsegpt.weight, x)
 
 
-def test_diagnostics():
+@pytest.mark.parametrize("pcg_steps", [0, 10])
+def test_diagnostics(pcg_steps):
+    """The layer errors reported (from the CG's residuals, no extra product) are the direct
+    ``||(W - What) X^T||^2 / ||W X^T||^2`` before and after the refinement; the refinement never
+    hurts, and with 0 steps (the default) the two are the same."""
     w, x, stats = layer(seed=1)
-    res = build_method("alps", {"compare_sparsegpt": True}).prune(w, stats, Unstructured(0.7))
+    res = build_method("alps", {"compare_sparsegpt": True, "pcg_steps": pcg_steps}).prune(w, stats, Unstructured(0.7))
     info = res.info
-    assert info["iterations"] >= 3 and info["rho"] > 0 and 0 <= info["pcg_steps"] <= 10
+    assert info["iterations"] >= 3 and info["rho"] > 0 and 0 <= info["pcg_steps"] <= pcg_steps
     dense = float((w @ x.T).pow(2).sum())
     assert info["objective"] == pytest.approx(recon_error(w, res.weight, x) / dense, rel=1e-3)
     assert info["objective"] <= info["objective_admm"]  # the refinement never hurts
+    if pcg_steps:
+        assert info["pcg_steps"] >= 1 and info["objective"] < info["objective_admm"]
+    else:
+        assert info["objective"] == info["objective_admm"]
     sparsegpt = build_method("sparsegpt").prune(w, stats, Unstructured(0.7))
     assert info["objective_sparsegpt"] == pytest.approx(recon_error(w, sparsegpt.weight, x) / dense, rel=1e-3)
     assert info["vs_sparsegpt"] == pytest.approx(info["objective"] / info["objective_sparsegpt"])
