@@ -68,17 +68,21 @@ def source_name(source: WeightSource, full: str, base_prefix: str) -> str | None
     return None
 
 
+def _meta_tensors(module: nn.Module, prefix: str, source: WeightSource, base_prefix: str, skip: Iterable[str] = ()):
+    """``(name, source name or None, tensor)`` of every meta parameter / persistent buffer of
+    ``module`` not in ``skip`` (names relative to ``module``): what :func:`materialize` fills."""
+    skip = set(skip)
+    for name in state_names(module):
+        current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
+        if name in skip or (current is not None and current.device.type != "meta"):
+            continue
+        yield name, source_name(source, _key(prefix, name), base_prefix), current
+
+
 def stored_names(module: nn.Module, prefix: str, source: WeightSource, base_prefix: str = "") -> list[str]:
     """The source names :func:`materialize` would read for ``module``'s meta tensors (those the
     source has; a missing one is materialize's error to raise)."""
-    names = []
-    for name in state_names(module):
-        current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
-        if current is not None and current.device.type == "meta":
-            found = source_name(source, _key(prefix, name), base_prefix)
-            if found is not None:
-                names.append(found)
-    return names
+    return [found for _, found, _ in _meta_tensors(module, prefix, source, base_prefix) if found is not None]
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -101,13 +105,8 @@ def materialize(
     (relative to ``module``) it filled. Raises :class:`CheckpointError` for a tensor the source
     lacks or of the wrong shape, and :class:`~prune_cli.core.errors.NonFiniteError` for NaN / inf."""
 
-    skip = set(skip)
     wanted = {}
-    for name in state_names(module):
-        current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
-        if name in skip or (current is not None and current.device.type != "meta"):
-            continue
-        found = source_name(source, _key(prefix, name), base_prefix)
+    for name, found, current in _meta_tensors(module, prefix, source, base_prefix, skip):
         if found is None:
             raise CheckpointError(f"{source.description} has no tensor {_key(prefix, name)}",
                                   hint="the checkpoint does not match its config.json")

@@ -77,8 +77,8 @@ Diagnostics (:attr:`PruneResult.info`, in the report's per-layer ``diagnostics``
 restarts, final ``rho``, the last support change ``c/k``, CG steps, and the relative layer
 error ``||(W - What) X^T||^2 / ||W X^T||^2`` (on the undamped ``G``) after ADMM and after the
 refinement, of the solution in ``precision`` before it is rounded to the weight's dtype (from
-the CG's residuals: :func:`normalised_error`, no extra ``(in, in)`` product); with ``compare_sparsegpt: true`` also SparseGPT's relative error on the same
-statistics and the ratio (that runs SparseGPT on every layer as well, so it is off by default).
+the CG's residuals: :func:`normalised_error`, no extra ``(in, in)`` product); with
+``compare_sparsegpt: true`` also SparseGPT's relative error on the same statistics and the ratio (that runs SparseGPT on every layer as well, so it is off by default).
 """
 
 from __future__ import annotations
@@ -289,21 +289,16 @@ def normalised_error(
     return max(error, 0.0) / dense
 
 
-def relative_error(weight: torch.Tensor, pruned: torch.Tensor, xtx: torch.Tensor, dense: float | None = None) -> float:
+def relative_error(weight: torch.Tensor, pruned: torch.Tensor, xtx: torch.Tensor) -> float:
     """``||(W - What) X^T||^2 / ||W X^T||^2 = tr(d G d^T) / tr(W G W^T)`` on the undamped Gram
     matrix ``G = X^T X`` (products in float32, sums in float64; 0 for a layer whose inputs are all
-    zero). ``dense``: ``tr(W G W^T)`` when already known (:func:`dense_energy`)."""
+    zero). ALPS's own errors come from :func:`normalised_error`; this is the direct formula, for
+    SparseGPT's result on the same statistics."""
     G = xtx.to(device=weight.device, dtype=torch.float32)
     d = weight.float() - pruned.float()
-    dense = dense_energy(weight, xtx) if dense is None else dense
-    return float(((d @ G) * d).double().sum()) / dense if dense > 0 else 0.0
-
-
-def dense_energy(weight: torch.Tensor, xtx: torch.Tensor) -> float:
-    """``||W X^T||^2 = tr(W G W^T)`` (float32 products, float64 sum)."""
-    G = xtx.to(device=weight.device, dtype=torch.float32)
     W = weight.float()
-    return float(((W @ G) * W).double().sum())
+    dense = float(((W @ G) * W).double().sum())
+    return float(((d @ G) * d).double().sum()) / dense if dense > 0 else 0.0
 
 
 @dataclass(frozen=True)
